@@ -1,0 +1,186 @@
+"""The certificate authority behind bigexec's mutual TLS.
+
+Each session owns one CA (ECDSA P-256, made with ``cryptography``). The CA's private key stays in
+the driver's memory unless the caller asks for a persistent authority file, which is written
+with mode 0600. The driver issues every machine a short-lived leaf certificate with the
+machine's names as subject alternative names; the same leaf serves as the machine's server
+certificate and as its client certificate when its services call other machines. So:
+
+* servers accept only clients holding a certificate from the session's CA;
+* clients verify the server's chain *and* its name against that CA (unlike Go's Bigmachine,
+  whose clients skip verification);
+* no worker ever holds the CA key.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import ipaddress
+import os
+import secrets
+from collections.abc import Iterable
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+__all__ = ["Authority", "Credentials"]
+
+_CA_LIFETIME = _dt.timedelta(days=3650)
+_SKEW = _dt.timedelta(minutes=1)
+
+
+class Credentials:
+    """A leaf certificate and key, plus the CA certificate that vouches for it (all PEM)."""
+
+    __slots__ = ("ca_pem", "cert_pem", "key_pem")
+
+    def __init__(self, ca_pem: bytes, cert_pem: bytes, key_pem: bytes) -> None:
+        self.ca_pem = ca_pem
+        self.cert_pem = cert_pem
+        self.key_pem = key_pem
+
+    def to_pem(self) -> bytes:
+        """One PEM bundle: CA certificate, leaf certificate, leaf key."""
+        return self.ca_pem + self.cert_pem + self.key_pem
+
+    @classmethod
+    def from_pem(cls, data: bytes) -> Credentials:
+        blocks = _pem_blocks(data)
+        certs = [b for b in blocks if b"CERTIFICATE" in b.split(b"\n", 1)[0]]
+        keys = [b for b in blocks if b"PRIVATE KEY" in b.split(b"\n", 1)[0]]
+        if len(certs) != 2 or len(keys) != 1:
+            raise ValueError("credentials must hold a CA certificate, a leaf certificate and a key")
+        return cls(certs[0], certs[1], keys[0])
+
+
+class Authority:
+    """A certificate authority.
+
+    ``Authority()`` is ephemeral: it lives in memory only. ``Authority(path)`` loads the CA from
+    ``path``, or creates it there (mode 0600) when the file does not exist.
+    """
+
+    def __init__(self, path: str | os.PathLike[str] | None = None) -> None:
+        self.path = os.fspath(path) if path is not None else None
+        if self.path is not None and os.path.exists(self.path):
+            with open(self.path, "rb") as f:
+                self._load(f.read())
+            return
+        key = ec.generate_private_key(ec.SECP256R1())
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "bigexec CA")])
+        now = _dt.datetime.now(_dt.timezone.utc)
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(name)
+            .issuer_name(name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - _SKEW)
+            .not_valid_after(now + _CA_LIFETIME)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(
+                x509.KeyUsage(
+                    digital_signature=True, key_cert_sign=True, crl_sign=True,
+                    content_commitment=False, key_encipherment=False, data_encipherment=False,
+                    key_agreement=False, encipher_only=False, decipher_only=False,
+                ),
+                critical=True,
+            )
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
+            .sign(key, hashes.SHA256())
+        )
+        self._key = key
+        self._cert = cert
+        self.cert_pem = cert.public_bytes(serialization.Encoding.PEM)
+        if self.path is not None:
+            pem = self.cert_pem + self._key_pem(key)
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(pem)
+
+    def _load(self, data: bytes) -> None:
+        blocks = _pem_blocks(data)
+        certs = [b for b in blocks if b"CERTIFICATE" in b.split(b"\n", 1)[0]]
+        keys = [b for b in blocks if b"PRIVATE KEY" in b.split(b"\n", 1)[0]]
+        if len(certs) != 1 or len(keys) != 1:
+            raise ValueError(f"{self.path}: expected one certificate and one private key")
+        self._cert = x509.load_pem_x509_certificate(certs[0])
+        key = serialization.load_pem_private_key(keys[0], password=None)
+        if not isinstance(key, ec.EllipticCurvePrivateKey):
+            raise ValueError(f"{self.path}: the CA key must be an elliptic-curve key")
+        self._key = key
+        self.cert_pem = certs[0]
+
+    @staticmethod
+    def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+        return key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+
+    def issue(
+        self,
+        common_name: str = "bigexec",
+        ttl: _dt.timedelta = _dt.timedelta(days=7),
+        ips: Iterable[str] = (),
+        dns: Iterable[str] = (),
+    ) -> Credentials:
+        """Issue a leaf certificate good for both TLS server and client authentication."""
+        key = ec.generate_private_key(ec.SECP256R1())
+        now = _dt.datetime.now(_dt.timezone.utc)
+        sans: list[x509.GeneralName] = [x509.DNSName(d) for d in dns]
+        sans += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ips]
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
+            .issuer_name(self._cert.subject)
+            .public_key(key.public_key())
+            .serial_number(int.from_bytes(secrets.token_bytes(16), "big") >> 1)
+            .not_valid_before(now - _SKEW)
+            .not_valid_after(now + ttl)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(
+                x509.ExtendedKeyUsage(
+                    [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+                ),
+                critical=False,
+            )
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(self._key.public_key()),
+                critical=False,
+            )
+        )
+        if sans:
+            builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        cert = builder.sign(self._key, hashes.SHA256())
+        return Credentials(
+            self.cert_pem, cert.public_bytes(serialization.Encoding.PEM), self._key_pem(key)
+        )
+
+    def verify(self, cert_pem: bytes) -> bool:
+        """Whether ``cert_pem`` was signed by this CA and is valid now."""
+        cert = x509.load_pem_x509_certificate(cert_pem)
+        try:
+            cert.verify_directly_issued_by(self._cert)
+        except (ValueError, TypeError, Exception):
+            return False
+        now = _dt.datetime.now(_dt.timezone.utc)
+        return cert.not_valid_before_utc <= now <= cert.not_valid_after_utc
+
+
+def _pem_blocks(data: bytes) -> list[bytes]:
+    out: list[bytes] = []
+    current: list[bytes] = []
+    for line in data.splitlines(keepends=True):
+        if line.startswith(b"-----BEGIN "):
+            current = [line]
+        elif line.startswith(b"-----END ") and current:
+            current.append(line)
+            out.append(b"".join(current))
+            current = []
+        elif current:
+            current.append(line)
+    return out

@@ -1,0 +1,411 @@
+"""Machines: the driver's view of one worker process and the calls made to it.
+
+State machine (monotonic: a machine never goes back)::
+
+    UNSTARTED ──> STARTING ──> RUNNING ──> STOPPED
+                      └────────────────────────^   boot failed (err says why)
+
+    boot thread:      address ─> ping ─> info ─> register services ─> RUNNING
+    keepalive thread: from the first ping on, renew the lease every period; after
+                      ``keepalive.timeout`` seconds of failures ─> STOPPED
+    system:           process died (local waiter, threads kill) ─> STOPPED at once
+
+Entering STOPPED aborts every call in flight on the machine: each fails at once with
+``MachineStopped`` whose cause is ``err``. Calls made after that fail the same way. An orderly
+``shutdown`` stops a machine with ``err`` None.
+
+``submit`` returns a plain ``concurrent.futures.Future`` that stays *pending* until the reply
+arrives, so ``Future.cancel()`` keeps working while the call runs remotely: it fails the
+future with ``CancelledError`` at once and cancels the remote method's ``ctx``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+import time
+from collections import deque
+from concurrent.futures import CancelledError, Future, InvalidStateError
+from enum import IntEnum
+from typing import TYPE_CHECKING, Any
+
+from .errors import BootError, MachineLost, MachineStopped, NetworkError
+from .rpc.client import CallHandle
+
+if TYPE_CHECKING:
+    from .session import B
+    from .systems.base import MachineHandle
+
+__all__ = ["Machine", "State", "UNSTARTED", "STARTING", "RUNNING", "STOPPED"]
+
+log = logging.getLogger("bigexec.machine")
+
+
+class State(IntEnum):
+    """A machine's life; states only move forward."""
+
+    UNSTARTED = 0
+    STARTING = 1
+    RUNNING = 2
+    STOPPED = 3
+
+
+UNSTARTED, STARTING, RUNNING, STOPPED = (
+    State.UNSTARTED, State.STARTING, State.RUNNING, State.STOPPED
+)
+
+_PING_RPC_TIMEOUT = 10.0
+_REGISTER_TIMEOUT = 300.0
+_REMOTE_CANCEL_TIMEOUT = 5.0
+_SHUTDOWN_RPC_TIMEOUT = 5.0
+_DEATH_GRACE = 1.0  # how long a transport error waits for the system to confirm a death
+
+
+class Machine:
+    """One machine of a session, owned (started by it) or dialed.
+
+    Attributes: ``addr``, ``hostname``, ``maxprocs``, ``owned``, ``info`` (what the machine's
+    Supervisor reported), ``state``, ``err``, ``keepalive_reply_times``, ``next_keepalive``.
+    """
+
+    retry_backoff = (1.0, 5.0, 1.5)  # first, max, factor: ``retry_call``'s waits
+
+    def __init__(self, b: B, *, owned: bool, addr: str = "",
+                 handle: MachineHandle | None = None,
+                 services: list[tuple[str, bytes]] | None = None) -> None:
+        self._b = b
+        self.owned = owned
+        self.addr = addr
+        self.hostname = ""
+        self.maxprocs = 1
+        self.info: dict[str, Any] = {}
+        self._handle = handle
+        self._services = services or []
+        self._cond = threading.Condition()
+        self._state = UNSTARTED
+        self._err: BaseException | None = None
+        self._inflight: set[CallHandle] = set()
+        self._stop_event = threading.Event()
+        self._replies: deque[float] = deque(maxlen=10)
+        self._shutting_down = False
+        #: Wall-clock time (``time.time()``) until which the machine's lease runs, if owned.
+        self.next_keepalive: float | None = None
+
+    def __repr__(self) -> str:
+        return f"<Machine {self.addr or '(no address yet)'} {self._state.name}>"
+
+    # --- state ---------------------------------------------------------------------------
+
+    @property
+    def state(self) -> State:
+        return self._state
+
+    @property
+    def err(self) -> BaseException | None:
+        """Why the machine stopped (None while it runs, and after an orderly shutdown)."""
+        return self._err
+
+    @property
+    def keepalive_reply_times(self) -> list[float]:
+        """Round-trip seconds of the last (up to 10) successful keepalives, oldest first."""
+        return list(self._replies)
+
+    def wait(self, state: State, timeout: float | None = None) -> bool:
+        """Block until the machine reaches ``state`` or a later one; False on timeout.
+
+        ``wait(RUNNING)`` also returns when the machine stopped instead: check ``err``.
+        """
+        with self._cond:
+            return self._cond.wait_for(lambda: self._state >= state, timeout)
+
+    def _set_state(self, state: State) -> bool:
+        with self._cond:
+            if state <= self._state:
+                return False
+            self._state = state
+            self._cond.notify_all()
+            return True
+
+    def _stop(self, err: BaseException | None, *, kill: bool = True) -> None:
+        with self._cond:
+            if self._state == STOPPED:
+                return
+            self._state = STOPPED
+            self._err = err
+            inflight = list(self._inflight)
+            self._cond.notify_all()
+        self._stop_event.set()
+        for h in inflight:
+            h.abort(MachineStopped(self.addr, err))
+        if err is not None:
+            log.warning("machine %s stopped: %s", self.addr or "(booting)", err)
+            if kill and self.owned and self._handle is not None:
+                self._handle.kill()  # a machine we gave up on must not live on
+        self._b._forget(self)
+
+    # --- boot and lease (driver threads) -------------------------------------------------
+
+    def _boot(self, boot_timeout: float) -> None:
+        self._set_state(STARTING)
+        deadline = time.monotonic() + boot_timeout
+        try:
+            if self._handle is not None:
+                self._handle.on_lost(lambda why: self._stop(why, kill=False))
+                self.addr = self._handle.address(boot_timeout)
+                self._handle.log_label(self.addr.split("://", 1)[-1])
+            self._ping_until(deadline)
+            if self.owned:
+                threading.Thread(target=self._keepalive_loop, daemon=True,
+                                 name=f"bigexec-keepalive-{self.addr}").start()
+            self.info = self._boot_call("Supervisor.info", deadline)
+            self.hostname = self.info.get("hostname", "")
+            self.maxprocs = int((self._handle and self._handle.maxprocs)
+                                or self.info.get("maxprocs", 1))
+            theirs = tuple(self.info.get("version_info", ()))[:2]
+            if self.owned and theirs != tuple(sys.version_info[:2]):
+                raise BootError(
+                    f"machine {self.addr} runs Python {'.'.join(map(str, theirs))} but the driver "
+                    f"runs {sys.version_info[0]}.{sys.version_info[1]}; pickled code needs both "
+                    f"the same"
+                )
+            for name, blob in self._services:
+                try:
+                    self._call_raw("Supervisor.register", (name, blob), {}, _REGISTER_TIMEOUT)
+                except BaseException as exc:
+                    raise BootError(
+                        f"service {name!r} failed to start on machine {self.addr}: "
+                        f"{type(exc).__name__}: {exc}"
+                    ) from exc
+        except BaseException as exc:
+            if not isinstance(exc, (BootError, MachineLost)):
+                wrapped = BootError(f"machine {self.addr or '(no address)'} failed to boot: "
+                                    f"{type(exc).__name__}: {exc}")
+                wrapped.__cause__ = exc
+                exc = wrapped
+            if self._handle is not None and not isinstance(exc, MachineLost):
+                died = self._handle.died(0.2)
+                if died is not None:
+                    exc.__context__ = died
+            self._stop(exc)
+            return
+        self._set_state(RUNNING)
+        if not self.owned:
+            self._ping_loop()
+
+    def _ping_until(self, deadline: float) -> None:
+        wait = 0.01
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise BootError(f"machine {self.addr} did not answer pings in time")
+            try:
+                self._call_raw("Supervisor.ping", (0,), {}, min(_PING_RPC_TIMEOUT, left))
+                return
+            except (NetworkError, TimeoutError):
+                if self._handle is not None:
+                    died = self._handle.died()
+                    if died is not None:
+                        raise died from None
+                if self._stop_event.wait(min(wait, max(0.0, deadline - time.monotonic()))):
+                    raise BootError(f"machine {self.addr} stopped while booting") from None
+                wait = min(wait * 2, 1.0)
+
+    def _boot_call(self, method: str, deadline: float) -> Any:
+        left = max(0.001, deadline - time.monotonic())
+        return self._call_raw(method, (), {}, min(_PING_RPC_TIMEOUT, left))
+
+    def _keepalive_loop(self) -> None:
+        cfg = self._b.system.keepalive  # type: ignore[union-attr]
+        failing_since: float | None = None
+        while not self._stop_event.is_set():
+            t0 = time.monotonic()
+            try:
+                self._call_raw("Supervisor.keepalive", (cfg.lease,), {}, cfg.rpc_timeout)
+            except Exception as exc:
+                if self._stop_event.is_set():
+                    return
+                now = time.monotonic()
+                failing_since = failing_since or t0
+                died = self._handle.died() if self._handle is not None else None
+                if died is not None:
+                    self._stop(died)
+                    return
+                if now - failing_since >= cfg.timeout:
+                    self._stop(MachineLost(
+                        f"keepalive to {self.addr} failed for {now - failing_since:.1f}s "
+                        f"(budget {cfg.timeout}s): {exc}"))
+                    return
+                self._stop_event.wait(min(1.0, cfg.period))
+                continue
+            failing_since = None
+            self._replies.append(time.monotonic() - t0)
+            self.next_keepalive = time.time() + cfg.lease
+            self._stop_event.wait(cfg.period)
+
+    def _ping_loop(self) -> None:
+        cfg = self._b.keepalive
+        failing_since: float | None = None
+        while not self._stop_event.wait(cfg.period):
+            t0 = time.monotonic()
+            try:
+                self._call_raw("Supervisor.ping", (0,), {}, cfg.rpc_timeout)
+            except Exception as exc:
+                failing_since = failing_since or t0
+                if time.monotonic() - failing_since >= cfg.timeout:
+                    self._stop(MachineLost(f"pings to {self.addr} failed: {exc}"))
+                    return
+                continue
+            failing_since = None
+            self._replies.append(time.monotonic() - t0)
+
+    # --- calls ---------------------------------------------------------------------------
+
+    def _call_raw(self, method: str, args: tuple, kwargs: dict, timeout: float | None) -> Any:
+        """A call that ignores the machine's state (boot, keepalive)."""
+        return self._b._client.call(self.addr, method, args, kwargs, timeout=timeout)
+
+    def _call(self, method: str, prepared: Any, timeout: float | None, call_id: str,
+              handle: CallHandle) -> Any:
+        if self._state < RUNNING:
+            if not self.wait(RUNNING, timeout):
+                raise TimeoutError(f"{method}: machine {self.addr or '(booting)'} did not start "
+                                   f"within {timeout}s")
+        with self._cond:
+            if self._state == STOPPED:
+                raise MachineStopped(self.addr, self._err)
+            self._inflight.add(handle)
+        try:
+            return self._b._client.call(self.addr, method, timeout=timeout, call_id=call_id,
+                                        handle=handle, prepared=prepared)
+        except TimeoutError:
+            if handle.aborted is None:
+                self._remote_cancel(call_id)
+            raise
+        except NetworkError as exc:
+            died = self._handle.died(_DEATH_GRACE) if self.owned and self._handle else None
+            if died is not None:
+                self._stop(died)
+            if self._state == STOPPED:
+                raise MachineStopped(self.addr, self._err) from exc
+            raise
+        finally:
+            with self._cond:
+                self._inflight.discard(handle)
+
+    def _remote_cancel(self, call_id: str) -> None:
+        def cancel() -> None:
+            try:
+                self._call_raw("Supervisor.cancel", (call_id,), {}, _REMOTE_CANCEL_TIMEOUT)
+            except Exception as exc:  # best effort: the machine may be gone
+                log.debug("cancelling call %s on %s failed: %s", call_id, self.addr, exc)
+        if self._state < STOPPED:
+            self._b._pool.submit(cancel)
+
+    def call(self, method: str, *args: Any, timeout: float | None = None, **kwargs: Any) -> Any:
+        """Call ``"Service.method"`` on this machine and return its result.
+
+        ``timeout`` (seconds) travels with the call: past it the caller gets ``TimeoutError``
+        and the remote method's ``ctx`` is cancelled. A machine that is still starting is
+        waited for. Raises the remote exception, ``MachineStopped``, ``NetworkError``, or
+        ``TypeError`` (before sending anything) for an argument that cannot be pickled.
+        """
+        prepared = self._b._client.prepare(args, kwargs)
+        return self._call(method, prepared, timeout, os.urandom(8).hex(), CallHandle())
+
+    def submit(self, method: str, *args: Any, timeout: float | None = None,
+               **kwargs: Any) -> Future:
+        """Like ``call``, but return at once with a ``concurrent.futures.Future``.
+
+        The future stays pending until the reply arrives; ``cancel()`` on it therefore always
+        succeeds before then, and also cancels the remote method's ``ctx``.
+        """
+        prepared = self._b._client.prepare(args, kwargs)  # unpicklable: raise here
+        fut: Future = Future()
+        handle = CallHandle()
+        call_id = os.urandom(8).hex()
+        started = threading.Event()
+
+        def run() -> None:
+            if fut.cancelled():
+                return
+            started.set()
+            try:
+                result = self._call(method, prepared, timeout, call_id, handle)
+            except BaseException as exc:
+                try:
+                    fut.set_exception(exc)
+                except InvalidStateError:  # cancelled meanwhile
+                    pass
+            else:
+                try:
+                    fut.set_result(result)
+                except InvalidStateError:
+                    if hasattr(result, "close"):
+                        result.close()
+
+        def on_done(f: Future) -> None:
+            if f.cancelled() and started.is_set():
+                handle.abort(CancelledError(f"{method} cancelled"))
+                self._remote_cancel(call_id)
+
+        fut.add_done_callback(on_done)
+        self._b._pool.submit(run)
+        return fut
+
+    def retry_call(self, method: str, *args: Any, timeout: float | None = None,
+                   **kwargs: Any) -> Any:
+        """``call``, retrying transport errors (``NetworkError``) with exponential backoff.
+
+        Gives up when ``timeout`` (overall) runs out or the machine stops. Only use it for
+        methods that are safe to run twice: a transport error can hide a call that ran.
+        """
+        first, most, factor = self.retry_backoff
+        deadline = None if timeout is None else time.monotonic() + timeout
+        wait = first
+        prepared = self._b._client.prepare(args, kwargs)
+        while True:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                raise TimeoutError(f"{method} on {self.addr}: retries ran out of time")
+            try:
+                return self._call(method, prepared, left, os.urandom(8).hex(), CallHandle())
+            except NetworkError:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left < wait:
+                    raise
+                if self._stop_event.wait(wait):
+                    raise MachineStopped(self.addr, self._err) from None
+                wait = min(wait * factor, most)
+
+    # --- ending --------------------------------------------------------------------------
+
+    def shutdown(self, timeout: float = 20.0) -> None:
+        """Stop the machine: ask it to exit, wait for its last log lines, then mark it STOPPED.
+
+        On a machine this session does not own it only stops tracking it.
+        """
+        if self._state == STOPPED:
+            return
+        if not self.owned or self._handle is None:
+            self._stop(None)
+            return
+        self._handle.expect_exit()
+        self._stop_event.set()  # no more keepalives
+        if self._state >= STARTING and self.addr:
+            try:
+                self._call_raw("Supervisor.shutdown", (0.0, ""), {}, _SHUTDOWN_RPC_TIMEOUT)
+            except Exception as exc:
+                log.debug("shutdown of %s: %s", self.addr, exc)
+        if not self._handle.wait_stopped(timeout):
+            self._handle.kill()
+            self._handle.wait_stopped(5.0)
+        self._stop(None)
+
+    def cancel(self) -> None:
+        """Stop tracking the machine now: calls in flight fail with ``MachineStopped``.
+
+        An owned machine's process is killed rather than left to wait for its lease.
+        """
+        self._stop(CancelledError("machine cancelled"))

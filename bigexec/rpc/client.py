@@ -1,0 +1,327 @@
+"""The RPC client: a pool of persistent connections per address, and calls over them.
+
+    caller thread ── call(addr, "Svc.method", args) ──> checkout connection (idle or new)
+        │  encode (an unpicklable argument fails here, before any I/O)
+        │  send request, block reading the reply (socket timeout = the call's deadline)
+        │  ◄── CallHandle.abort(exc) from another thread shuts the socket down, which wakes
+        │      the blocked read; the call then raises exc (MachineStopped, CancelledError)
+        └─ check the connection back in, unless the transport failed
+
+A connection that failed is dropped, and so are the idle ones to the same address; a
+connection that carried an application error is healthy and goes back to the pool. A call
+that failed on a *reused* connection before any reply byte arrived (the peer closed it while
+idle) is retried once on a fresh connection.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import ssl
+import threading
+import time
+from typing import Any
+from urllib.parse import urlsplit
+
+from ..errors import NetworkError, ProtocolError, UnknownMethodError
+from . import codec, wire
+
+__all__ = ["Client", "CallHandle"]
+
+_MAX_IDLE = 64
+
+
+class CallHandle:
+    """Lets another thread abort a call in flight (machine stopped, caller cancelled)."""
+
+    __slots__ = ("_lock", "_conn", "aborted")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._conn: _Conn | None = None
+        self.aborted: BaseException | None = None
+
+    def abort(self, exc: BaseException) -> None:
+        with self._lock:
+            if self.aborted is not None:
+                return
+            self.aborted = exc
+            conn = self._conn
+        if conn is not None:
+            conn.kill()
+
+    def _attach(self, conn: _Conn) -> None:
+        with self._lock:
+            if self.aborted is not None:
+                conn.kill()
+                raise self.aborted
+            self._conn = conn
+
+    def _detach(self) -> None:
+        with self._lock:
+            self._conn = None
+
+
+class _Conn:
+    __slots__ = ("sock", "rfile", "reused", "dead")
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.rfile = sock.makefile("rb", buffering=256 * 1024)
+        self.reused = False
+        self.dead = False
+
+    def kill(self) -> None:
+        self.dead = True
+        try:
+            socket.socket.shutdown(self.sock, socket.SHUT_RDWR)
+        except OSError:
+            pass
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
+class _Endpoint:
+    __slots__ = ("host", "port", "prefix", "host_header", "tls")
+
+    def __init__(self, addr: str) -> None:
+        u = urlsplit(addr)
+        if u.scheme not in ("http", "https") or not u.hostname or not u.port:
+            raise ValueError(f"bad machine address {addr!r}: want http(s)://host:port[/prefix]")
+        self.host = u.hostname
+        self.port = u.port
+        self.prefix = u.path.rstrip("/")
+        self.host_header = f"{u.hostname}:{u.port}"
+        self.tls = u.scheme == "https"
+
+
+class Client:
+    """Calls methods on machines by address, pooling connections per address."""
+
+    def __init__(self, ssl_context: ssl.SSLContext | None = None, *,
+                 connect_timeout: float = 10.0) -> None:
+        self.ssl_context = ssl_context
+        self.connect_timeout = connect_timeout
+        self._lock = threading.Lock()
+        self._idle: dict[str, list[_Conn]] = {}
+        self._endpoints: dict[str, _Endpoint] = {}
+        self._closed = False
+
+    def close(self) -> None:
+        """Close every idle connection; calls in flight finish on their own connections."""
+        with self._lock:
+            self._closed = True
+            idle, self._idle = self._idle, {}
+        for conns in idle.values():
+            for c in conns:
+                c.kill()
+
+    def reset(self, addr: str) -> None:
+        """Drop the idle connections to ``addr``."""
+        with self._lock:
+            conns = self._idle.pop(addr, [])
+        for c in conns:
+            c.kill()
+
+    # --- connections ---------------------------------------------------------------------
+
+    def _endpoint(self, addr: str) -> _Endpoint:
+        ep = self._endpoints.get(addr)
+        if ep is None:
+            ep = self._endpoints[addr] = _Endpoint(addr)
+        return ep
+
+    def _checkout(self, addr: str, ep: _Endpoint, fresh: bool, timeout: float | None) -> _Conn:
+        if not fresh:
+            with self._lock:
+                conns = self._idle.get(addr)
+                if conns:
+                    conn = conns.pop()
+                    conn.reused = True
+                    return conn
+        t = self.connect_timeout if timeout is None else min(timeout, self.connect_timeout)
+        try:
+            sock = socket.create_connection((ep.host, ep.port), timeout=t)
+        except TimeoutError:
+            raise NetworkError(f"connecting to {addr} timed out") from None
+        except OSError as exc:
+            raise NetworkError(f"cannot connect to {addr}: {exc}") from exc
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if ep.tls:
+                if self.ssl_context is None:
+                    raise NetworkError(f"{addr} needs TLS but this client has no credentials")
+                sock = self.ssl_context.wrap_socket(sock, server_hostname=ep.host)
+        except ssl.SSLError as exc:
+            sock.close()
+            raise NetworkError(f"TLS handshake with {addr} failed: {exc}") from exc
+        except OSError as exc:
+            sock.close()
+            raise NetworkError(f"cannot connect to {addr}: {exc}") from exc
+        return _Conn(sock)
+
+    def _checkin(self, addr: str, conn: _Conn) -> None:
+        if conn.dead:
+            return
+        with self._lock:
+            if not self._closed:
+                conns = self._idle.setdefault(addr, [])
+                if len(conns) < _MAX_IDLE:
+                    conns.append(conn)
+                    return
+        conn.kill()
+
+    # --- calls ---------------------------------------------------------------------------
+
+    @staticmethod
+    def prepare(args: tuple, kwargs: dict) -> tuple[Any, list[Any]]:
+        """Encode a call's arguments now (an unpicklable one raises ``EncodeError`` here)."""
+        source, args, kwargs = _split_stream(args, kwargs)
+        return source, codec.dumps((args, kwargs))
+
+    def call(
+        self,
+        addr: str,
+        method: str,
+        args: tuple = (),
+        kwargs: dict | None = None,
+        *,
+        timeout: float | None = None,
+        call_id: str | None = None,
+        handle: CallHandle | None = None,
+        prepared: tuple[Any, list[Any]] | None = None,
+    ) -> Any:
+        """Call ``method`` ("Service.method") on the machine at ``addr`` and return its reply.
+
+        Raises the remote exception, ``NetworkError`` on transport failure, ``TimeoutError``
+        past ``timeout`` seconds, ``codec.EncodeError`` (a ``TypeError``) for arguments that
+        cannot be pickled, or ``handle.aborted`` when another thread aborted the call.
+        """
+        ep = self._endpoint(addr)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        source, pieces = prepared or self.prepare(args, kwargs or {})
+        call_id = call_id or os.urandom(8).hex()
+        target = f"{ep.prefix}/bigrpc/{method}"
+        fresh = False
+        while True:
+            conn = self._checkout(addr, ep, fresh, _remaining(deadline, method, addr))
+            if handle is not None:
+                handle._attach(conn)
+            got_reply = False
+            try:
+                remaining = _remaining(deadline, method, addr)
+                head = (
+                    f"POST {target} HTTP/1.1\r\nHost: {ep.host_header}\r\n"
+                    f"Content-Type: application/x-bigexec\r\nX-Bigexec-Call: {call_id}\r\n"
+                    + ("" if remaining is None else f"X-Bigexec-Timeout: {remaining:.6f}\r\n")
+                )
+                conn.sock.settimeout(remaining)
+                source_error = None
+                if source is None:
+                    length = wire.body_length(pieces)
+                    wire.send_message(
+                        conn.sock, f"{head}Content-Length: {length}\r\n\r\n".encode("latin-1"),
+                        pieces,
+                    )
+                else:
+                    conn.sock.sendall(f"{head}Transfer-Encoding: chunked\r\n\r\n".encode("latin-1"))
+                    wire.send_frame(conn.sock, b"H", b"".join(bytes(p) for p in pieces))
+                    source_error = wire.send_stream(conn.sock, source)
+                    conn.sock.settimeout(_remaining(deadline, method, addr))
+                reply = wire.read_head(conn.rfile)
+                if reply is None:
+                    raise ConnectionResetError("connection closed before the reply")
+                got_reply = True
+                return self._finish(addr, method, conn, reply, deadline, source_error)
+            except TimeoutError:
+                conn.kill()
+                if handle is not None and handle.aborted is not None:
+                    raise handle.aborted from None
+                raise TimeoutError(f"{method} on {addr} timed out after {timeout}s") from None
+            except (OSError, ProtocolError) as exc:
+                conn.kill()
+                if handle is not None and handle.aborted is not None:
+                    raise handle.aborted from None
+                if isinstance(exc, ProtocolError) and got_reply:
+                    raise
+                if conn.reused and not got_reply and not fresh and source is None:
+                    self.reset(addr)  # its siblings are likely stale too
+                    fresh = True
+                    continue
+                raise NetworkError(f"{method} on {addr}: {exc}") from exc
+            finally:
+                if handle is not None:
+                    handle._detach()
+
+    def _finish(self, addr: str, method: str, conn: _Conn,
+                reply: tuple[list[str], dict[str, str]], deadline: float | None,
+                source_error: BaseException | None) -> Any:
+        start, headers = reply
+        try:
+            status = int(start[1])
+        except (IndexError, ValueError):
+            conn.kill()
+            raise ProtocolError(f"malformed status line from {addr}: {' '.join(start)!r}") from None
+        close = headers.get("connection", "").lower() == "close"
+        if status == 200 and headers.get("x-bigexec-stream"):
+            def done(clean: bool, conn: _Conn = conn) -> None:
+                if clean and not close:
+                    self._checkin(addr, conn)
+                else:
+                    conn.kill()
+            return wire.Stream(conn.rfile, done)
+        length = headers.get("content-length")
+        if length is None:
+            conn.kill()
+            raise ProtocolError(f"reply from {addr} without Content-Length (status {status})")
+        body = wire.read_exact(conn.rfile, int(length))
+        if close:
+            conn.kill()
+        else:
+            self._checkin(addr, conn)
+        if source_error is not None:
+            raise source_error
+        if status == 200:
+            return codec.loads(body)
+        if status == wire.STATUS_APP_ERROR:
+            raise wire.decode_error(body)
+        text = bytes(body).decode("utf-8", "replace")
+        if status == 404:
+            raise UnknownMethodError(text)
+        raise ProtocolError(f"{method} on {addr}: HTTP {status}: {text}")
+
+
+def _remaining(deadline: float | None, method: str, addr: str) -> float | None:
+    if deadline is None:
+        return None
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise TimeoutError(f"{method} on {addr}: deadline passed")
+    return left
+
+
+def _split_stream(args: tuple, kwargs: dict) -> tuple[Any, tuple, dict]:
+    """Take out the one argument that travels as a byte stream, if any."""
+    source = None
+    found = 0
+    new_args = []
+    for a in args:
+        if wire.is_stream_source(a):
+            found += 1
+            source = a
+            a = wire.StreamPlaceholder()
+        new_args.append(a)
+    new_kwargs = {}
+    for k, v in kwargs.items():
+        if wire.is_stream_source(v):
+            found += 1
+            source = v
+            v = wire.StreamPlaceholder()
+        new_kwargs[k] = v
+    if found > 1:
+        raise TypeError("a call can stream at most one argument (file object or iterator)")
+    if not found:
+        return None, args, kwargs
+    return source, tuple(new_args), new_kwargs

@@ -1,0 +1,118 @@
+"""Message encoding: pickle protocol 5 with out-of-band buffers.
+
+A message is one pickle plus the large buffers it refers to, laid out so that the sender can
+hand each piece to the socket without joining them and the receiver can unpickle straight from
+the buffer it read into::
+
+    u32 n                       number of out-of-band buffers
+    u64 len[0] .. len[n]        length of the pickle, then of each buffer
+    pickle bytes
+    buffer 0 .. buffer n-1
+
+Large ``bytes``, ``bytearray`` and ``memoryview`` values (and anything else that supports
+protocol 5 out-of-band pickling, such as NumPy arrays) travel as separate buffers, so the
+sender does not copy them into the pickle stream. Code (functions, classes from ``__main__``,
+closures) is pickled by value with cloudpickle.
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+import struct
+from typing import Any
+
+import cloudpickle
+
+__all__ = ["EncodeError", "DecodeError", "dumps", "loads", "dumps_bytes"]
+
+_OOB_MIN = 64 * 1024  # below this an extra buffer costs more than the copy it saves
+_U32 = struct.Struct("<I")
+_U64 = struct.Struct("<Q")
+
+
+class EncodeError(TypeError):
+    """A value could not be pickled; nothing was sent."""
+
+
+class DecodeError(ValueError):
+    """A message could not be unpickled."""
+
+
+def _bytes_from_buffer(buf: Any) -> bytes:
+    return bytes(buf)
+
+
+def _bytearray_from_buffer(buf: Any) -> bytearray:
+    return bytearray(buf)
+
+
+class _Pickler(cloudpickle.Pickler):
+    def reducer_override(self, obj: Any) -> Any:
+        t = type(obj)
+        if t is bytes or t is bytearray or t is memoryview:
+            if len(obj) >= _OOB_MIN:
+                view = memoryview(obj)
+                if view.contiguous:
+                    ctor = _bytearray_from_buffer if t is bytearray else _bytes_from_buffer
+                    return ctor, (pickle.PickleBuffer(view),)
+            if t is memoryview:
+                return _bytes_from_buffer, (obj.tobytes(),)
+            return NotImplemented
+        return super().reducer_override(obj)
+
+
+def dumps(obj: Any) -> list[Any]:
+    """Encode ``obj``; return the pieces of the message, ready for ``sendall`` in order."""
+    buffers: list[pickle.PickleBuffer] = []
+    out = io.BytesIO()
+    try:
+        _Pickler(out, protocol=5, buffer_callback=buffers.append).dump(obj)
+    except Exception as exc:  # pickling runs user code: anything can come out of it
+        raise EncodeError(f"cannot pickle {_describe(obj)}: {exc}") from exc
+    body = out.getbuffer()
+    raws = [b.raw() for b in buffers]
+    head = [_U32.pack(len(raws)), _U64.pack(len(body))]
+    head.extend(_U64.pack(r.nbytes) for r in raws)
+    return [b"".join(head), body, *raws]
+
+
+def dumps_bytes(obj: Any) -> bytes:
+    """Encode ``obj`` into one ``bytes`` object (for small, non-hot-path messages)."""
+    return b"".join(bytes(p) for p in dumps(obj))
+
+
+def loads(data: Any) -> Any:
+    """Decode a message produced by ``dumps`` from a bytes-like object, without copying it."""
+    view = memoryview(data)
+    try:
+        (n,) = _U32.unpack_from(view, 0)
+        pos = 4
+        lens = []
+        for _ in range(n + 1):
+            lens.append(_U64.unpack_from(view, pos)[0])
+            pos += 8
+        body = view[pos : pos + lens[0]]
+        pos += lens[0]
+        bufs = []
+        for ln in lens[1:]:
+            bufs.append(view[pos : pos + ln])
+            pos += ln
+        if pos != len(view):
+            raise DecodeError(f"message length {len(view)} does not match its header ({pos})")
+    except struct.error as exc:
+        raise DecodeError(f"truncated message header: {exc}") from exc
+    try:
+        return pickle.loads(body, buffers=bufs)
+    except DecodeError:
+        raise
+    except Exception as exc:
+        raise DecodeError(f"cannot unpickle message: {exc!r}") from exc
+
+
+def _describe(obj: Any) -> str:
+    try:
+        r = repr(obj)
+    except Exception:
+        r = f"<{type(obj).__qualname__}>"
+    return r if len(r) <= 80 else r[:77] + "..."

@@ -1,0 +1,358 @@
+"""The RPC server every machine runs.
+
+    client ──TLS──> accept thread ──> one thread per connection
+                                        │  read request (headers by hand, body by readinto)
+                                        │  resolve "Service.method" in the ServiceRegistry
+                                        │  run the method in this thread, with a Context
+                                        │  registered under the call id (Supervisor.cancel
+                                        │  finds it there)
+                                        └─ reply: codec message, error tuple, or a stream
+
+Why this shape: measured on the 2-core machines this was built on, the stdlib's
+``http.server`` costs 0.27 ms per call (0.35 ms with mutual TLS) and most of that is its
+per-request machinery; a minimal HTTP/1.1 exchange with hand-parsed headers and one write per
+message costs 0.07 ms (0.10 ms with mutual TLS). Connections are persistent and few (the
+client pools them), so a thread per connection is cheap and lets a method block for as long
+as it likes without starving other calls. The TLS handshake runs in the connection's thread,
+so a slow or hostile client cannot stall ``accept``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import ssl
+import threading
+import time
+from typing import Any
+
+from ..context import Context
+from ..errors import ProtocolError, UnknownMethodError
+from ..service import ServiceRegistry
+from . import codec, wire
+
+__all__ = ["Server", "MethodStats"]
+
+log = logging.getLogger("bigexec.rpc")
+
+_HANDSHAKE_TIMEOUT = 30.0
+
+
+class MethodStats:
+    """Counters for one method, kept by the server that runs it."""
+
+    __slots__ = ("count", "errors", "seconds", "max_seconds", "request_bytes", "reply_bytes")
+
+    def __init__(self) -> None:
+        self.count = self.errors = 0
+        self.seconds = self.max_seconds = 0.0
+        self.request_bytes = self.reply_bytes = 0
+
+    def snapshot(self) -> dict[str, float]:
+        return {name: getattr(self, name) for name in self.__slots__}
+
+
+class Server:
+    """Serves the services of a ``ServiceRegistry`` over HTTP/1.1, with TLS when given."""
+
+    def __init__(
+        self,
+        registry: ServiceRegistry,
+        *,
+        ssl_context: ssl.SSLContext | None = None,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        advertise_host: str | None = None,
+    ) -> None:
+        self.registry = registry
+        self.ssl_context = ssl_context
+        #: The session handed to methods through ``ctx.b``; set by the machine runtime.
+        self.session: Any = None
+        self._listener = socket.create_server((host, port), backlog=128)
+        self.port = self._listener.getsockname()[1]
+        scheme = "https" if ssl_context is not None else "http"
+        self.addr = f"{scheme}://{advertise_host or host}:{self.port}"
+        self._lock = threading.Lock()
+        self._conns: set[socket.socket] = set()
+        self._calls: dict[str, Context] = {}
+        self._stats: dict[str, MethodStats] = {}
+        self._closed = threading.Event()
+        self._frozen = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # --- lifecycle -----------------------------------------------------------------------
+
+    def start(self) -> str:
+        self._thread = threading.Thread(
+            target=self._accept_loop, name=f"bigexec-accept-{self.port}", daemon=True
+        )
+        self._thread.start()
+        return self.addr
+
+    def close(self) -> None:
+        """Stop accepting and drop every connection; running methods finish unobserved."""
+        if self._closed.is_set():
+            return
+        self._closed.set()
+        self._frozen.set()
+        try:
+            self._listener.close()
+        except OSError:
+            pass
+        with self._lock:
+            conns = list(self._conns)
+        for c in conns:
+            _hard_close(c)
+        with self._lock:
+            calls = list(self._calls.values())
+        for ctx in calls:
+            ctx.cancel()
+
+    def freeze(self) -> None:
+        """Stop answering anything while keeping connections open, as a hung machine would."""
+        self._frozen.set()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed.is_set()
+
+    # --- what the supervisor asks of the server -----------------------------------------
+
+    def cancel(self, call_id: str) -> bool:
+        """Cancel the context of a running call; False if no such call is running."""
+        with self._lock:
+            ctx = self._calls.get(call_id)
+        if ctx is None:
+            return False
+        ctx.cancel()
+        return True
+
+    def running_calls(self) -> list[str]:
+        with self._lock:
+            return [c.method for c in self._calls.values()]
+
+    def stats(self) -> dict[str, dict[str, float]]:
+        with self._lock:
+            return {m: s.snapshot() for m, s in self._stats.items()}
+
+    # --- serving -------------------------------------------------------------------------
+
+    def _accept_loop(self) -> None:
+        while not self._closed.is_set():
+            try:
+                sock, _ = self._listener.accept()
+            except OSError:
+                if self._closed.is_set():
+                    return
+                time.sleep(0.01)  # e.g. EMFILE: back off instead of spinning
+                continue
+            threading.Thread(
+                target=self._serve_connection, args=(sock,), name="bigexec-conn", daemon=True
+            ).start()
+
+    def _serve_connection(self, raw: socket.socket) -> None:
+        sock: socket.socket = raw
+        rfile = None
+        with self._lock:
+            self._conns.add(raw)
+        try:
+            raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self.ssl_context is not None:
+                raw.settimeout(_HANDSHAKE_TIMEOUT)
+                sock = self.ssl_context.wrap_socket(raw, server_side=True)
+                sock.settimeout(None)
+            rfile = sock.makefile("rb", buffering=256 * 1024)
+            while not self._closed.is_set():
+                head = wire.read_head(rfile)
+                if head is None or not self._handle(sock, rfile, head):
+                    break
+        except ssl.SSLError as exc:
+            log.debug("TLS handshake or read failed: %s", exc)
+        except (OSError, ProtocolError) as exc:
+            log.debug("connection dropped: %s", exc)
+        except Exception:  # never let a bad connection take the thread down silently
+            log.exception("unexpected error serving a connection")
+        finally:
+            with self._lock:
+                self._conns.discard(raw)
+            if rfile is not None:
+                try:
+                    rfile.close()
+                except OSError:
+                    pass
+            _hard_close(sock)
+
+    def _respond(self, sock: socket.socket, status: int, body: bytes,
+                 ctype: str = "text/plain; charset=utf-8", close: bool = False) -> None:
+        head = (
+            f"HTTP/1.1 {status} {wire.REASONS.get(status, 'Unknown')}\r\n"
+            f"Content-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
+            + ("Connection: close\r\n" if close else "")
+            + "\r\n"
+        ).encode("latin-1")
+        sock.sendall(head + body)
+
+    def _handle(self, sock: socket.socket, rfile: Any,
+                head: tuple[list[str], dict[str, str]]) -> bool:
+        """Serve one request; return whether the connection may carry another."""
+        if self._frozen.is_set():
+            self._frozen_wait()
+            return False
+        start, headers = head
+        if len(start) != 3 or not start[2].startswith("HTTP/1."):
+            self._respond(sock, 400, b"malformed request line", close=True)
+            return False
+        verb, target = start[0], start[1]
+        chunked = headers.get("transfer-encoding", "").lower() == "chunked"
+        length_text = headers.get("content-length")
+        try:
+            length = int(length_text) if length_text is not None else None
+            if length is not None and length < 0:
+                raise ValueError
+        except ValueError:
+            self._respond(sock, 400, b"bad Content-Length", close=True)
+            return False
+        if verb != "POST":
+            self._respond(sock, 405, b"bigrpc takes POST only", close=True)
+            return False
+        path = target.split("?", 1)[0]
+        at = path.rfind("/bigrpc/")
+        name = path[at + 8 :] if at >= 0 else ""
+        if at < 0 or "." not in name:
+            self._respond(sock, 404, f"no such path {path!r}; use /bigrpc/Service.method".encode(),
+                          close=True)
+            return False
+        call_id = headers.get("x-bigexec-call") or os.urandom(8).hex()
+        try:
+            t = headers.get("x-bigexec-timeout")
+            timeout = float(t) if t is not None else None
+        except ValueError:
+            self._respond(sock, 400, b"bad X-Bigexec-Timeout", close=True)
+            return False
+
+        stream: wire.Stream | None = None
+        try:
+            if chunked:
+                message = _read_head_frame(rfile)
+                stream = wire.Stream(rfile)
+            elif length is not None:
+                message = wire.read_exact(rfile, length)
+            else:
+                self._respond(sock, 400, b"a body with Content-Length or chunked is required",
+                              close=True)
+                return False
+            args, kwargs = codec.loads(message)
+            if not isinstance(args, tuple) or not isinstance(kwargs, dict):
+                raise codec.DecodeError("the call message must be (args tuple, kwargs dict)")
+        except (codec.DecodeError, ProtocolError, ValueError) as exc:
+            self._respond(sock, 400, f"cannot decode the call to {name}: {exc}".encode(),
+                          close=True)
+            return False
+        if stream is not None:
+            args, kwargs = _put_stream(args, kwargs, stream)
+
+        try:
+            fn, wants_ctx = self.registry.resolve(name)
+        except UnknownMethodError as exc:
+            keep = stream is None or stream.drain(1 << 62)
+            self._respond(sock, 404, str(exc).encode(), close=not keep)
+            return keep
+
+        ctx = Context(call_id, name, timeout, self.session)
+        if wants_ctx:
+            kwargs["ctx"] = ctx
+        with self._lock:
+            self._calls[call_id] = ctx
+            stats = self._stats.get(name)
+            if stats is None:
+                stats = self._stats[name] = MethodStats()
+        t0 = time.perf_counter()
+        error: BaseException | None = None
+        result: Any = None
+        try:
+            result = fn(*args, **kwargs)
+        except BaseException as exc:  # everything a method raises goes back to the caller
+            error = exc
+        finally:
+            with self._lock:
+                self._calls.pop(call_id, None)
+        keep = True
+        if stream is not None and not stream.complete:
+            keep = stream.drain(1 << 62)  # the client sends it all before reading the reply
+        if self._frozen.is_set():
+            self._frozen_wait()
+            return False
+
+        reply_bytes = 0
+        if error is None and wire.is_stream_source(result):
+            head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nX-Bigexec-Stream: 1\r\n"
+            sock.sendall(head + (b"" if keep else b"Connection: close\r\n") + b"\r\n")
+            failed = wire.send_stream(sock, result)
+            reply_bytes = -1
+            if failed is not None:
+                error = failed
+        else:
+            status = 200
+            if error is None:
+                try:
+                    pieces = codec.dumps(result)
+                except codec.EncodeError as exc:
+                    error = codec.EncodeError(f"the reply of {name} cannot be pickled: {exc}")
+            if error is not None:
+                status = wire.STATUS_APP_ERROR
+                pieces = [wire.encode_error(error)]
+            reply_bytes = wire.body_length(pieces)
+            head = (
+                f"HTTP/1.1 {status} {wire.REASONS[status]}\r\n"
+                f"Content-Type: application/x-bigexec\r\nContent-Length: {reply_bytes}\r\n"
+                + ("" if keep else "Connection: close\r\n")
+                + "\r\n"
+            ).encode("latin-1")
+            wire.send_message(sock, head, pieces)
+        elapsed = time.perf_counter() - t0
+        with self._lock:
+            stats.count += 1
+            stats.errors += error is not None
+            stats.seconds += elapsed
+            stats.max_seconds = max(stats.max_seconds, elapsed)
+            stats.request_bytes += len(message)
+            if reply_bytes > 0:
+                stats.reply_bytes += reply_bytes
+        return keep
+
+    def _frozen_wait(self) -> None:
+        self._closed.wait()
+
+
+def _read_head_frame(rfile: Any) -> bytes:
+    size_line = rfile.readline(wire.MAX_LINE)
+    try:
+        size = int(size_line.split(b";", 1)[0], 16)
+    except ValueError:
+        raise ProtocolError(f"bad chunk size line {size_line[:40]!r}") from None
+    frame = rfile.read(size)
+    if len(frame) != size or rfile.read(2) != b"\r\n" or frame[:1] != b"H":
+        raise ProtocolError("a streamed request must start with its call frame")
+    return memoryview(frame)[1:]
+
+
+def _put_stream(args: tuple, kwargs: dict, stream: wire.Stream) -> tuple[tuple, dict]:
+    args = tuple(stream if isinstance(a, wire.StreamPlaceholder) else a for a in args)
+    for k, v in kwargs.items():
+        if isinstance(v, wire.StreamPlaceholder):
+            kwargs[k] = stream
+    return args, kwargs
+
+
+def _hard_close(sock: socket.socket) -> None:
+    # socket.socket.shutdown, not SSLSocket.shutdown: the latter tears down the SSL object
+    # under a thread that may be blocked reading it.
+    try:
+        socket.socket.shutdown(sock, socket.SHUT_RDWR)
+    except OSError:
+        pass
+    try:
+        sock.close()
+    except OSError:
+        pass

@@ -1,0 +1,331 @@
+"""The HTTP/1.1 subset bigexec speaks, and its stream framing.
+
+Requests are ``POST /bigrpc/<Service>.<method>`` on persistent connections with TCP_NODELAY.
+Headers are parsed by hand (the stdlib's ``email``-based parser costs more than the rest of a
+call). A plain request or reply has a ``Content-Length`` body holding one codec message. A
+streamed argument or reply uses ``Transfer-Encoding: chunked`` and each HTTP chunk is one
+frame, tagged by its first byte::
+
+    H <message>     the call's arguments (first frame of a streamed request only)
+    D <bytes>       stream data
+    E <message>     the stream failed; the message is an error tuple (see ``encode_error``)
+    Z               the stream ended normally
+
+Status codes: 200 success, 590 the method raised (body: an error tuple), 400 malformed
+request, 404 unknown service or method, 405 not POST.
+"""
+
+from __future__ import annotations
+
+import io
+import socket
+import traceback
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from ..errors import NetworkError, ProtocolError, RemoteError, RemoteTraceback
+from . import codec
+
+STATUS_APP_ERROR = 590
+REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
+           500: "Internal Server Error", 590: "Application Error"}
+MAX_LINE = 65536
+STREAM_CHUNK = 1 << 20
+_SMALL = 64 * 1024
+
+
+def read_head(rfile: Any) -> tuple[list[str], dict[str, str]] | None:
+    """Read a start line and headers; None at a clean end of connection."""
+    line = rfile.readline(MAX_LINE)
+    if not line:
+        return None
+    while line in (b"\r\n", b"\n"):  # tolerate stray blank lines between messages
+        line = rfile.readline(MAX_LINE)
+        if not line:
+            return None
+    if not line.endswith(b"\n"):
+        raise ProtocolError("start line too long or truncated")
+    start = line.decode("latin-1").rstrip("\r\n").split(" ", 2)
+    headers: dict[str, str] = {}
+    while True:
+        line = rfile.readline(MAX_LINE)
+        if not line.endswith(b"\n"):
+            raise ProtocolError("header line too long or truncated")
+        if line in (b"\r\n", b"\n"):
+            return start, headers
+        name, sep, value = line.decode("latin-1").partition(":")
+        if not sep:
+            raise ProtocolError(f"malformed header line {line[:80]!r}")
+        headers[name.strip().lower()] = value.strip()
+
+
+def read_exact(rfile: Any, n: int) -> bytearray:
+    """Read exactly ``n`` body bytes into a fresh buffer (no intermediate copies)."""
+    buf = bytearray(n)
+    view = memoryview(buf)
+    got = 0
+    while got < n:
+        k = rfile.readinto(view[got:])
+        if not k:
+            raise NetworkError(f"connection closed after {got} of {n} body bytes")
+        got += k
+    return buf
+
+
+def send_message(sock: socket.socket, head: bytes, pieces: list[Any]) -> None:
+    """Send a head and a codec message; one write when small, no joins when large."""
+    total = sum(len(p) if isinstance(p, bytes) else memoryview(p).nbytes for p in pieces)
+    if total <= _SMALL:
+        sock.sendall(b"".join([head, *pieces]))
+        return
+    sock.sendall(head + bytes(pieces[0]))
+    for p in pieces[1:]:
+        sock.sendall(p)
+
+
+def body_length(pieces: list[Any]) -> int:
+    return sum(memoryview(p).nbytes for p in pieces)
+
+
+# --- errors on the wire ---------------------------------------------------------------------
+
+
+def encode_error(exc: BaseException) -> bytes:
+    """An error tuple: (type name, message, remote traceback, pickled exception or None)."""
+    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    t = type(exc)
+    type_name = f"{t.__module__}.{t.__qualname__}"
+    try:
+        blob: bytes | None = codec.dumps_bytes(exc)
+    except Exception:
+        blob = None
+    try:
+        message = str(exc)
+    except Exception:
+        message = f"<unprintable {type_name}>"
+    return codec.dumps_bytes((type_name, message, tb, blob))
+
+
+def decode_error(data: Any) -> BaseException:
+    """Rebuild the exception of an error tuple, with the remote traceback as its cause."""
+    try:
+        type_name, message, tb, blob = codec.loads(data)
+    except Exception as exc:
+        return ProtocolError(f"undecodable remote error: {exc}")
+    exc: BaseException | None = None
+    if blob is not None:
+        try:
+            exc = codec.loads(blob)
+        except Exception:
+            exc = None
+    if not isinstance(exc, BaseException):
+        exc = RemoteError(type_name, message, tb)
+    exc.__cause__ = RemoteTraceback(f'\n"""\n{tb}"""')
+    try:
+        exc.remote_traceback = tb  # type: ignore[attr-defined]
+    except Exception:
+        pass
+    return exc
+
+
+# --- chunked stream frames ------------------------------------------------------------------
+
+
+def send_frame(sock: socket.socket, tag: bytes, data: Any = b"") -> None:
+    n = memoryview(data).nbytes
+    head = b"%x\r\n" % (n + 1) + tag
+    if n <= _SMALL:
+        sock.sendall(b"".join((head, data, b"\r\n")))
+    else:
+        sock.sendall(head)
+        sock.sendall(data)
+        sock.sendall(b"\r\n")
+
+
+def send_stream(sock: socket.socket, source: Any) -> BaseException | None:
+    """Send ``source`` (binary file or iterator of bytes) as frames, ending with Z or E.
+
+    Returns the exception the source raised, if any; transport errors propagate.
+    """
+    chunks = iter_source(source)
+    while True:
+        try:
+            chunk = next(chunks)
+        except StopIteration:
+            break
+        except Exception as exc:  # the source failed: tell the reader, then report it
+            send_frame(sock, b"E", encode_error(exc))
+            sock.sendall(b"0\r\n\r\n")
+            return exc
+        if memoryview(chunk).nbytes:
+            send_frame(sock, b"D", chunk)
+    send_frame(sock, b"Z")
+    sock.sendall(b"0\r\n\r\n")
+    return None
+
+
+def is_stream_source(value: Any) -> bool:
+    """Whether a call argument or reply is to be sent as a byte stream."""
+    if isinstance(value, (bytes, bytearray, memoryview, str)):
+        return False
+    if isinstance(value, io.IOBase):
+        return True
+    return isinstance(value, Iterator)
+
+
+def iter_source(source: Any) -> Iterator[Any]:
+    if isinstance(source, io.IOBase) or (
+        hasattr(source, "read") and not isinstance(source, Iterator)
+    ):
+        read = source.read
+        while True:
+            chunk = read(STREAM_CHUNK)
+            if not chunk:
+                return
+            if isinstance(chunk, str):
+                raise TypeError("stream sources must be binary: a text file object was given")
+            yield chunk
+    else:
+        for chunk in source:
+            if not isinstance(chunk, (bytes, bytearray, memoryview)):
+                raise TypeError(
+                    f"a streamed iterator must yield bytes, not {type(chunk).__name__}"
+                )
+            yield chunk
+
+
+class Stream(io.RawIOBase):
+    """A byte stream arriving over a connection: a streamed argument or a streamed reply.
+
+    Read it like a binary file (``read``, ``readinto``, ``readline``) or iterate over it to get
+    its chunks as they arrived. An error on the sending side surfaces here as an exception
+    when the reader reaches it. Close a reply stream you stop reading early: its connection is
+    then dropped instead of being reused.
+    """
+
+    def __init__(self, rfile: Any, on_done: Callable[[bool], None] | None = None) -> None:
+        super().__init__()
+        self._rfile = rfile
+        self._on_done = on_done
+        self._frame: bytes = b""
+        self._pos = 0
+        self._eof = False
+        self._error: BaseException | None = None
+
+    def readable(self) -> bool:
+        return True
+
+    @property
+    def complete(self) -> bool:
+        """True once the end of the stream was read."""
+        return self._eof
+
+    def _next_frame(self) -> bool:
+        """Load the next data frame; False at the end of the stream."""
+        if self._error is not None:
+            raise self._error
+        if self._eof:
+            return False
+        try:
+            size_line = self._rfile.readline(MAX_LINE)
+            if not size_line:
+                raise NetworkError("connection closed in the middle of a stream")
+            try:
+                size = int(size_line.split(b";", 1)[0], 16)
+            except ValueError:
+                raise ProtocolError(f"bad chunk size line {size_line[:40]!r}") from None
+            if size == 0:
+                raise ProtocolError("stream ended without an end frame")
+            frame = self._rfile.read(size)
+            if len(frame) != size or self._rfile.read(2) != b"\r\n":
+                raise NetworkError("connection closed in the middle of a stream")
+        except (OSError, ValueError) as exc:
+            err: BaseException = exc if isinstance(exc, (NetworkError, ProtocolError)) \
+                else NetworkError(f"stream transport failed: {exc}")
+            self._fail(err)
+            raise err from (None if err is exc else exc)
+        tag = frame[:1]
+        if tag == b"D":
+            self._frame, self._pos = frame, 1
+            return True
+        if tag == b"Z" or tag == b"E":
+            if self._rfile.readline(MAX_LINE).strip() != b"0" or self._rfile.readline(MAX_LINE) \
+                    not in (b"\r\n", b"\n"):
+                self._fail(ProtocolError("stream end is malformed"))
+                raise self._error  # type: ignore[misc]
+            if tag == b"E":
+                err = decode_error(memoryview(frame)[1:])
+                self._error = err
+                self._finish(True)
+                raise err
+            self._eof = True
+            self._finish(True)
+            return False
+        self._fail(ProtocolError(f"unknown stream frame tag {tag!r}"))
+        raise self._error  # type: ignore[misc]
+
+    def _fail(self, err: BaseException) -> None:
+        self._error = err
+        self._finish(False)
+
+    def _finish(self, clean: bool) -> None:
+        cb, self._on_done = self._on_done, None
+        if cb is not None:
+            cb(clean)
+
+    def readinto(self, b: Any) -> int:
+        view = memoryview(b).cast("B")
+        if not view.nbytes:
+            return 0
+        while self._pos >= len(self._frame):
+            if not self._next_frame():
+                return 0
+        n = min(view.nbytes, len(self._frame) - self._pos)
+        view[:n] = memoryview(self._frame)[self._pos : self._pos + n]
+        self._pos += n
+        return n
+
+    def readall(self) -> bytes:
+        parts = [memoryview(self._frame)[self._pos :].tobytes()]
+        self._pos = len(self._frame)
+        while self._next_frame():
+            parts.append(self._frame[1:])
+            self._pos = len(self._frame)
+        return b"".join(parts)
+
+    def __iter__(self) -> Iterator[bytes]:  # type: ignore[override]
+        return self
+
+    def __next__(self) -> bytes:
+        if self._pos < len(self._frame):
+            out = self._frame[self._pos :]
+            self._pos = len(self._frame)
+            return out
+        if not self._next_frame():
+            raise StopIteration
+        self._pos = len(self._frame)
+        return self._frame[1:]
+
+    def drain(self, limit: int) -> bool:
+        """Skip up to ``limit`` unread bytes; True if the stream then ended cleanly."""
+        seen = 0
+        try:
+            while seen <= limit:
+                seen += len(self._frame) - self._pos
+                self._pos = len(self._frame)
+                if not self._next_frame():
+                    return True
+        except Exception:
+            return False
+        return False
+
+    def close(self) -> None:
+        if not self.closed and not self._eof and self._error is None:
+            self._finish(False)
+        super().close()
+
+
+class StreamPlaceholder:
+    """Stands in the pickled arguments for the argument that travels as a stream."""
+
+    __slots__ = ()

@@ -1,0 +1,238 @@
+"""Sessions: ``B`` owns the machines it starts on one system.
+
+    driver program ── bigexec.start(system) ──> B ── system.start(n) ──> MachineHandles
+                                                │
+                                                ├── per machine: boot thread, keepalive thread
+                                                ├── Client: connection pools, shared by all
+                                                └── call pool: threads that run ``submit``s
+
+Several sessions may live in one process. Every session still open at interpreter exit is shut
+down by an ``atexit`` hook, so a driver that forgets ``shutdown`` leaves no worker behind.
+On a machine, services get a session too (``init(b)``, ``ctx.b``): it owns nothing and can only
+``dial`` other machines.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import queue
+import ssl
+import threading
+import weakref
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from .machine import Machine
+from .rpc import codec
+from .rpc.client import Client
+from .systems import KeepaliveConfig, System, make_system
+
+__all__ = ["B", "start"]
+
+log = logging.getLogger("bigexec")
+
+_IDLE_THREAD_SECONDS = 30.0
+
+
+class _CallPool:
+    """Threads for blocking calls: one per concurrent call, idle ones reused, none queued.
+
+    A fixed-size pool would queue calls behind long-running ones, and a service calling back
+    into its caller could deadlock; so a call never waits for a thread.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._queue: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self._idle = 0
+        self._closed = False
+
+    def submit(self, fn: Callable[[], None]) -> None:
+        with self._lock:
+            if self._idle:
+                self._idle -= 1
+                self._queue.put(fn)
+                return
+        threading.Thread(target=self._work, args=(fn,), name="bigexec-call", daemon=True).start()
+
+    def _work(self, fn: Callable[[], None] | None) -> None:
+        while fn is not None:
+            try:
+                fn()
+            except BaseException:  # the callers' futures carry their errors
+                log.exception("unexpected error in a bigexec call thread")
+            fn = None
+            with self._lock:
+                if self._closed:
+                    return
+                self._idle += 1
+            try:
+                fn = self._queue.get(timeout=_IDLE_THREAD_SECONDS)
+            except queue.Empty:
+                with self._lock:
+                    try:
+                        fn = self._queue.get_nowait()  # handed to us as we timed out
+                    except queue.Empty:
+                        self._idle -= 1
+                        return
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            idle, self._idle = self._idle, 0
+        for _ in range(idle):
+            self._queue.put(None)
+
+
+_sessions: weakref.WeakSet[B] = weakref.WeakSet()
+
+
+@atexit.register
+def _shutdown_all() -> None:
+    for b in list(_sessions):
+        try:
+            b.shutdown()
+        except Exception:
+            log.exception("shutting down a bigexec session at exit failed")
+
+
+class B:
+    """A cluster session on one system. Use ``bigexec.start`` to make one.
+
+    ``B`` is a context manager; leaving the block shuts it down.
+    """
+
+    def __init__(self, system: System | None, *, _client_ssl: ssl.SSLContext | None = None) -> None:
+        self.system = system
+        #: Liveness settings for this session's machines.
+        self.keepalive: KeepaliveConfig = system.keepalive if system else KeepaliveConfig()
+        ctx = system.client_ssl() if system is not None else _client_ssl
+        self._client = Client(ctx)
+        self._pool = _CallPool()
+        self._lock = threading.Lock()
+        self._owned: list[Machine] = []
+        self._dialed: dict[str, Machine] = {}
+        self._closed = False
+        if system is not None:
+            _sessions.add(self)
+
+    @classmethod
+    def _for_machine(cls, client_ssl: ssl.SSLContext | None) -> B:
+        return cls(None, _client_ssl=client_ssl)
+
+    def __repr__(self) -> str:
+        name = self.system.name if self.system else "machine-side"
+        return f"<B {name} machines={len(self._owned)}>"
+
+    def __enter__(self) -> B:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.shutdown()
+
+    # --- machines ------------------------------------------------------------------------
+
+    def start(self, n: int, services: Mapping[str, Any] | None = None,
+              env: Mapping[str, str] | None = None) -> list[Machine]:
+        """Start ``n`` machines running ``services`` (name -> object), with extra ``env``.
+
+        Returns at once; the machines boot in the background (``m.wait(RUNNING)``). Every
+        service is pickled first, so an unpicklable one raises ``TypeError`` here and no
+        machine is started.
+        """
+        if self._closed:
+            raise RuntimeError("this bigexec session is shut down")
+        if self.system is None:
+            raise RuntimeError("a machine's session cannot start machines; use dial(addr)")
+        if not isinstance(n, int) or n < 1:
+            raise ValueError(f"the number of machines must be a positive int, not {n!r}")
+        blobs: list[tuple[str, bytes]] = []
+        for name, service in (services or {}).items():
+            if not isinstance(name, str) or not name.isidentifier() or name == "Supervisor":
+                raise ValueError(f"bad service name {name!r}: use an identifier other than "
+                                 f"'Supervisor'")
+            try:
+                blobs.append((name, codec.dumps_bytes(service)))
+            except codec.EncodeError as exc:
+                raise TypeError(f"service {name!r} cannot be pickled: {exc}") from exc
+        env = dict(env or {})
+        for k, v in env.items():
+            if not isinstance(k, str) or not isinstance(v, str):
+                raise TypeError("env must map str to str")
+        handles = self.system.start(n, env)
+        machines = [Machine(self, owned=True, handle=h, services=blobs) for h in handles]
+        with self._lock:
+            self._owned.extend(machines)
+        for m in machines:
+            threading.Thread(target=m._boot, args=(self.system.boot_timeout,), daemon=True,
+                             name="bigexec-boot").start()
+        return machines
+
+    def machines(self) -> list[Machine]:
+        """The machines this session started that have not stopped."""
+        with self._lock:
+            return [m for m in self._owned if m.state < 3]
+
+    def dial(self, addr: str) -> Machine:
+        """A machine this session does not own, at ``addr`` (e.g. ``m.addr`` of another).
+
+        No lease is held on it and ``shutdown`` leaves it running; it is pinged to notice
+        when it goes away.
+        """
+        if self._closed:
+            raise RuntimeError("this bigexec session is shut down")
+        with self._lock:
+            m = self._dialed.get(addr)
+            if m is not None and m.state < 3:
+                return m
+            m = self._dialed[addr] = Machine(self, owned=False, addr=addr)
+        timeout = self.system.boot_timeout if self.system else 60.0
+        threading.Thread(target=m._boot, args=(timeout,), daemon=True,
+                         name="bigexec-dial").start()
+        return m
+
+    def _forget(self, m: Machine) -> None:
+        """Called when a machine stops."""
+
+    # --- ending --------------------------------------------------------------------------
+
+    def shutdown(self, timeout: float = 20.0) -> None:
+        """Stop every owned machine, waiting up to ``timeout`` for their last log lines.
+
+        Dialed machines are only forgotten, never stopped. Idempotent.
+        """
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            owned = list(self._owned)
+            dialed = list(self._dialed.values())
+        _sessions.discard(self)
+        live = [m for m in owned if m.state < 3]
+        if live:
+            with ThreadPoolExecutor(max_workers=min(32, len(live))) as ex:
+                list(ex.map(lambda m: m.shutdown(timeout), live))
+        for m in dialed:
+            m._stop(None)
+        if self.system is not None:
+            self.system.shutdown()
+        self._client.close()
+        self._pool.close()
+
+
+def start(system: str | System | None = None, **options: Any) -> B:
+    """Start a session on ``system``: ``"threads"``, ``"local"`` or a ``System`` instance.
+
+    Without one, ``BIGEXEC_SYSTEM`` names it, else ``"local"``. ``options`` go to the system:
+    ``keepalive`` (a ``KeepaliveConfig``) or ``keepalive_period``, ``keepalive_lease``,
+    ``keepalive_timeout``, ``keepalive_rpc_timeout``, ``boot_timeout``, and the system's own.
+    """
+    if isinstance(system, System):
+        if options:
+            raise TypeError("options go to the System's constructor when you pass an instance")
+        return B(system)
+    name = system or os.environ.get("BIGEXEC_SYSTEM") or "local"
+    return B(make_system(name, **options))

@@ -1,0 +1,135 @@
+"""The Supervisor: the service every machine runs, registered as ``"Supervisor"``.
+
+The driver uses it to boot a machine (``ping``, ``info``, ``register``), to hold its lease
+(``keepalive``), to stop it (``shutdown``), to cancel calls (``cancel``) and to look inside it
+(``memory``, ``disk``, ``load``, ``metrics``). Its methods are ordinary service methods, so a
+user can call them too: ``m.call("Supervisor.info")``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import socket
+import sys
+import threading
+import time
+from typing import TYPE_CHECKING, Any
+
+import psutil
+
+from . import __version__
+from .rpc import codec
+
+if TYPE_CHECKING:
+    from .worker import MachineRuntime
+
+__all__ = ["Supervisor"]
+
+log = logging.getLogger("bigexec.supervisor")
+
+_UNHEALTHY_MEMORY_PERCENT = 95.0
+
+
+class Supervisor:
+    """Boot, lease, inspection and shutdown of the machine it runs on."""
+
+    def __init__(self, runtime: MachineRuntime) -> None:
+        self._runtime = runtime
+        self._booted = time.time()
+
+    # --- boot ---------------------------------------------------------------------------
+
+    def ping(self, seq: int = 0) -> int:
+        """Echo ``seq``: the machine is up and serving."""
+        return seq
+
+    def info(self) -> dict[str, Any]:
+        """What this machine is: Python, platform, process and capacity."""
+        return {
+            "python_version": platform.python_version(),
+            "python_implementation": platform.python_implementation(),
+            "version_info": tuple(sys.version_info[:3]),
+            "platform": platform.platform(),
+            "hostname": socket.gethostname(),
+            "pid": os.getpid(),
+            "bigexec_version": __version__,
+            "cpu_count": os.cpu_count() or 1,
+            "maxprocs": self._runtime.maxprocs,
+            "booted": self._booted,
+            "system": self._runtime.system_name,
+        }
+
+    def register(self, name: str, blob: bytes) -> bool:
+        """Unpickle a service, register it as ``name`` and run its ``init(b)`` hook.
+
+        Returns False when ``name`` was already registered (nothing is run again).
+        """
+        registry = self._runtime.registry
+        if name in registry.names():
+            return False
+        service = codec.loads(blob)
+        init = getattr(service, "init", None)
+        if callable(init):
+            init(self._runtime.session)
+        registry.add(name, service)
+        return True
+
+    def getenv(self, name: str, default: str | None = None) -> str | None:
+        """The machine's value of environment variable ``name``."""
+        return self._runtime.environ.get(name, default)
+
+    # --- lease --------------------------------------------------------------------------
+
+    def keepalive(self, lease: float) -> dict[str, Any]:
+        """Extend this machine's life by ``lease`` seconds from now.
+
+        A machine whose lease lapses exits on its own: no worker outlives its driver.
+        """
+        self._runtime.extend_lease(lease)
+        return {"next": lease, "healthy": self._runtime.healthy}
+
+    def shutdown(self, delay: float = 0.0, message: str = "") -> None:
+        """Exit the machine ``delay`` seconds after replying, printing ``message`` last."""
+        def later() -> None:
+            time.sleep(delay)
+            if message:
+                print(message, flush=True)
+            self._runtime.exit(0)
+        threading.Thread(target=later, name="bigexec-shutdown", daemon=True).start()
+
+    def cancel(self, call_id: str) -> bool:
+        """Cancel the running call ``call_id``: its ``ctx`` reports cancelled."""
+        return self._runtime.server.cancel(call_id)
+
+    # --- inspection ---------------------------------------------------------------------
+
+    def memory(self) -> dict[str, Any]:
+        vm = psutil.virtual_memory()
+        rss = psutil.Process().memory_info().rss
+        return {"total": vm.total, "available": vm.available, "used": vm.used,
+                "percent": vm.percent, "process_rss": rss}
+
+    def disk(self, path: str | None = None) -> dict[str, Any]:
+        import tempfile
+
+        du = psutil.disk_usage(path or tempfile.gettempdir())
+        return {"path": path or tempfile.gettempdir(), "total": du.total, "used": du.used,
+                "free": du.free, "percent": du.percent}
+
+    def load(self) -> dict[str, float]:
+        one, five, fifteen = os.getloadavg()
+        return {"load1": one, "load5": five, "load15": fifteen}
+
+    def metrics(self) -> dict[str, Any]:
+        """A snapshot of this machine's counters: per-method RPC stats, calls running, lease."""
+        rt = self._runtime
+        return {
+            "uptime": time.time() - self._booted,
+            "lease_remaining": rt.lease_remaining(),
+            "keepalives": rt.keepalives,
+            "running_calls": rt.server.running_calls(),
+            "methods": rt.server.stats(),
+            "services": rt.registry.names(),
+        }

@@ -1,0 +1,134 @@
+"""The System interface: what a backend must do to give bigexec machines.
+
+A system starts machine processes somewhere and hands back one ``MachineHandle`` per machine.
+Everything else (pinging, registering services, keepalives, calls, shutdown) is done by the
+driver over RPC and is the same on every system. That keeps the interface small enough for a
+backend whose machines boot slowly on other hosts (``ec2``): ``address`` may block for minutes,
+``died`` may only know what the cloud API says, and ``client_ssl`` is all the driver needs to
+reach them.
+"""
+
+from __future__ import annotations
+
+import ssl
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+from typing import Any, ClassVar
+
+__all__ = ["KeepaliveConfig", "MachineHandle", "System"]
+
+
+@dataclass(frozen=True)
+class KeepaliveConfig:
+    """How the driver holds its machines' leases.
+
+    Every ``period`` seconds the driver renews each owned machine's lease for ``lease``
+    seconds; a machine whose lease lapses exits by itself. Each renewal may take
+    ``rpc_timeout`` seconds; when renewals have failed for ``timeout`` seconds the driver
+    declares the machine stopped and fails every call in flight on it.
+    """
+
+    period: float = 5.0
+    lease: float = 60.0
+    timeout: float = 30.0
+    rpc_timeout: float = 10.0
+
+    def __post_init__(self) -> None:
+        for name in ("period", "lease", "timeout", "rpc_timeout"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"keepalive {name} must be positive")
+        if self.lease <= self.period:
+            raise ValueError("the keepalive lease must be longer than its period")
+
+
+class MachineHandle(ABC):
+    """What a system knows of one machine it started."""
+
+    #: Concurrency the machine offers, if the system decides it (else the machine reports it).
+    maxprocs: int | None = None
+
+    def __init__(self) -> None:
+        self._lost_callback: Callable[[BaseException], None] | None = None
+        self._expect_exit = threading.Event()
+
+    @abstractmethod
+    def address(self, timeout: float) -> str:
+        """Block until the machine serves, then return its ``https://host:port`` address.
+
+        Raise ``BootError`` if it never will (the process died, the instance failed).
+        """
+
+    @abstractmethod
+    def died(self, grace: float = 0.0) -> BaseException | None:
+        """If the machine is known dead (waiting up to ``grace`` seconds), why; else None."""
+
+    @abstractmethod
+    def kill(self) -> None:
+        """End the machine at once, without asking it."""
+
+    @abstractmethod
+    def wait_stopped(self, timeout: float) -> bool:
+        """After an orderly shutdown request, wait until the machine is gone and its last log
+        lines have reached the driver. False on timeout."""
+
+    def expect_exit(self) -> None:
+        """The driver asked the machine to exit: its exit is not a failure."""
+        self._expect_exit.set()
+
+    def on_lost(self, callback: Callable[[BaseException], None]) -> None:
+        """Have ``callback(reason)`` called when the machine dies unexpectedly."""
+        self._lost_callback = callback
+
+    def _report_lost(self, reason: BaseException) -> None:
+        if self._expect_exit.is_set():
+            return
+        cb = self._lost_callback
+        if cb is not None:
+            cb(reason)
+
+    def log_label(self, label: str) -> None:  # noqa: B027 - optional hook
+        """The driver tells the handle how to prefix the machine's log lines."""
+
+
+class System(ABC):
+    """A backend that provides machines: ``threads``, ``local``, ``ec2``."""
+
+    name: ClassVar[str]
+    default_keepalive: ClassVar[KeepaliveConfig] = KeepaliveConfig()
+    default_boot_timeout: ClassVar[float] = 120.0
+
+    def __init__(
+        self,
+        *,
+        keepalive: KeepaliveConfig | None = None,
+        boot_timeout: float | None = None,
+        keepalive_period: float | None = None,
+        keepalive_lease: float | None = None,
+        keepalive_timeout: float | None = None,
+        keepalive_rpc_timeout: float | None = None,
+    ) -> None:
+        cfg = keepalive or self.default_keepalive
+        overrides: dict[str, Any] = {
+            k: v
+            for k, v in (("period", keepalive_period), ("lease", keepalive_lease),
+                         ("timeout", keepalive_timeout), ("rpc_timeout", keepalive_rpc_timeout))
+            if v is not None
+        }
+        self.keepalive = replace(cfg, **overrides) if overrides else cfg
+        self.boot_timeout = self.default_boot_timeout if boot_timeout is None else boot_timeout
+
+    @abstractmethod
+    def start(self, count: int, env: Mapping[str, str]) -> list[MachineHandle]:
+        """Launch ``count`` machines with extra environment ``env``; do not wait for them."""
+
+    def client_ssl(self) -> ssl.SSLContext | None:
+        """The driver's TLS client context for reaching this system's machines (None: plain)."""
+        return None
+
+    def shutdown(self) -> None:  # noqa: B027 - optional hook
+        """Release what the system holds (credentials, temp files); machines are gone by now."""
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name}>"

@@ -1,0 +1,237 @@
+"""The ``local`` system: each machine is a ``python -m bigexec.worker`` process on this host.
+
+    driver                                   worker process
+    ──────                                   ──────────────
+    Popen(start_new_session) ── stdin ─────> CA cert + leaf cert + leaf key (then EOF)
+    os.pipe() read end   <──── BIGEXEC_ADDR_FD: "port\\n" once it listens
+    log pump thread      <──── stdout+stderr, line by line ──> driver's stderr, prefixed
+    waiter thread: process exit ──> machine STOPPED at once, err says how it died
+
+The worker binds port 0 and reports the port back, so there is no free-port race. It gets the
+driver's ``sys.path`` (through ``PYTHONPATH``) so the user's modules import, and the driver's
+working directory. It never re-runs the user's ``__main__``. Credentials travel on stdin, so
+no key touches the disk except for the instant ``ssl`` needs a file to load it from.
+Lines the worker prints before it listens (interpreter start-up) are boot noise: they are held
+back, and shown only if the machine fails to boot or ``boot_logs=True``.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+import ssl
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Mapping
+from typing import IO, Any
+
+from .. import tls
+from ..authority import Authority
+from ..errors import BootError, MachineLost
+from .base import KeepaliveConfig, MachineHandle, System
+
+__all__ = ["LocalSystem"]
+
+_stderr_lock = threading.Lock()
+
+
+def _describe_exit(code: int | None) -> str:
+    if code is None:
+        return "is still running"
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        return f"was killed by {name} ({code})"
+    return f"exited with status {code}"
+
+
+class _LocalHandle(MachineHandle):
+    def __init__(self, proc: subprocess.Popen[bytes], addr_fd: int, boot_logs: bool) -> None:
+        super().__init__()
+        self.proc = proc
+        self.maxprocs = 1
+        self._addr_fd = addr_fd
+        self._addr: str | None = None
+        self._label = f"pid {proc.pid}"
+        self._boot_logs = boot_logs
+        self._noise: deque[str] = deque(maxlen=200)
+        self._printing = boot_logs
+        self._pump = threading.Thread(target=self._pump_logs, name=f"bigexec-log-{proc.pid}",
+                                      daemon=True)
+        self._pump.start()
+        self._waiter = threading.Thread(target=self._wait, name=f"bigexec-wait-{proc.pid}",
+                                        daemon=True)
+        self._waiter.start()
+
+    def log_label(self, label: str) -> None:
+        self._label = label
+
+    def address(self, timeout: float) -> str:
+        if self._addr is not None:
+            return self._addr
+        deadline = time.monotonic() + timeout
+        data = b""
+        try:
+            while not data.endswith(b"\n"):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    self.kill()
+                    raise BootError(f"worker pid {self.proc.pid} did not listen within {timeout}s"
+                                    + self._noise_tail())
+                ready, _, _ = select.select([self._addr_fd], [], [], left)
+                if not ready:
+                    continue
+                chunk = os.read(self._addr_fd, 64)
+                if not chunk:
+                    code = self._wait_code(5.0)
+                    self._pump.join(5.0)
+                    raise BootError(f"worker pid {self.proc.pid} {_describe_exit(code)} before "
+                                    f"it listened" + self._noise_tail())
+                data += chunk
+        finally:
+            os.close(self._addr_fd)
+            self._addr_fd = -1
+        self._addr = f"https://127.0.0.1:{int(data)}"
+        self._label = f"127.0.0.1:{int(data)}"
+        self._printing = True
+        return self._addr
+
+    def _noise_tail(self) -> str:
+        if not self._noise:
+            return ""
+        return "; its output:\n" + "".join(f"    {line}" for line in list(self._noise)[-20:])
+
+    def _pump_logs(self) -> None:
+        # Always drain, or a chatty worker blocks on a full pipe.
+        out: IO[bytes] = self.proc.stdout  # type: ignore[assignment]
+        for raw in iter(out.readline, b""):
+            line = raw.decode("utf-8", "replace")
+            if not line.endswith("\n"):
+                line += "\n"
+            if not self._printing:
+                self._noise.append(line)
+                continue
+            with _stderr_lock:
+                try:
+                    sys.stderr.write(f"{self._label}: {line}")
+                    sys.stderr.flush()
+                except (OSError, ValueError):
+                    pass
+        out.close()
+
+    def _wait_code(self, timeout: float) -> int | None:
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def _wait(self) -> None:
+        code = self.proc.wait()
+        self._pump.join(10.0)  # the last lines first, then the news
+        self._report_lost(MachineLost(f"machine {self._label} {_describe_exit(code)}"))
+
+    def died(self, grace: float = 0.0) -> BaseException | None:
+        code = self.proc.poll() if grace <= 0 else self._wait_code(grace)
+        if code is None:
+            return None
+        return MachineLost(f"machine {self._label} {_describe_exit(code)}")
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.proc.kill()
+            except OSError:
+                pass
+
+    def wait_stopped(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        if self._wait_code(timeout) is None:
+            return False
+        self._pump.join(max(0.0, deadline - time.monotonic()))
+        return not self._pump.is_alive()
+
+
+class LocalSystem(System):
+    """Machines as worker processes on this host, over mutual TLS.
+
+    Options: ``python`` (interpreter, default ``sys.executable``), ``boot_logs`` (show worker
+    start-up output), ``authority`` (path of a persistent CA file; default: in memory only).
+    """
+
+    name = "local"
+    default_keepalive = KeepaliveConfig(period=5.0, lease=60.0, timeout=30.0, rpc_timeout=10.0)
+    default_boot_timeout = 60.0
+
+    def __init__(self, *, python: str | None = None, boot_logs: bool = False,
+                 authority: str | None = None, **options: Any) -> None:
+        super().__init__(**options)
+        self.python = python or sys.executable
+        self.boot_logs = boot_logs or os.environ.get("BIGEXEC_BOOT_LOGS") == "1"
+        self.authority = Authority(authority)
+        self._client_ssl = tls.client_context(self.authority.issue("driver"))
+        self._handles: list[_LocalHandle] = []
+
+    def client_ssl(self) -> ssl.SSLContext:
+        return self._client_ssl
+
+    def _environment(self, env: Mapping[str, str], fd: int) -> dict[str, str]:
+        environ = dict(os.environ)
+        environ.update(env)
+        path = [os.getcwd() if p == "" else p for p in sys.path]
+        if environ.get("PYTHONPATH"):
+            path.append(environ["PYTHONPATH"])
+        environ.update(
+            BIGEXEC_WORKER="1",
+            BIGEXEC_SYSTEM=self.name,
+            BIGEXEC_LEASE=str(max(self.keepalive.lease, self.boot_timeout)),
+            BIGEXEC_ADDR_FD=str(fd),
+            PYTHONUNBUFFERED="1",
+            PYTHONPATH=os.pathsep.join(dict.fromkeys(p for p in path if p)),
+        )
+        return environ
+
+    def start(self, count: int, env: Mapping[str, str]) -> list[MachineHandle]:
+        handles: list[MachineHandle] = []
+        for _ in range(count):
+            creds = self.authority.issue("machine", ips=["127.0.0.1"], dns=["localhost"])
+            r, w = os.pipe()
+            try:
+                proc = subprocess.Popen(
+                    [self.python, "-m", "bigexec.worker"],
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT,
+                    pass_fds=(w,),
+                    env=self._environment(env, w),
+                    start_new_session=True,  # ^C in the driver's terminal is the driver's to handle
+                )
+            except BaseException:
+                os.close(r)
+                raise
+            finally:
+                os.close(w)
+            assert proc.stdin is not None
+            try:
+                proc.stdin.write(creds.to_pem())
+                proc.stdin.close()
+            except OSError:
+                pass  # it died at once; address() reports how
+            handle = _LocalHandle(proc, r, self.boot_logs)
+            handles.append(handle)
+            self._handles.append(handle)
+        return handles
+
+    def kill(self, machine: Any) -> None:
+        """SIGKILL a machine's process (for tests of failure handling)."""
+        machine._handle.kill()
+
+    def shutdown(self) -> None:
+        for h in self._handles:
+            h.kill()
+        self._handles.clear()

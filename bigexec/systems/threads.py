@@ -1,0 +1,130 @@
+"""The ``threads`` system: machines that live in the driver's process, for unit tests.
+
+Each machine is a full ``MachineRuntime`` (server, Supervisor, lease, watchdog) on a loopback
+port, reached over the same RPC path as any other machine, so services, arguments and replies
+are still pickled: code that works here does not break on ``local`` because something was not
+picklable. The watchdog never exits the test process: a machine's ``exit`` only closes its
+server. ``kill(machine)`` makes a machine vanish as a crash would; ``kill(machine, hang=True)``
+makes it stop answering while its connections stay open, as a hung or partitioned host would.
+
+Machines share the process, so ``env`` is not put into ``os.environ``: each machine sees it
+through ``Supervisor.getenv`` (an overlay on the process environment).
+"""
+
+from __future__ import annotations
+
+import os
+import ssl
+from collections import ChainMap
+from collections.abc import Mapping
+from typing import Any
+
+from ..errors import MachineLost
+from ..worker import MachineRuntime
+from .base import KeepaliveConfig, MachineHandle, System
+
+__all__ = ["ThreadsSystem"]
+
+
+class _ThreadHandle(MachineHandle):
+    def __init__(self, runtime: MachineRuntime, maxprocs: int) -> None:
+        super().__init__()
+        self.runtime = runtime
+        self.maxprocs = maxprocs
+        self.exit_code: int | None = None
+        self.killed = False
+
+    def address(self, timeout: float) -> str:
+        return self.runtime.addr
+
+    def died(self, grace: float = 0.0) -> BaseException | None:
+        if self.killed:
+            return MachineLost(f"machine {self.runtime.addr} was killed")
+        if self.exit_code is not None and not self._expect_exit.is_set():
+            return MachineLost(f"machine {self.runtime.addr} exited with status {self.exit_code}")
+        return None
+
+    def _exited(self, code: int) -> None:
+        self.exit_code = code
+        if code != 0 or not self._expect_exit.is_set():
+            self._report_lost(MachineLost(f"machine {self.runtime.addr} exited with status {code}"))
+
+    def kill(self) -> None:
+        if self.runtime.stopped:
+            return
+        self.killed = True
+        self.runtime.exit(-9)
+
+    def wait_stopped(self, timeout: float) -> bool:
+        return self.runtime.wait(timeout)
+
+
+class ThreadsSystem(System):
+    """In-process machines. Options: ``tls`` (default False), ``maxprocs`` (default 1)."""
+
+    name = "threads"
+    default_keepalive = KeepaliveConfig(period=1.0, lease=30.0, timeout=5.0, rpc_timeout=2.0)
+    default_boot_timeout = 30.0
+
+    def __init__(self, *, tls: bool = False, maxprocs: int = 1, **options: Any) -> None:
+        super().__init__(**options)
+        if maxprocs < 1:
+            raise ValueError("maxprocs must be at least 1")
+        self.maxprocs = maxprocs
+        self.tls = tls
+        self._client_ssl: ssl.SSLContext | None = None
+        self._authority: Any = None
+        self._handles: list[_ThreadHandle] = []
+        if tls:
+            from .. import tls as tlsmod
+            from ..authority import Authority
+
+            self._authority = Authority()
+            self._client_ssl = tlsmod.client_context(self._authority.issue("driver"))
+
+    def client_ssl(self) -> ssl.SSLContext | None:
+        return self._client_ssl
+
+    def start(self, count: int, env: Mapping[str, str]) -> list[MachineHandle]:
+        handles: list[MachineHandle] = []
+        for _ in range(count):
+            server_ssl = client_ssl = None
+            if self._authority is not None:
+                from .. import tls as tlsmod
+
+                creds = self._authority.issue("machine", ips=["127.0.0.1"], dns=["localhost"])
+                server_ssl = tlsmod.server_context(creds)
+                client_ssl = tlsmod.client_context(creds)
+            holder: list[_ThreadHandle] = []
+            runtime = MachineRuntime(
+                system_name=self.name,
+                exit=lambda code, h=holder: h[0]._exited(code),
+                lease=max(self.keepalive.lease, self.boot_timeout),
+                server_ssl=server_ssl,
+                client_ssl=client_ssl,
+                maxprocs=self.maxprocs,
+                environ=ChainMap(dict(env), os.environ),  # type: ignore[arg-type]
+            )
+            handle = _ThreadHandle(runtime, self.maxprocs)
+            holder.append(handle)
+            runtime.start()
+            handles.append(handle)
+            self._handles.append(handle)
+        return handles
+
+    def kill(self, machine: Any, *, hang: bool = False) -> None:
+        """Make ``machine`` vanish as a crashed machine would (``hang``: stop answering)."""
+        handle = machine._handle
+        if not isinstance(handle, _ThreadHandle):
+            raise ValueError(f"{machine!r} is not a machine of this threads system")
+        if hang:
+            handle.runtime.server.freeze()
+        else:
+            handle.kill()
+
+    def shutdown(self) -> None:
+        for h in self._handles:
+            if not h.runtime.stopped:
+                h.expect_exit()
+                h.runtime.exit(0)
+        self._handles.clear()

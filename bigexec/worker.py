@@ -1,0 +1,175 @@
+"""The machine side: what runs inside every machine, and ``python -m bigexec.worker``.
+
+    driver                                    machine (MachineRuntime)
+    ──────                                    ────────────────────────
+    start process ── credentials on stdin ──> load TLS credentials, bind port 0
+                  <── port on BIGEXEC_ADDR_FD  (no free-port race)
+    Supervisor.ping/info/register ─────────> Server ─> ServiceRegistry ─> services
+    Supervisor.keepalive every period ─────> extend the lease
+                                              watchdog: lease lapsed ─> exit(1)
+    Supervisor.shutdown ───────────────────> print the last lines, exit(0)
+
+``MachineRuntime`` is the same object on every system: the ``threads`` system runs it in the
+driver's process (its ``exit`` closes the server instead of ending the process), the ``local``
+system runs it in a ``python -m bigexec.worker`` subprocess. The user's ``__main__`` is never
+re-run: services and their code arrive pickled.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import ssl
+import sys
+import threading
+import time
+from collections.abc import Callable, Mapping
+
+from .rpc.server import Server
+from .service import ServiceRegistry
+
+__all__ = ["MachineRuntime", "main"]
+
+log = logging.getLogger("bigexec.worker")
+
+_HEALTH_PERIOD = 30.0
+_UNHEALTHY_MEMORY_PERCENT = 95.0
+
+
+class MachineRuntime:
+    """A machine: RPC server, service registry, Supervisor, lease and watchdog."""
+
+    def __init__(
+        self,
+        *,
+        system_name: str,
+        exit: Callable[[int], None],
+        lease: float,
+        server_ssl: ssl.SSLContext | None = None,
+        client_ssl: ssl.SSLContext | None = None,
+        maxprocs: int = 1,
+        environ: Mapping[str, str] | None = None,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        advertise_host: str | None = None,
+    ) -> None:
+        from .session import B
+        from .supervisor import Supervisor
+
+        self.system_name = system_name
+        self.maxprocs = maxprocs
+        self.environ: Mapping[str, str] = os.environ if environ is None else environ
+        self.registry = ServiceRegistry()
+        self.server = Server(self.registry, ssl_context=server_ssl, host=host, port=port,
+                             advertise_host=advertise_host)
+        self.session = B._for_machine(client_ssl)
+        self.server.session = self.session
+        self.registry.add("Supervisor", Supervisor(self))
+        self.healthy = True
+        self.keepalives = 0
+        self._exit_fn = exit
+        self._lock = threading.Lock()
+        self._deadline = time.monotonic() + lease
+        self._stopped = threading.Event()
+        self._exited = False
+
+    @property
+    def addr(self) -> str:
+        return self.server.addr
+
+    def start(self) -> str:
+        addr = self.server.start()
+        threading.Thread(target=self._watchdog, name="bigexec-watchdog", daemon=True).start()
+        return addr
+
+    def extend_lease(self, lease: float) -> None:
+        with self._lock:
+            self._deadline = time.monotonic() + lease
+            self.keepalives += 1
+
+    def lease_remaining(self) -> float:
+        with self._lock:
+            return self._deadline - time.monotonic()
+
+    def exit(self, code: int) -> None:
+        """End this machine (once): stop serving, then the system's exit."""
+        with self._lock:
+            if self._exited:
+                return
+            self._exited = True
+        self._stopped.set()
+        self.server.close()
+        self.session.shutdown()
+        self._exit_fn(code)
+
+    @property
+    def stopped(self) -> bool:
+        return self._stopped.is_set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self._stopped.wait(timeout)
+
+    def _watchdog(self) -> None:
+        next_health = 0.0
+        while not self._stopped.is_set():
+            left = self.lease_remaining()
+            if left <= 0:
+                print(f"bigexec: lease expired {-left:.1f}s ago: the driver is gone; exiting",
+                      file=sys.stderr, flush=True)
+                self.exit(1)
+                return
+            now = time.monotonic()
+            if now >= next_health:
+                next_health = now + _HEALTH_PERIOD
+                self._check_health()
+            self._stopped.wait(min(1.0, max(0.05, left / 2)))
+
+    def _check_health(self) -> None:
+        try:
+            import psutil
+
+            self.healthy = psutil.virtual_memory().percent < _UNHEALTHY_MEMORY_PERCENT
+        except Exception:  # keep the last verdict when the reading fails
+            pass
+
+
+def _exit_process(code: int) -> None:
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    finally:
+        os._exit(code)
+
+
+def main() -> None:
+    """Entry point of a ``local`` (and later ``ec2``) machine process."""
+    from . import tls
+    from .authority import Credentials
+
+    if os.environ.get("BIGEXEC_WORKER") != "1":
+        sys.exit("bigexec.worker is started by a bigexec driver, not by hand")
+    logging.basicConfig(level=os.environ.get("BIGEXEC_LOG_LEVEL", "WARNING"),
+                        format="%(levelname)s %(name)s: %(message)s")
+    creds = Credentials.from_pem(sys.stdin.buffer.read())
+    sys.stdin.close()
+    runtime = MachineRuntime(
+        system_name=os.environ.get("BIGEXEC_SYSTEM", "local"),
+        exit=_exit_process,
+        lease=float(os.environ.get("BIGEXEC_LEASE", "60")),
+        server_ssl=tls.server_context(creds),
+        client_ssl=tls.client_context(creds),
+        maxprocs=int(os.environ.get("BIGEXEC_MAXPROCS", "1")),
+        host=os.environ.get("BIGEXEC_HOST", "127.0.0.1"),
+    )
+    runtime.start()
+    fd = int(os.environ["BIGEXEC_ADDR_FD"])
+    os.write(fd, f"{runtime.server.port}\n".encode())
+    os.close(fd)
+    signal.signal(signal.SIGTERM, lambda *_: runtime.exit(0))
+    while not runtime.wait(3600):
+        pass
+
+
+if __name__ == "__main__":
+    main()
