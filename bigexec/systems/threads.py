@@ -46,8 +46,9 @@ class _ThreadHandle(MachineHandle):
 
     def _exited(self, code: int) -> None:
         self.exit_code = code
-        if code != 0 or not self._expect_exit.is_set():
-            self._report_lost(MachineLost(f"machine {self.runtime.addr} exited with status {code}"))
+        why = self.died()
+        if why is not None:
+            self._report_lost(why)
 
     def kill(self) -> None:
         if self.runtime.stopped:
