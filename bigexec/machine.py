@@ -393,7 +393,9 @@ class Machine:
             return
         self._handle.expect_exit()
         self._stop_event.set()  # no more keepalives
-        if self._state >= STARTING and self.addr:
+        if not self.addr:  # still booting, nothing to ask
+            self._handle.kill()
+        else:
             try:
                 self._call_raw("Supervisor.shutdown", (0.0, ""), {}, _SHUTDOWN_RPC_TIMEOUT)
             except Exception as exc:

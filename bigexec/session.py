@@ -25,7 +25,7 @@ from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from .machine import Machine
+from .machine import STOPPED, Machine
 from .rpc import codec
 from .rpc.client import Client
 from .systems import KeepaliveConfig, System, make_system
@@ -174,7 +174,7 @@ class B:
     def machines(self) -> list[Machine]:
         """The machines this session started that have not stopped."""
         with self._lock:
-            return [m for m in self._owned if m.state < 3]
+            return [m for m in self._owned if m.state < STOPPED]
 
     def dial(self, addr: str) -> Machine:
         """A machine this session does not own, at ``addr`` (e.g. ``m.addr`` of another).
@@ -186,7 +186,7 @@ class B:
             raise RuntimeError("this bigexec session is shut down")
         with self._lock:
             m = self._dialed.get(addr)
-            if m is not None and m.state < 3:
+            if m is not None and m.state < STOPPED:
                 return m
             m = self._dialed[addr] = Machine(self, owned=False, addr=addr)
         timeout = self.system.boot_timeout if self.system else 60.0
@@ -211,7 +211,7 @@ class B:
             owned = list(self._owned)
             dialed = list(self._dialed.values())
         _sessions.discard(self)
-        live = [m for m in owned if m.state < 3]
+        live = [m for m in owned if m.state < STOPPED]
         if live:
             with ThreadPoolExecutor(max_workers=min(32, len(live))) as ex:
                 list(ex.map(lambda m: m.shutdown(timeout), live))

@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         slots = [m for m in machines for _ in range(m.maxprocs)]
         shares = split(args.n, len(slots))
         log.info("distributing work among %d cores", len(slots))
-        futures = [m.submit("PI.sample", k) for m, k in zip(slots, shares)]
+        futures = [m.submit("PI.sample", k) for m, k in zip(slots, shares, strict=False)]
         total = sum(f.result() for f in futures)
     pi = 4 * total / args.n
     # The estimate's standard error is about 4*sqrt(p(1-p)/n) with p = π/4: print the digits

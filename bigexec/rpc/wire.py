@@ -118,7 +118,8 @@ def decode_error(data: Any) -> BaseException:
             exc = codec.loads(blob)
         except Exception:
             exc = None
-    if not isinstance(exc, BaseException):
+    if not isinstance(exc, Exception):
+        # SystemExit, KeyboardInterrupt and the like ended a remote method, not this program
         exc = RemoteError(type_name, message, tb)
     exc.__cause__ = RemoteTraceback(f'\n"""\n{tb}"""')
     try:

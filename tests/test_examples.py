@@ -1,0 +1,46 @@
+"""The examples run end to end, as a user would run them."""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _workers() -> set[int]:
+    out = set()
+    for p in psutil.process_iter(["cmdline"]):
+        cmd = p.info["cmdline"] or []
+        if "bigexec.worker" in cmd:
+            out.add(p.pid)
+    return out
+
+
+@pytest.mark.parametrize("system", ["threads", "local"])
+def test_bigpi_end_to_end(system):
+    before = _workers()
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "bigpi.py"), "-n", "400000", "--nmach", "2",
+         "--system", system],
+        capture_output=True, text=True, timeout=120, cwd=ROOT,
+        env={**os.environ, "BIGEXEC_SYSTEM": ""},
+    )
+    assert proc.returncode == 0, proc.stderr
+    m = re.search(r"^π = (\d\.\d+)$", proc.stdout, re.M)
+    assert m, proc.stdout
+    assert abs(float(m.group(1)) - math.pi) < 0.02  # 400k samples: standard error ≈ 0.0026
+    assert proc.stdout.count(" RUNNING") == 2
+    assert "all machines are ready" in proc.stdout
+    if system == "local":
+        # the workers' progress lines reach the driver's stderr, prefixed with their address
+        prefixed = re.findall(r"^127\.0\.0\.1:(\d+): \d+/200000$", proc.stderr, re.M)
+        assert len(set(prefixed)) == 2, proc.stderr
+    assert _workers() - before == set()
