@@ -94,9 +94,13 @@ class Supervisor:
         """Exit the machine ``delay`` seconds after replying, printing ``message`` last."""
         def later() -> None:
             time.sleep(delay)
-            if message:
-                print(message, flush=True)
-            self._runtime.exit(0)
+            try:
+                if message:
+                    print(message, flush=True)
+            except (OSError, ValueError):  # nobody is reading any more
+                pass
+            finally:
+                self._runtime.exit(0)
         threading.Thread(target=later, name="bigexec-shutdown", daemon=True).start()
 
     def cancel(self, call_id: str) -> bool:

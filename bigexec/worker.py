@@ -99,9 +99,11 @@ class MachineRuntime:
                 return
             self._exited = True
         self._stopped.set()
-        self.server.close()
-        self.session.shutdown()
-        self._exit_fn(code)
+        try:
+            self.server.close()
+            self.session.shutdown()
+        finally:
+            self._exit_fn(code)
 
     @property
     def stopped(self) -> bool:
@@ -115,8 +117,11 @@ class MachineRuntime:
         while not self._stopped.is_set():
             left = self.lease_remaining()
             if left <= 0:
-                print(f"bigexec: lease expired {-left:.1f}s ago: the driver is gone; exiting",
-                      file=sys.stderr, flush=True)
+                try:  # the driver, and so the other end of our stderr, may be gone
+                    print(f"bigexec: lease expired {-left:.1f}s ago: the driver is gone; "
+                          f"exiting", file=sys.stderr, flush=True)
+                except (OSError, ValueError):
+                    pass
                 self.exit(1)
                 return
             now = time.monotonic()
@@ -135,11 +140,12 @@ class MachineRuntime:
 
 
 def _exit_process(code: int) -> None:
-    try:
-        sys.stdout.flush()
-        sys.stderr.flush()
-    finally:
-        os._exit(code)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a driver that died took the pipe's other end
+            pass
+    os._exit(code)
 
 
 def main() -> None:
