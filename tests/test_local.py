@@ -49,6 +49,12 @@ class Echo:
         print(text, file=sys.stderr, flush=True)
         return True
 
+    def say_partial(self, text):
+        """Write ``text`` with no newline after it: a line the worker never finished."""
+        sys.stdout.write(text)
+        sys.stdout.flush()
+        return True
+
     def say_many(self, prefix, n):
         """Print ``n`` numbered lines, the last one ``{prefix}-last``, then return."""
         for i in range(n):
@@ -262,11 +268,14 @@ def test_shutdown_delivers_last_lines_and_ends_the_worker(capfd):
         # a burst of output the pump cannot have drained yet when the call returns
         assert m.call("Echo.say_many", tag, 3000) == 3000
         assert m.call("Echo.say", f"final-{tag}")
+        assert m.call("Echo.say_partial", f"unfinished-{tag}")
         b.shutdown()
         # right after shutdown returns, with no waiting: the last lines are there, all of them
         text = err.read()
         assert f"{hp}: {tag}-last\n" in text
         assert f"{hp}: final-{tag}\n" in text
+        # a last line without its newline is still delivered, as a line of its own
+        assert f"{hp}: unfinished-{tag}\n" in text
         assert sum(1 for line in text.splitlines() if line.startswith(f"{hp}: {tag}-")) == 3001
         assert m.state == bigexec.STOPPED
         assert m.err is None, "an orderly shutdown stops a machine with err None"
