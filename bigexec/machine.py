@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import BootError, MachineLost, MachineStopped, NetworkError
 from .rpc.client import CallHandle
+from .rpc.wire import Stream
 
 if TYPE_CHECKING:
     from .session import B
@@ -276,9 +277,15 @@ class Machine:
             if self._state == STOPPED:
                 raise MachineStopped(self.addr, self._err)
             self._inflight.add(handle)
+        streaming = False
         try:
-            return self._b._client.call(self.addr, method, timeout=timeout, call_id=call_id,
-                                        handle=handle, prepared=prepared)
+            result = self._b._client.call(self.addr, method, timeout=timeout, call_id=call_id,
+                                          handle=handle, prepared=prepared)
+            if isinstance(result, Stream):
+                # the machine may still stop mid-stream: keep the call abortable till the end
+                streaming = True
+                result.add_done_callback(lambda clean: self._untrack(handle))
+            return result
         except TimeoutError:
             if handle.aborted is None:
                 self._remote_cancel(call_id)
@@ -291,8 +298,12 @@ class Machine:
                 raise MachineStopped(self.addr, self._err) from exc
             raise
         finally:
-            with self._cond:
-                self._inflight.discard(handle)
+            if not streaming:
+                self._untrack(handle)
+
+    def _untrack(self, handle: CallHandle) -> None:
+        with self._cond:
+            self._inflight.discard(handle)
 
     def _remote_cancel(self, call_id: str) -> None:
         def cancel() -> None:

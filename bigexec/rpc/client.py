@@ -209,7 +209,7 @@ class Client:
             conn = self._checkout(addr, ep, fresh, _remaining(deadline, method, addr))
             if handle is not None:
                 handle._attach(conn)
-            got_reply = False
+            got_reply = streaming = False
             try:
                 remaining = _remaining(deadline, method, addr)
                 head = (
@@ -229,12 +229,22 @@ class Client:
                     conn.sock.sendall(f"{head}Transfer-Encoding: chunked\r\n\r\n".encode("latin-1"))
                     wire.send_frame(conn.sock, b"H", b"".join(bytes(p) for p in pieces))
                     source_error = wire.send_stream(conn.sock, source)
+                if deadline is not None:  # a socket timeout counts per operation, not overall
                     conn.sock.settimeout(_remaining(deadline, method, addr))
                 reply = wire.read_head(conn.rfile)
                 if reply is None:
                     raise ConnectionResetError("connection closed before the reply")
                 got_reply = True
-                return self._finish(addr, method, conn, reply, deadline, source_error)
+                # a reply that arrives after the deadline is a timeout all the same: the
+                # method saw its ctx expire at about the moment the caller gave up
+                late = deadline is not None and time.monotonic() > deadline
+                result = self._finish(addr, method, conn, reply, handle, source_error)
+                streaming = isinstance(result, wire.Stream)
+                if late and not streaming:
+                    raise _LateReply
+                return result
+            except _LateReply:
+                raise TimeoutError(f"{method} on {addr} timed out after {timeout}s") from None
             except TimeoutError:
                 conn.kill()
                 if handle is not None and handle.aborted is not None:
@@ -252,11 +262,11 @@ class Client:
                     continue
                 raise NetworkError(f"{method} on {addr}: {exc}") from exc
             finally:
-                if handle is not None:
+                if handle is not None and not streaming:  # a stream detaches when it ends
                     handle._detach()
 
     def _finish(self, addr: str, method: str, conn: _Conn,
-                reply: tuple[list[str], dict[str, str]], deadline: float | None,
+                reply: tuple[list[str], dict[str, str]], handle: CallHandle | None,
                 source_error: BaseException | None) -> Any:
         start, headers = reply
         try:
@@ -267,11 +277,14 @@ class Client:
         close = headers.get("connection", "").lower() == "close"
         if status == 200 and headers.get("x-bigexec-stream"):
             def done(clean: bool, conn: _Conn = conn) -> None:
+                if handle is not None:
+                    handle._detach()
                 if clean and not close:
                     self._checkin(addr, conn)
                 else:
                     conn.kill()
-            return wire.Stream(conn.rfile, done)
+            aborted = (lambda: handle.aborted) if handle is not None else None
+            return wire.Stream(conn.rfile, done, aborted)
         length = headers.get("content-length")
         if length is None:
             conn.kill()
@@ -291,6 +304,10 @@ class Client:
         if status == 404:
             raise UnknownMethodError(text)
         raise ProtocolError(f"{method} on {addr}: HTTP {status}: {text}")
+
+
+class _LateReply(Exception):
+    pass
 
 
 def _remaining(deadline: float | None, method: str, addr: str) -> float | None:

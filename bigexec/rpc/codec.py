@@ -11,7 +11,10 @@ the buffer it read into::
 
 Large ``bytes``, ``bytearray`` and ``memoryview`` values (and anything else that supports
 protocol 5 out-of-band pickling, such as NumPy arrays) travel as separate buffers, so the
-sender does not copy them into the pickle stream. Code (functions, classes from ``__main__``,
+sender does not copy them into the pickle stream. The pickler never asks ``reducer_override``
+about exact ``bytes`` (its fast path), so large ``bytes`` found in the message's top levels
+(the value itself and the items of tuples, lists and dicts in it, two levels down) are swapped
+for a stand-in that reduces to an out-of-band buffer. Code (functions, classes from ``__main__``,
 closures) is pickled by value with cloudpickle.
 """
 
@@ -27,6 +30,8 @@ import cloudpickle
 __all__ = ["EncodeError", "DecodeError", "dumps", "loads", "dumps_bytes"]
 
 _OOB_MIN = 64 * 1024  # below this an extra buffer costs more than the copy it saves
+_WALK_MAX = 256  # containers longer than this are not searched for large bytes
+_CONTAINERS = (tuple, list, dict)
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
 
@@ -47,9 +52,39 @@ def _bytearray_from_buffer(buf: Any) -> bytearray:
     return bytearray(buf)
 
 
+class _LargeBytes:
+    """Stands in for a large ``bytes`` so that it is pickled out of band."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+
+def _swap_large(obj: Any, depth: int) -> Any:
+    t = type(obj)
+    if t is bytes:
+        return _LargeBytes(obj) if len(obj) >= _OOB_MIN else obj
+    if depth == 0 or t not in _CONTAINERS or len(obj) > _WALK_MAX:
+        return obj
+    if t is tuple or t is list:
+        items = [_swap_large(x, depth - 1) for x in obj]
+        if any(a is not b for a, b in zip(items, obj, strict=True)):
+            return t(items)
+        return obj
+    if t is dict:
+        swapped = {k: _swap_large(v, depth - 1) for k, v in obj.items()}
+        if any(swapped[k] is not v for k, v in obj.items()):
+            return swapped
+        return obj
+    return obj
+
+
 class _Pickler(cloudpickle.Pickler):
     def reducer_override(self, obj: Any) -> Any:
         t = type(obj)
+        if t is _LargeBytes:
+            return _bytes_from_buffer, (pickle.PickleBuffer(obj.data),)
         if t is bytes or t is bytearray or t is memoryview:
             if len(obj) >= _OOB_MIN:
                 view = memoryview(obj)
@@ -67,7 +102,7 @@ def dumps(obj: Any) -> list[Any]:
     buffers: list[pickle.PickleBuffer] = []
     out = io.BytesIO()
     try:
-        _Pickler(out, protocol=5, buffer_callback=buffers.append).dump(obj)
+        _Pickler(out, protocol=5, buffer_callback=buffers.append).dump(_swap_large(obj, 3))
     except Exception as exc:  # pickling runs user code: anything can come out of it
         raise EncodeError(f"cannot pickle {_describe(obj)}: {exc}") from exc
     body = out.getbuffer()

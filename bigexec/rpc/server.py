@@ -270,46 +270,47 @@ class Server:
         t0 = time.perf_counter()
         error: BaseException | None = None
         result: Any = None
-        try:
-            result = fn(*args, **kwargs)
-        except BaseException as exc:  # everything a method raises goes back to the caller
-            error = exc
+        try:  # the call stays cancellable until its reply, streamed or not, is sent
+            try:
+                result = fn(*args, **kwargs)
+            except BaseException as exc:  # everything a method raises goes back to the caller
+                error = exc
+            keep = True
+            if stream is not None and not stream.complete:
+                keep = stream.drain(1 << 62)  # the client sends it all before reading the reply
+            if self._frozen.is_set():
+                self._frozen_wait()
+                return False
+
+            reply_bytes = 0
+            if error is None and wire.is_stream_source(result):
+                head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nX-Bigexec-Stream: 1\r\n"
+                sock.sendall(head + (b"" if keep else b"Connection: close\r\n") + b"\r\n")
+                failed = wire.send_stream(sock, result)
+                reply_bytes = -1
+                if failed is not None:
+                    error = failed
+            else:
+                status = 200
+                if error is None:
+                    try:
+                        pieces = codec.dumps(result)
+                    except codec.EncodeError as exc:
+                        error = codec.EncodeError(f"the reply of {name} cannot be pickled: {exc}")
+                if error is not None:
+                    status = wire.STATUS_APP_ERROR
+                    pieces = [wire.encode_error(error)]
+                reply_bytes = wire.body_length(pieces)
+                head = (
+                    f"HTTP/1.1 {status} {wire.REASONS[status]}\r\n"
+                    f"Content-Type: application/x-bigexec\r\nContent-Length: {reply_bytes}\r\n"
+                    + ("" if keep else "Connection: close\r\n")
+                    + "\r\n"
+                ).encode("latin-1")
+                wire.send_message(sock, head, pieces)
         finally:
             with self._lock:
                 self._calls.pop(call_id, None)
-        keep = True
-        if stream is not None and not stream.complete:
-            keep = stream.drain(1 << 62)  # the client sends it all before reading the reply
-        if self._frozen.is_set():
-            self._frozen_wait()
-            return False
-
-        reply_bytes = 0
-        if error is None and wire.is_stream_source(result):
-            head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nX-Bigexec-Stream: 1\r\n"
-            sock.sendall(head + (b"" if keep else b"Connection: close\r\n") + b"\r\n")
-            failed = wire.send_stream(sock, result)
-            reply_bytes = -1
-            if failed is not None:
-                error = failed
-        else:
-            status = 200
-            if error is None:
-                try:
-                    pieces = codec.dumps(result)
-                except codec.EncodeError as exc:
-                    error = codec.EncodeError(f"the reply of {name} cannot be pickled: {exc}")
-            if error is not None:
-                status = wire.STATUS_APP_ERROR
-                pieces = [wire.encode_error(error)]
-            reply_bytes = wire.body_length(pieces)
-            head = (
-                f"HTTP/1.1 {status} {wire.REASONS[status]}\r\n"
-                f"Content-Type: application/x-bigexec\r\nContent-Length: {reply_bytes}\r\n"
-                + ("" if keep else "Connection: close\r\n")
-                + "\r\n"
-            ).encode("latin-1")
-            wire.send_message(sock, head, pieces)
         elapsed = time.perf_counter() - t0
         with self._lock:
             stats.count += 1

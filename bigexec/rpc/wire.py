@@ -204,10 +204,12 @@ class Stream(io.RawIOBase):
     then dropped instead of being reused.
     """
 
-    def __init__(self, rfile: Any, on_done: Callable[[bool], None] | None = None) -> None:
+    def __init__(self, rfile: Any, on_done: Callable[[bool], None] | None = None,
+                 aborted: Callable[[], BaseException | None] | None = None) -> None:
         super().__init__()
         self._rfile = rfile
-        self._on_done = on_done
+        self._done_callbacks = [on_done] if on_done is not None else []
+        self._aborted = aborted
         self._frame: bytes = b""
         self._pos = 0
         self._eof = False
@@ -243,6 +245,9 @@ class Stream(io.RawIOBase):
         except (OSError, ValueError) as exc:
             err: BaseException = exc if isinstance(exc, (NetworkError, ProtocolError)) \
                 else NetworkError(f"stream transport failed: {exc}")
+            why = self._aborted() if self._aborted is not None else None
+            if why is not None:  # another thread cut the stream off on purpose
+                err = why
             self._fail(err)
             raise err from (None if err is exc else exc)
         tag = frame[:1]
@@ -270,9 +275,16 @@ class Stream(io.RawIOBase):
         self._finish(False)
 
     def _finish(self, clean: bool) -> None:
-        cb, self._on_done = self._on_done, None
-        if cb is not None:
+        callbacks, self._done_callbacks = self._done_callbacks, []
+        for cb in callbacks:
             cb(clean)
+
+    def add_done_callback(self, fn: Callable[[bool], None]) -> None:
+        """Call ``fn(clean)`` when the stream ends, is abandoned or fails."""
+        if self._eof or self._error is not None or self.closed:
+            fn(self._eof)
+        else:
+            self._done_callbacks.append(fn)
 
     def readinto(self, b: Any) -> int:
         view = memoryview(b).cast("B")

@@ -1,0 +1,89 @@
+"""Running plain functions as tasks on machines: the service behind Executor and Pool.
+
+    driver (Scheduler slot thread)                      machine (TaskRunner service)
+    ──────────────────────────────                      ────────────────────────────
+    call("<svc>.run", [(fn, args, kwargs), ...]) ────>  for each task, in order:
+                                                            run it, time it
+    read the streamed reply, one frame per task  <────      yield header + result or error
+    (each result completes its future at once)
+
+A batch of small tasks travels in one RPC, and their results come back as they finish, so a
+machine that dies mid-batch loses only the task it was running: the driver knows which
+finished. The reply frame of a task is ``_HEADER`` (index, outcome, seconds) followed by the
+codec message of its result, or an error tuple. A result that cannot be pickled fails its own
+task (outcome ``UNPICKLABLE_RESULT``) and the batch goes on.
+"""
+
+from __future__ import annotations
+
+import struct
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from .rpc import codec, wire
+
+__all__ = ["TaskRunner", "run_chunk", "OK", "FAILED", "UNPICKLABLE_RESULT", "decode_frame"]
+
+OK, FAILED, UNPICKLABLE_RESULT = 0, 1, 2
+_HEADER = struct.Struct("<IBd")
+
+
+def run_chunk(fn: Callable[..., Any], chunk: list[tuple]) -> list[Any]:
+    """Apply ``fn`` to each argument tuple of ``chunk`` (``map`` with ``chunksize > 1``)."""
+    return [fn(*args) for args in chunk]
+
+
+def run_star_chunk(fn: Callable[..., Any], chunk: list[Any]) -> list[Any]:
+    """Apply ``fn`` to each item of ``chunk`` (``Pool.map``'s chunks hold single items)."""
+    return [fn(x) for x in chunk]
+
+
+class TaskRunner:
+    """Runs batches of ``(fn, args, kwargs)`` and streams back each result as it finishes.
+
+    ``initializer(*initargs)`` runs once, when the service arrives on the machine; if it
+    raises, the machine fails to boot and the executor learns why.
+    """
+
+    def __init__(self, initializer: Callable[..., Any] | None = None,
+                 initargs: tuple = ()) -> None:
+        self.initializer = initializer
+        self.initargs = initargs
+        self.tasks_run = 0
+
+    def init(self, b: Any) -> None:
+        if self.initializer is not None:
+            self.initializer(*self.initargs)
+
+    def run(self, batch: list[tuple[Callable[..., Any], tuple, dict]], ctx: Any) -> Iterator[bytes]:
+        return self._results(batch, ctx)
+
+    def _results(self, batch: list[tuple[Callable[..., Any], tuple, dict]],
+                 ctx: Any) -> Iterator[bytes]:
+        for index, (fn, args, kwargs) in enumerate(batch):
+            if ctx.cancelled:  # the driver gave up on the rest of the batch
+                return
+            t0 = time.perf_counter()
+            try:
+                value = fn(*args, **kwargs)
+            except BaseException as exc:  # a task's failure is its result
+                outcome, payload = FAILED, wire.encode_error(exc)
+            else:
+                try:
+                    outcome, payload = OK, codec.dumps_bytes(value)
+                except codec.EncodeError as exc:
+                    outcome, payload = UNPICKLABLE_RESULT, wire.encode_error(exc)
+            value = None  # do not keep the task's result alive while the next one runs
+            self.tasks_run += 1
+            yield _HEADER.pack(index, outcome, time.perf_counter() - t0) + payload
+
+    def count(self) -> int:
+        """How many tasks this machine has run."""
+        return self.tasks_run
+
+
+def decode_frame(frame: bytes) -> tuple[int, int, float, memoryview]:
+    """Split a reply frame into (index, outcome, seconds, payload)."""
+    index, outcome, seconds = _HEADER.unpack_from(frame, 0)
+    return index, outcome, seconds, memoryview(frame)[_HEADER.size :]
