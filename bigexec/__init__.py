@@ -15,14 +15,18 @@ from .context import Context
 from .errors import (
     BigexecError,
     BootError,
+    BrokenCluster,
     MachineLost,
     MachineStopped,
     NetworkError,
     ProtocolError,
     RemoteError,
     UnknownMethodError,
+    WorkerLostError,
 )
+from .executor import Executor
 from .machine import RUNNING, STARTING, STOPPED, UNSTARTED, Machine, State
+from .pool import Pool
 from .rpc.wire import Stream
 from .session import B, start
 from .systems import KeepaliveConfig, MachineHandle, System, register_system
@@ -31,13 +35,16 @@ __all__ = [
     "B",
     "BigexecError",
     "BootError",
+    "BrokenCluster",
     "Context",
+    "Executor",
     "KeepaliveConfig",
     "Machine",
     "MachineHandle",
     "MachineLost",
     "MachineStopped",
     "NetworkError",
+    "Pool",
     "ProtocolError",
     "RUNNING",
     "RemoteError",
@@ -48,6 +55,7 @@ __all__ = [
     "System",
     "UNSTARTED",
     "UnknownMethodError",
+    "WorkerLostError",
     "__version__",
     "register_system",
     "start",

@@ -17,15 +17,19 @@ Deadlines and cancellation raise the standard ``TimeoutError`` and
 
 from __future__ import annotations
 
+from concurrent.futures import BrokenExecutor as _BrokenExecutor
+
 __all__ = [
     "BigexecError",
     "BootError",
+    "BrokenCluster",
     "MachineLost",
     "MachineStopped",
     "NetworkError",
     "ProtocolError",
     "RemoteError",
     "UnknownMethodError",
+    "WorkerLostError",
 ]
 
 
@@ -65,7 +69,12 @@ class MachineStopped(BigexecError):
 
 
 class BootError(BigexecError):
-    """A machine could not be brought to the running state."""
+    """A machine could not be brought to the running state.
+
+    ``service`` names the service whose registration (or ``init``) failed, if that was why.
+    """
+
+    service: str | None = None
 
 
 class RemoteError(BigexecError):
@@ -98,3 +107,26 @@ class RemoteTraceback(Exception):
 
 class MachineLost(BigexecError):
     """A machine died or became unreachable: the ``err`` of a machine that did not stop cleanly."""
+
+
+class BrokenCluster(_BrokenExecutor, BigexecError):
+    """The executor or pool can no longer run tasks: an initializer failed, or no machine
+    could be had. Pending work fails with it and new submissions raise it."""
+
+
+class WorkerLostError(_BrokenExecutor, BigexecError):
+    """A task's machine died under it too many times; the task is given up.
+
+    ``task`` describes the call, ``reasons`` says how each machine died.
+    """
+
+    def __init__(self, task: str, reasons: list[str]) -> None:
+        super().__init__(
+            f"task {task} was running when its machine died {len(reasons)} times; giving up "
+            f"on it (last: {reasons[-1] if reasons else 'unknown'})"
+        )
+        self.task = task
+        self.reasons = reasons
+
+    def __reduce__(self):
+        return (type(self), (self.task, self.reasons))

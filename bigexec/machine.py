@@ -90,7 +90,7 @@ class Machine:
         self._inflight: set[CallHandle] = set()
         self._stop_event = threading.Event()
         self._replies: deque[float] = deque(maxlen=10)
-        self._shutting_down = False
+        self._stop_callbacks: list[Any] = []
         #: Wall-clock time (``time.time()``) until which the machine's lease runs, if owned.
         self.next_keepalive: float | None = None
 
@@ -141,10 +141,24 @@ class Machine:
         for h in inflight:
             h.abort(MachineStopped(self.addr, err))
         if err is not None:
-            log.warning("machine %s stopped: %s", self.addr or "(booting)", err)
+            if not isinstance(err, CancelledError):  # cancel() is deliberate: no news
+                log.warning("machine %s stopped: %s", self.addr or "(booting)", err)
             if kill and self.owned and self._handle is not None:
                 self._handle.kill()  # a machine we gave up on must not live on
         self._b._forget(self)
+        for cb in self._stop_callbacks:
+            try:
+                cb(self)
+            except Exception:
+                log.exception("a machine stop callback failed")
+
+    def _on_stop(self, callback: Any) -> None:
+        """Have ``callback(machine)`` called once the machine stops (now, if it has)."""
+        with self._cond:
+            if self._state != STOPPED:
+                self._stop_callbacks.append(callback)
+                return
+        callback(self)
 
     # --- boot and lease (driver threads) -------------------------------------------------
 
@@ -175,10 +189,10 @@ class Machine:
                 try:
                     self._call_raw("Supervisor.register", (name, blob), {}, _REGISTER_TIMEOUT)
                 except BaseException as exc:
-                    raise BootError(
-                        f"service {name!r} failed to start on machine {self.addr}: "
-                        f"{type(exc).__name__}: {exc}"
-                    ) from exc
+                    err = BootError(f"service {name!r} failed to start on machine {self.addr}: "
+                                    f"{type(exc).__name__}: {exc}")
+                    err.service = name
+                    raise err from exc
         except BaseException as exc:
             if not isinstance(exc, (BootError, MachineLost)):
                 wrapped = BootError(f"machine {self.addr or '(no address)'} failed to boot: "
@@ -385,6 +399,8 @@ class Machine:
             except NetworkError:
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left < wait:
+                    raise
+                if prepared[0] is not None:  # a stream is read once: it cannot be sent again
                     raise
                 if self._stop_event.wait(wait):
                     raise MachineStopped(self.addr, self._err) from None

@@ -275,6 +275,9 @@ class Client:
             conn.kill()
             raise ProtocolError(f"malformed status line from {addr}: {' '.join(start)!r}") from None
         close = headers.get("connection", "").lower() == "close"
+        if status == 200 and headers.get("x-bigexec-stream") and source_error is not None:
+            conn.kill()  # the caller's own stream broke: that is the call's outcome
+            raise source_error
         if status == 200 and headers.get("x-bigexec-stream"):
             def done(clean: bool, conn: _Conn = conn) -> None:
                 if handle is not None:

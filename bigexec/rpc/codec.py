@@ -12,10 +12,10 @@ the buffer it read into::
 Large ``bytes``, ``bytearray`` and ``memoryview`` values (and anything else that supports
 protocol 5 out-of-band pickling, such as NumPy arrays) travel as separate buffers, so the
 sender does not copy them into the pickle stream. The pickler never asks ``reducer_override``
-about exact ``bytes`` (its fast path), so large ``bytes`` found in the message's top levels
-(the value itself and the items of tuples, lists and dicts in it, two levels down) are swapped
-for a stand-in that reduces to an out-of-band buffer. Code (functions, classes from ``__main__``,
-closures) is pickled by value with cloudpickle.
+about exact ``bytes`` and ``bytearray`` (its fast path), so large ones found in the message's
+top levels (the value itself and the items of tuples, lists and dicts in it, two levels down)
+are swapped for a stand-in that reduces to an out-of-band buffer. Code (functions, classes
+from ``__main__``, closures) is pickled by value with cloudpickle.
 """
 
 from __future__ import annotations
@@ -53,38 +53,64 @@ def _bytearray_from_buffer(buf: Any) -> bytearray:
 
 
 class _LargeBytes:
-    """Stands in for a large ``bytes`` so that it is pickled out of band."""
+    """Stands in for a large ``bytes`` or ``bytearray`` so that it is pickled out of band."""
 
     __slots__ = ("data",)
 
-    def __init__(self, data: bytes) -> None:
+    def __init__(self, data: bytes | bytearray) -> None:
         self.data = data
 
 
-def _swap_large(obj: Any, depth: int) -> Any:
+_BUSY = object()
+
+
+def _swap_large(obj: Any, depth: int, memo: dict[int, Any]) -> Any:
+    """``obj`` with its large bytes swapped for stand-ins, sharing and cycles kept.
+
+    ``memo`` maps the id of every object seen to its replacement (itself when unchanged), so
+    an object that appears twice is replaced by one object, and a large buffer used twice
+    travels once.
+    """
     t = type(obj)
-    if t is bytes:
-        return _LargeBytes(obj) if len(obj) >= _OOB_MIN else obj
+    if t is bytes or t is bytearray:
+        if len(obj) < _OOB_MIN:
+            return obj
+        hit = memo.get(id(obj))
+        if hit is None:
+            hit = memo[id(obj)] = _LargeBytes(obj)
+        return hit
     if depth == 0 or t not in _CONTAINERS or len(obj) > _WALK_MAX:
         return obj
-    if t is tuple or t is list:
-        items = [_swap_large(x, depth - 1) for x in obj]
-        if any(a is not b for a, b in zip(items, obj, strict=True)):
-            return t(items)
-        return obj
-    if t is dict:
-        swapped = {k: _swap_large(v, depth - 1) for k, v in obj.items()}
-        if any(swapped[k] is not v for k, v in obj.items()):
-            return swapped
-        return obj
-    return obj
+    hit = memo.get(id(obj))
+    if hit is not None:
+        return obj if hit is _BUSY else hit  # _BUSY: a cycle through a tuple; keep it as is
+    if t is tuple:
+        memo[id(obj)] = _BUSY
+        items = [_swap_large(x, depth - 1, memo) for x in obj]
+        new = tuple(items) if any(a is not b for a, b in zip(items, obj, strict=True)) else obj
+    elif t is list:
+        new = []
+        memo[id(obj)] = new  # registered before the walk, so a cycle finds it
+        new.extend(_swap_large(x, depth - 1, memo) for x in obj)
+        if all(a is b for a, b in zip(new, obj, strict=True)):
+            new = obj
+    else:
+        new = {}
+        memo[id(obj)] = new
+        for k, v in obj.items():
+            new[k] = _swap_large(v, depth - 1, memo)
+        if all(new[k] is v for k, v in obj.items()):
+            new = obj
+    memo[id(obj)] = new
+    return new
 
 
 class _Pickler(cloudpickle.Pickler):
     def reducer_override(self, obj: Any) -> Any:
         t = type(obj)
         if t is _LargeBytes:
-            return _bytes_from_buffer, (pickle.PickleBuffer(obj.data),)
+            ctor = _bytearray_from_buffer if type(obj.data) is bytearray else _bytes_from_buffer
+            return ctor, (pickle.PickleBuffer(obj.data),)
         if t is bytes or t is bytearray or t is memoryview:
             if len(obj) >= _OOB_MIN:
                 view = memoryview(obj)
@@ -102,7 +128,8 @@ def dumps(obj: Any) -> list[Any]:
     buffers: list[pickle.PickleBuffer] = []
     out = io.BytesIO()
     try:
-        _Pickler(out, protocol=5, buffer_callback=buffers.append).dump(_swap_large(obj, 3))
+        _Pickler(out, protocol=5, buffer_callback=buffers.append).dump(
+            _swap_large(obj, 3, {}))
     except Exception as exc:  # pickling runs user code: anything can come out of it
         raise EncodeError(f"cannot pickle {_describe(obj)}: {exc}") from exc
     body = out.getbuffer()

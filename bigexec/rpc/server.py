@@ -96,6 +96,10 @@ class Server:
             return
         self._closed.set()
         self._frozen.set()
+        try:  # shutdown wakes the thread blocked in accept(); close alone does not
+            self._listener.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
         try:
             self._listener.close()
         except OSError:
@@ -164,7 +168,11 @@ class Server:
                 sock.settimeout(None)
             rfile = sock.makefile("rb", buffering=256 * 1024)
             while not self._closed.is_set():
-                head = wire.read_head(rfile)
+                try:
+                    head = wire.read_head(rfile)
+                except ProtocolError as exc:
+                    self._respond(sock, 400, f"malformed request: {exc}".encode(), close=True)
+                    break
                 if head is None or not self._handle(sock, rfile, head):
                     break
         except ssl.SSLError as exc:
@@ -242,9 +250,11 @@ class Server:
                 self._respond(sock, 400, b"a body with Content-Length or chunked is required",
                               close=True)
                 return False
-            args, kwargs = codec.loads(message)
-            if not isinstance(args, tuple) or not isinstance(kwargs, dict):
+            call = codec.loads(message)
+            if not (isinstance(call, tuple) and len(call) == 2 and isinstance(call[0], tuple)
+                    and isinstance(call[1], dict)):
                 raise codec.DecodeError("the call message must be (args tuple, kwargs dict)")
+            args, kwargs = call
         except (codec.DecodeError, ProtocolError, ValueError) as exc:
             self._respond(sock, 400, f"cannot decode the call to {name}: {exc}".encode(),
                           close=True)
@@ -277,7 +287,13 @@ class Server:
                 error = exc
             keep = True
             if stream is not None and not stream.complete:
-                keep = stream.drain(1 << 62)  # the client sends it all before reading the reply
+                # The client sends all of its stream before it reads the reply. A streamed
+                # reply may still read the argument as it goes (a transform): park the rest
+                # of the argument in a spool file first; else skip it.
+                if error is None and wire.is_stream_source(result):
+                    keep = stream.spool()
+                else:
+                    keep = stream.drain(1 << 62)
             if self._frozen.is_set():
                 self._frozen_wait()
                 return False

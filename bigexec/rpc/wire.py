@@ -332,6 +332,40 @@ class Stream(io.RawIOBase):
             return False
         return False
 
+    def spool(self, memory: int = 16 << 20) -> bool:
+        """Read the rest of the stream off the connection into a temporary file (in memory up
+        to ``memory`` bytes), and serve later reads from there. True if that went cleanly."""
+        import tempfile
+
+        if self._eof or self._error is not None:
+            return self._error is None
+        spool = tempfile.SpooledTemporaryFile(max_size=memory)
+        try:
+            while True:
+                size_line = self._rfile.readline(MAX_LINE)
+                if not size_line:
+                    raise NetworkError("connection closed in the middle of a stream")
+                spool.write(size_line)
+                size = int(size_line.split(b";", 1)[0], 16)
+                if size == 0:
+                    spool.write(self._rfile.readline(MAX_LINE))
+                    break
+                frame = self._rfile.read(size + 2)
+                if len(frame) != size + 2:
+                    raise NetworkError("connection closed in the middle of a stream")
+                spool.write(frame)
+        except (OSError, ValueError) as exc:
+            spool.close()
+            self._fail(exc if isinstance(exc, NetworkError) else NetworkError(str(exc)))
+            return False
+        spool.seek(0)
+        self._rfile = spool
+        callbacks, self._done_callbacks = self._done_callbacks, []
+        for cb in callbacks:  # the connection is free again; the spool goes with the stream
+            cb(True)
+        self._done_callbacks = [lambda clean: spool.close()]
+        return True
+
     def close(self) -> None:
         if not self.closed and not self._eof and self._error is None:
             self._finish(False)

@@ -1,0 +1,558 @@
+"""The scheduler under Executor and Pool: tasks to machines, batched, surviving lost machines.
+
+    submit(task) ──> queue (FIFO) ──> slot threads, ``maxprocs`` per machine
+                                        │ take a batch: as many queued tasks as make about
+                                        │ ``_BATCH_SECONDS`` of work at the measured task time
+                                        │ call "<service>.run" on the machine; its reply streams
+                                        │ one frame per task as each finishes, completing its
+                                        │ future at once
+                                        └ the machine died: the task it was running is charged
+                                          one crash, the rest of the batch goes back to the
+                                          front of the queue, and a replacement machine starts
+
+Task states (a task's future follows the standard ``concurrent.futures`` states)::
+
+    queued (future PENDING; Future.cancel() works) ──take──> dispatched (future RUNNING)
+    dispatched ──result/exception──> done
+    dispatched ──machine died──> queued again (future stays RUNNING), or, after
+                                 ``max_crashes`` deaths while it ran, WorkerLostError
+
+The scheduler is *broken* (every pending future fails with ``BrokenCluster`` and ``submit``
+raises it) when a machine's initializer raises, or when machines keep failing to boot and none
+is left. Nothing waits forever: every future ends with a result or an exception.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import logging
+import math
+import threading
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future, InvalidStateError
+from typing import Any
+
+from .errors import (
+    BootError,
+    BrokenCluster,
+    MachineStopped,
+    NetworkError,
+    WorkerLostError,
+)
+from .machine import RUNNING, STOPPED, Machine
+from .rpc import codec, wire
+from .session import B
+from .tasks import OK, UNPICKLABLE_RESULT, TaskRunner, decode_frame
+
+__all__ = ["Scheduler", "Task"]
+
+log = logging.getLogger("bigexec.scheduler")
+
+_BATCH_SECONDS = 0.02  # aim a batch at this much work: small tasks share one round trip
+_MAX_BATCH = 512
+_MAX_BOOT_FAILURES = 3  # in a row, before giving up on starting machines
+_ids = itertools.count(1)
+
+
+class Task:
+    """One function call and the future that receives its outcome."""
+
+    __slots__ = ("fn", "args", "kwargs", "future", "crashes", "started")
+
+    def __init__(self, fn: Callable[..., Any], args: tuple, kwargs: dict,
+                 future: Future | None = None) -> None:
+        self.fn = fn
+        self.args = args
+        self.kwargs = kwargs
+        self.future: Future = future if future is not None else Future()
+        self.crashes: list[str] = []
+        self.started = False
+
+    def describe(self) -> str:
+        name = getattr(self.fn, "__qualname__", None) or repr(self.fn)
+        if isinstance(self.fn, functools.partial):
+            name = f"partial({getattr(self.fn.func, '__qualname__', self.fn.func)!s})"
+        try:
+            args = ", ".join([repr(a) for a in self.args]
+                             + [f"{k}={v!r}" for k, v in self.kwargs.items()])
+        except Exception:
+            args = "..."
+        if len(args) > 120:
+            args = args[:117] + "..."
+        return f"{name}({args})"
+
+
+def _settle(fut: Future, *, result: Any = None, error: BaseException | None = None) -> None:
+    try:
+        if error is None:
+            fut.set_result(result)
+        else:
+            fut.set_exception(error)
+    except InvalidStateError:  # cancelled, or already failed by shutdown: keep the first word
+        pass
+
+
+class _MachineSlots:
+    """The scheduler's view of one machine: its slot threads and task counts."""
+
+    __slots__ = ("machine", "register", "slots", "dispatched", "retiring", "dead", "started",
+                 "busy")
+
+    def __init__(self, machine: Machine, register: bool) -> None:
+        self.machine = machine
+        self.register = register  # the service must be registered by us (given machines)
+        self.slots = 0
+        self.dispatched = 0
+        self.retiring = False
+        self.dead = False
+        self.started = False
+        self.busy = 0  # batches in flight
+
+
+class Scheduler:
+    """Runs ``Task``s on the machines of a session; see the module docstring."""
+
+    def __init__(
+        self,
+        *,
+        b: B,
+        own_session: bool,
+        count: int = 0,
+        machines: list[Machine] | None = None,
+        initializer: Callable[..., Any] | None = None,
+        initargs: tuple = (),
+        max_crashes: int = 3,
+        maxtasksperchild: int | None = None,
+        unpicklable_result: Callable[[BaseException], BaseException] | None = None,
+    ) -> None:
+        self.b = b
+        self._own_session = own_session
+        self._service = f"BigexecTasks{next(_ids)}"
+        self._runner = TaskRunner(initializer, initargs)
+        self._runner_blob: bytes | None = None
+        self._max_crashes = max_crashes
+        self._maxtasks = maxtasksperchild
+        self._unpicklable_result = unpicklable_result
+        self._cond = threading.Condition()
+        self._queue: deque[Task] = deque()
+        self._inflight = 0
+        self._machines: list[_MachineSlots] = []
+        self._started_machines: list[Machine] = []
+        self._broken: BaseException | None = None
+        self._closing = False
+        self._stopped = False
+        self._cancel_running: BaseException | None = None
+        self._boot_failures = 0
+        self._avg_seconds: float | None = None
+        self._can_replace = b.system is not None
+        self._size = count or len(machines or [])
+        self.tasks_completed = 0
+        if machines:
+            for m in machines:
+                self._adopt(m, register=True)
+        if count:
+            self._start_machines(count)
+
+    # --- machines ------------------------------------------------------------------------
+
+    def _start_machines(self, n: int) -> None:
+        try:
+            ms = self.b.start(n, services={self._service: self._runner})
+        except Exception as exc:  # the session is closed, the system cannot start more
+            self._machine_unavailable(exc)
+            return
+        with self._cond:
+            self._started_machines.extend(ms)
+        for m in ms:
+            self._adopt(m, register=False)
+
+    def _adopt(self, m: Machine, register: bool) -> None:
+        st = _MachineSlots(m, register)
+        with self._cond:
+            self._machines.append(st)
+        threading.Thread(target=self._machine_main, args=(st,), daemon=True,
+                         name=f"bigexec-sched-{m.addr or 'boot'}").start()
+
+    def _machine_main(self, st: _MachineSlots) -> None:
+        m = st.machine
+        m.wait(RUNNING)
+        err: BaseException | None = m.err if m.state == STOPPED else None
+        if err is None and st.register:
+            try:
+                if self._runner_blob is None:
+                    self._runner_blob = codec.dumps_bytes(self._runner)
+                m.call("Supervisor.register", self._service, self._runner_blob, timeout=300)
+            except Exception as exc:
+                err = BootError(f"service {self._service!r} failed to start on machine "
+                                f"{m.addr}: {type(exc).__name__}: {exc}")
+                err.service = self._service
+                err.__cause__ = exc
+        if err is None and m.state == STOPPED:
+            err = m.err or MachineStopped(m.addr)
+        if err is not None:
+            self._boot_failed(st, err)
+            return
+        with self._cond:
+            self._boot_failures = 0
+            st.started = True
+            st.slots = m.maxprocs
+        m._on_stop(lambda _m: self._wake())
+        for _ in range(m.maxprocs - 1):
+            threading.Thread(target=self._slot_main, args=(st,), daemon=True,
+                             name=f"bigexec-slot-{m.addr}").start()
+        self._slot_main(st)
+
+    def _boot_failed(self, st: _MachineSlots, err: BaseException) -> None:
+        with self._cond:
+            if st in self._machines:
+                self._machines.remove(st)
+            if self._stopped or self._broken is not None:
+                return
+            if isinstance(err, BootError) and err.service == self._service:
+                self._break(BrokenCluster(
+                    f"A machine initializer failed, the executor is not usable anymore: {err}"),
+                    cause=err)
+                return
+            self._boot_failures += 1
+            give_up = self._boot_failures >= _MAX_BOOT_FAILURES or not self._can_replace
+            live = any(not s.dead for s in self._machines)
+        log.warning("a machine failed to boot: %s", err)
+        if not give_up:
+            self._start_machines(1)
+        elif not live:
+            self._machine_unavailable(err)
+
+    def _machine_unavailable(self, err: BaseException) -> None:
+        with self._cond:
+            live = any(not s.dead for s in self._machines)
+            if live or self._broken is not None or self._stopped:
+                return
+            self._break(BrokenCluster(f"no machine can be had to run tasks: {err}"), cause=err)
+
+    def _machine_gone(self, st: _MachineSlots, why: BaseException | None) -> None:
+        """A machine died or retired: replace it to keep the size, unless we are done."""
+        with self._cond:
+            if st in self._machines:
+                self._machines.remove(st)
+            replace = (not self._stopped and self._broken is None and self._can_replace
+                       and self._cancel_running is None)
+        if replace:
+            self._start_machines(1)
+        elif why is not None:
+            self._machine_unavailable(why)
+
+    # --- the slots -----------------------------------------------------------------------
+
+    def _slot_main(self, st: _MachineSlots) -> None:
+        try:
+            while True:
+                batch = self._take(st)
+                if batch is None:
+                    break
+                try:
+                    self._run(st, batch)
+                finally:
+                    with self._cond:
+                        st.busy -= 1
+                if st.dead:
+                    break
+        except BaseException:  # a bug here must not strand futures: fail loudly instead
+            log.exception("bigexec scheduler slot failed")
+            with self._cond:
+                self._break(BrokenCluster("internal scheduler error; see the log"))
+        finally:
+            self._slot_done(st)
+
+    def _wake(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
+    def _slot_done(self, st: _MachineSlots) -> None:
+        m = st.machine
+        with self._cond:
+            st.slots -= 1
+            if st.slots > 0 or st.dead:
+                return
+            st.dead = True
+            retiring = st.retiring
+        if retiring and m.state != STOPPED:
+            m.shutdown()
+            self._machine_gone(st, None)
+        elif m.state == STOPPED:  # it died while idle
+            self._machine_gone(st, m.err or MachineStopped(m.addr))
+
+    def _take(self, st: _MachineSlots) -> list[Task] | None:
+        with self._cond:
+            while True:
+                if self._stopped or self._broken is not None or st.dead or st.retiring:
+                    return None
+                if st.machine.state == STOPPED:
+                    return None
+                if self._queue and self._cancel_running is None:
+                    batch = self._pop_batch(st)
+                    if batch:
+                        return batch
+                    continue
+                self._cond.wait()
+
+    def _pop_batch(self, st: _MachineSlots) -> list[Task]:
+        q = self._queue
+        slots = sum(s.slots for s in self._machines if s.started and not s.dead) or 1
+        if self._avg_seconds is None:
+            n = 1  # measure before batching
+        else:
+            n = int(_BATCH_SECONDS / max(self._avg_seconds, 1e-7))
+        n = max(1, min(n, _MAX_BATCH, math.ceil(len(q) / slots)))
+        if self._maxtasks is not None:
+            n = min(n, self._maxtasks - st.dispatched)
+        batch: list[Task] = []
+        while q and len(batch) < n:
+            t = q.popleft()
+            if not t.started:
+                if not t.future.set_running_or_notify_cancel():
+                    continue  # cancelled while queued
+                t.started = True
+            batch.append(t)
+        st.dispatched += len(batch)
+        st.busy += 1
+        self._inflight += len(batch)
+        if self._maxtasks is not None and st.dispatched >= self._maxtasks:
+            st.retiring = True
+        return batch
+
+    def _run(self, st: _MachineSlots, batch: list[Task]) -> None:
+        m = st.machine
+        try:
+            stream = m.call(f"{self._service}.run",
+                            [(t.fn, t.args, t.kwargs) for t in batch])
+        except codec.EncodeError:
+            batch = self._drop_unpicklable(batch)
+            if not batch:
+                return
+            try:
+                stream = m.call(f"{self._service}.run",
+                                [(t.fn, t.args, t.kwargs) for t in batch])
+            except (MachineStopped, NetworkError) as exc:
+                self._lost(st, batch, exc)
+                return
+            except Exception as exc:
+                self._fail(batch, exc)
+                return
+        except (MachineStopped, NetworkError) as exc:
+            self._lost(st, batch, exc)
+            return
+        except Exception as exc:
+            self._fail(batch, exc)
+            return
+        finished = [False] * len(batch)
+        try:
+            for frame in stream:
+                index, outcome, seconds, payload = decode_frame(frame)
+                finished[index] = True
+                self._complete(batch[index], outcome, payload)
+                a = self._avg_seconds
+                self._avg_seconds = seconds if a is None else 0.8 * a + 0.2 * seconds
+        except (MachineStopped, NetworkError) as exc:
+            stream.close()
+            self._lost(st, [t for t, f in zip(batch, finished, strict=True) if not f], exc)
+            return
+        except Exception as exc:
+            stream.close()
+            self._fail([t for t, f in zip(batch, finished, strict=True) if not f], exc)
+            return
+        rest = [t for t, f in zip(batch, finished, strict=True) if not f]
+        if rest:  # the machine stopped the batch early: it was cancelled
+            self._requeue(rest, charge=None)
+
+    def _complete(self, task: Task, outcome: int, payload: memoryview) -> None:
+        if outcome == OK:
+            try:
+                value = codec.loads(payload)
+            except codec.DecodeError as exc:
+                _settle(task.future, error=exc)
+            else:
+                _settle(task.future, result=value)
+        else:
+            exc = wire.decode_error(payload)
+            if outcome == UNPICKLABLE_RESULT and self._unpicklable_result is not None:
+                exc = self._unpicklable_result(exc)
+            _settle(task.future, error=exc)
+        with self._cond:
+            self._inflight -= 1
+            self.tasks_completed += 1
+            if self._inflight == 0 and not self._queue:
+                self._cond.notify_all()
+
+    def _fail(self, tasks: list[Task], exc: BaseException) -> None:
+        for t in tasks:
+            _settle(t.future, error=exc)
+        with self._cond:
+            self._inflight -= len(tasks)
+            self._cond.notify_all()
+
+    def _drop_unpicklable(self, batch: list[Task]) -> list[Task]:
+        """Fail the tasks that cannot be pickled; return the others."""
+        good = []
+        for t in batch:
+            try:
+                codec.dumps((t.fn, t.args, t.kwargs))
+            except codec.EncodeError as exc:
+                self._fail([t], exc)
+            else:
+                good.append(t)
+        return good
+
+    def _lost(self, st: _MachineSlots, unfinished: list[Task], exc: BaseException) -> None:
+        """The call on ``st``'s machine failed in transport: the machine died, most likely."""
+        m = st.machine
+        why: BaseException | None = None
+        if m.state == STOPPED:
+            why = m.err or exc
+        elif m.owned and m._handle is not None:
+            why = m._handle.died(1.0)
+        if why is None and m.state != STOPPED:
+            # a transport failure on a live machine: run the tasks again, but charge the one
+            # that was running, so that a task that always breaks the transport ends
+            self._requeue(unfinished, charge=f"transport failure on {m.addr}: {exc}")
+            return
+        with self._cond:
+            first_time = not st.dead
+            st.dead = True
+        self._requeue(unfinished, charge=str(why or exc))
+        if first_time:
+            if m.state != STOPPED:
+                m.cancel()
+            self._machine_gone(st, why or exc)
+
+    def _requeue(self, tasks: list[Task], charge: str | None) -> None:
+        if not tasks:
+            return
+        doomed: list[tuple[Task, BaseException]] = []
+        with self._cond:
+            self._inflight -= len(tasks)
+            if self._cancel_running is not None:
+                doomed = [(t, self._cancel_running) for t in tasks]
+                tasks = []
+            elif self._broken is not None:
+                doomed = [(t, self._broken) for t in tasks]
+                tasks = []
+            elif charge is not None:
+                # tasks in a batch run in order: the first unfinished one was running
+                first = tasks[0]
+                first.crashes.append(charge)
+                if len(first.crashes) >= self._max_crashes:
+                    doomed.append((first, WorkerLostError(first.describe(), first.crashes)))
+                    tasks = tasks[1:]
+            self._queue.extendleft(reversed(tasks))
+            self._cond.notify_all()
+        for t, err in doomed:
+            _settle(t.future, error=err)
+
+    # --- the public side -----------------------------------------------------------------
+
+    @property
+    def broken(self) -> BaseException | None:
+        return self._broken
+
+    def _break(self, exc: BaseException, cause: BaseException | None = None) -> None:
+        """Fail everything queued; the caller holds the lock."""
+        if cause is not None:
+            exc.__cause__ = cause
+        self._broken = exc
+        queued, self._queue = list(self._queue), deque()
+        self._cond.notify_all()
+        for t in queued:
+            _settle(t.future, error=exc)
+
+    def submit(self, task: Task) -> Future:
+        with self._cond:
+            if self._broken is not None:
+                raise self._broken
+            if self._closing:
+                raise RuntimeError("cannot schedule new futures after shutdown")
+            self._queue.append(task)
+            self._cond.notify()
+        return task.future
+
+    def submit_many(self, tasks: list[Task]) -> None:
+        with self._cond:
+            if self._broken is not None:
+                raise self._broken
+            if self._closing:
+                raise RuntimeError("cannot schedule new futures after shutdown")
+            self._queue.extend(tasks)
+            self._cond.notify_all()
+
+    def cancel_pending(self) -> None:
+        """Cancel every queued task that has not started (as ``cancel_futures=True``)."""
+        with self._cond:
+            keep = deque()
+            for t in self._queue:
+                if t.started or not t.future.cancel():
+                    keep.append(t)
+            self._queue = keep
+
+    def stop_running(self, reason: BaseException) -> None:
+        """Stop the tasks running now: their futures fail with ``reason``.
+
+        Python cannot interrupt a running function, so the machines running them are killed.
+        """
+        with self._cond:
+            self._cancel_running = reason
+            queued, self._queue = list(self._queue), deque()
+            busy = [s.machine for s in self._machines if s.busy]
+            self._cond.notify_all()
+        for t in queued:
+            if not t.future.cancel():
+                _settle(t.future, error=reason)
+        for m in busy:
+            if m.owned:
+                m.cancel()
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        with self._cond:
+            return self._cond.wait_for(
+                lambda: self._broken is not None or (not self._queue and self._inflight <= 0),
+                timeout)
+
+    def close(self) -> None:
+        """Refuse new tasks; queued and running ones go on."""
+        with self._cond:
+            self._closing = True
+
+    def shutdown(self, wait: bool = True) -> None:
+        """Refuse new tasks, finish the queued ones (if ``wait``), then stop the machines."""
+        self.close()
+
+        def finish() -> None:
+            self.wait_idle()
+            self._release()
+
+        if wait:
+            finish()
+        else:
+            threading.Thread(target=finish, name="bigexec-shutdown", daemon=True).start()
+
+    def _release(self) -> None:
+        with self._cond:
+            if self._stopped:
+                return
+            self._stopped = True
+            self._cond.notify_all()
+            leftovers, self._queue = list(self._queue), deque()
+            started = list(self._started_machines)
+        err = self._broken or RuntimeError("the executor shut down before the task could run")
+        for t in leftovers:
+            if not t.future.cancel():
+                _settle(t.future, error=err)
+        if self._own_session:
+            self.b.shutdown()
+        else:
+            for m in started:
+                m.shutdown()
+
+    def machines(self) -> list[Machine]:
+        with self._cond:
+            return [s.machine for s in self._machines if not s.dead]
