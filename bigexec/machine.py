@@ -438,3 +438,5 @@ class Machine:
         An owned machine's process is killed rather than left to wait for its lease.
         """
         self._stop(CancelledError("machine cancelled"))
+        if self.owned and self._handle is not None:
+            self._handle.wait_stopped(5.0)  # killed: gone in moments, its last lines with it

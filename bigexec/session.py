@@ -165,7 +165,13 @@ class B:
         handles = self.system.start(n, env)
         machines = [Machine(self, owned=True, handle=h, services=blobs) for h in handles]
         with self._lock:
-            self._owned.extend(machines)
+            closed = self._closed
+            if not closed:
+                self._owned.extend(machines)
+        if closed:  # shut down while we were starting them: they must not live on
+            for h in handles:
+                h.kill()
+            raise RuntimeError("this bigexec session is shut down")
         for m in machines:
             threading.Thread(target=m._boot, args=(self.system.boot_timeout,), daemon=True,
                              name="bigexec-boot").start()

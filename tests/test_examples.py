@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import psutil
@@ -15,23 +16,28 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _workers() -> set[int]:
+def _workers(marker: str) -> set[int]:
+    """Worker processes that inherited ``BIGEXEC_TEST_MARKER=marker`` from their driver."""
     out = set()
     for p in psutil.process_iter(["cmdline"]):
-        cmd = p.info["cmdline"] or []
-        if "bigexec.worker" in cmd:
-            out.add(p.pid)
+        if "bigexec.worker" not in (p.info["cmdline"] or []):
+            continue
+        try:
+            if p.environ().get("BIGEXEC_TEST_MARKER") == marker:
+                out.add(p.pid)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
     return out
 
 
 @pytest.mark.parametrize("system", ["threads", "local"])
 def test_bigpi_end_to_end(system):
-    before = _workers()
+    marker = uuid.uuid4().hex
     proc = subprocess.run(
         [sys.executable, str(ROOT / "examples" / "bigpi.py"), "-n", "400000", "--nmach", "2",
          "--system", system],
         capture_output=True, text=True, timeout=120, cwd=ROOT,
-        env={**os.environ, "BIGEXEC_SYSTEM": ""},
+        env={**os.environ, "BIGEXEC_SYSTEM": "", "BIGEXEC_TEST_MARKER": marker},
     )
     assert proc.returncode == 0, proc.stderr
     m = re.search(r"^π = (\d\.\d+)$", proc.stdout, re.M)
@@ -43,4 +49,4 @@ def test_bigpi_end_to_end(system):
         # the workers' progress lines reach the driver's stderr, prefixed with their address
         prefixed = re.findall(r"^127\.0\.0\.1:(\d+): \d+/200000$", proc.stderr, re.M)
         assert len(set(prefixed)) == 2, proc.stderr
-    assert _workers() - before == set()
+    assert _workers(marker) == set()  # none outlives the driver
