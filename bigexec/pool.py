@@ -118,8 +118,9 @@ class MapResult(ApplyResult):
         self._values: list[Any] = [None] * length
         self._left = 0 if chunksize == 0 else -(-length // chunksize)
         self._error: BaseException | None = None
-        if self._left == 0:
-            self._finish(True, self._values)
+        if self._left == 0:  # nothing to do: ready at once, and (as the stdlib) no callback
+            self._success, self._value = True, self._values
+            self._event.set()
 
     def _chunk_done(self, index: int, fut: Future) -> None:
         exc = _error_of(fut)
@@ -232,7 +233,7 @@ class Pool:
         max_crashes: int = 3,
         **system_options: Any,
     ) -> None:
-        self._state = RUN  # set first: __del__ looks at it even if we raise
+        self._state = "INIT"  # first: __del__ looks at it even if we raise
         if processes is None:
             processes = len(machines) if machines else (os.cpu_count() or 1)
         if processes < 1:
@@ -260,6 +261,7 @@ class Pool:
             maxtasksperchild=maxtasksperchild, unpicklable_result=_unpicklable_result,
         )
         self._feeders: list[threading.Thread] = []
+        self._state = RUN
 
     # --- plumbing ------------------------------------------------------------------------
 
@@ -471,5 +473,6 @@ class Pool:
                   source=self)
 
     def __repr__(self) -> str:
-        return f"<bigexec.Pool state={self._state} processes={self._processes}>"
+        return (f"<bigexec.Pool state={getattr(self, '_state', None)} "
+                f"processes={getattr(self, '_processes', None)}>")
 

@@ -375,7 +375,7 @@ class Scheduler:
             else:
                 _settle(task.future, result=value)
         else:
-            exc = wire.decode_error(payload)
+            exc = wire.decode_error(payload, base_exceptions=True)  # as the stdlib's futures
             if outcome == UNPICKLABLE_RESULT and self._unpicklable_result is not None:
                 exc = self._unpicklable_result(exc)
             _settle(task.future, error=exc)

@@ -106,8 +106,12 @@ def encode_error(exc: BaseException) -> bytes:
     return codec.dumps_bytes((type_name, message, tb, blob))
 
 
-def decode_error(data: Any) -> BaseException:
-    """Rebuild the exception of an error tuple, with the remote traceback as its cause."""
+def decode_error(data: Any, *, base_exceptions: bool = False) -> BaseException:
+    """Rebuild the exception of an error tuple, with the remote traceback as its cause.
+
+    Unless ``base_exceptions``, a ``BaseException`` that is not an ``Exception`` (SystemExit,
+    KeyboardInterrupt) comes back as ``RemoteError``: it ended a remote method, not the caller.
+    """
     try:
         type_name, message, tb, blob = codec.loads(data)
     except Exception as exc:
@@ -118,8 +122,7 @@ def decode_error(data: Any) -> BaseException:
             exc = codec.loads(blob)
         except Exception:
             exc = None
-    if not isinstance(exc, Exception):
-        # SystemExit, KeyboardInterrupt and the like ended a remote method, not this program
+    if not isinstance(exc, Exception if not base_exceptions else BaseException):
         exc = RemoteError(type_name, message, tb)
     exc.__cause__ = RemoteTraceback(f'\n"""\n{tb}"""')
     try:
