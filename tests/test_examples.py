@@ -50,3 +50,31 @@ def test_bigpi_end_to_end(system):
         prefixed = re.findall(r"^127\.0\.0\.1:(\d+): \d+/200000$", proc.stderr, re.M)
         assert len(set(prefixed)) == 2, proc.stderr
     assert _workers(marker) == set()  # none outlives the driver
+
+
+@pytest.mark.parametrize("system", ["threads", "local"])
+def test_map_cluster_runs_unchanged(system):
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "map_cluster.py"), "--system", system,
+         "-n", "60"],
+        capture_output=True, text=True, timeout=120, cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr
+    # the same digests as the plain, serial computation
+    sys.path.insert(0, str(ROOT / "examples"))
+    try:
+        import map_cluster
+    finally:
+        sys.path.remove(str(ROOT / "examples"))
+    first, last = map_cluster.digest(0), map_cluster.digest(59)
+    assert f"60 digests, first {first}, last {last}" in proc.stdout
+    assert f"sum of squares below 60: {sum(x * x for x in range(60))}" in proc.stdout
+
+
+def test_unittest_example_passes():
+    proc = subprocess.run(
+        [sys.executable, "-m", "unittest", "-v", "examples/test_with_threads.py"],
+        capture_output=True, text=True, timeout=120, cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "Ran 4 tests" in proc.stderr and "OK" in proc.stderr
