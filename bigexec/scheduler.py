@@ -318,6 +318,8 @@ class Scheduler:
         st.dispatched += len(batch)
         st.busy += 1
         self._inflight += len(batch)
+        if not q:
+            self._cond.notify_all()  # cancelled tasks may have been all that was left
         if self._maxtasks is not None and st.dispatched >= self._maxtasks:
             st.retiring = True
         return batch
@@ -512,10 +514,16 @@ class Scheduler:
                 m.cancel()
 
     def wait_idle(self, timeout: float | None = None) -> bool:
+        def idle() -> bool:
+            if self._broken is not None:
+                return True
+            if self._inflight > 0:
+                return False
+            # tasks cancelled in the queue (e.g. by a closed map iterator) are no work
+            return all(t.future.cancelled() and not t.started for t in self._queue)
+
         with self._cond:
-            return self._cond.wait_for(
-                lambda: self._broken is not None or (not self._queue and self._inflight <= 0),
-                timeout)
+            return self._cond.wait_for(idle, timeout)
 
     def close(self) -> None:
         """Refuse new tasks; queued and running ones go on."""

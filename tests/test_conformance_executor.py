@@ -128,7 +128,7 @@ def touch(dirpath, name=None):
         pass
 
 
-def rendezvous(dirpath, n, timeout=BOOT):
+def rendezvous(dirpath, n, timeout=BOOT / 2):
     """Arrive, then wait until ``n`` tasks have arrived: True only if ``n`` ran at once."""
     touch(dirpath)
     deadline = time.monotonic() + timeout
@@ -212,12 +212,13 @@ def needs_buffersize(impl):
                     f"{sys.version_info.major}.{sys.version_info.minor}")
 
 
-def _shutdown_within(ex, timeout=60.0):
+def _shutdown_within(ex, timeout=20.0, **kwargs):
+    """``ex.shutdown(**kwargs)``, bounded: returns what went wrong, or None."""
     errors = []
 
     def run():
         try:
-            ex.shutdown(wait=True, cancel_futures=True)
+            ex.shutdown(**kwargs)
         except BaseException as e:  # reported below
             errors.append(e)
 
@@ -225,10 +226,17 @@ def _shutdown_within(ex, timeout=60.0):
     t.start()
     t.join(timeout)
     if t.is_alive():
-        return f"{ex!r}.shutdown() did not return within {timeout} s"
+        return f"{ex!r}.shutdown({kwargs}) did not return within {timeout} s"
     if errors:
-        return f"{ex!r}.shutdown() raised {errors[0]!r}"
+        return f"{ex!r}.shutdown({kwargs}) raised {errors[0]!r}"
     return None
+
+
+def shutdown(ex, **kwargs):
+    """``ex.shutdown(**kwargs)`` in a test: a hang fails the test in seconds, not at its timeout."""
+    problem = _shutdown_within(ex, **kwargs)
+    if problem:
+        pytest.fail(problem)
 
 
 @pytest.fixture(params=list(IMPLS))
@@ -247,7 +255,8 @@ def make_executor(impl):
         return ex
 
     yield make
-    problems = [p for p in (_shutdown_within(ex) for ex in made) if p]
+    outcomes = [_shutdown_within(ex, wait=True, cancel_futures=True) for ex in made]
+    problems = [o for o in outcomes if o]
     if problems:
         pytest.fail("; ".join(problems))
 
@@ -304,10 +313,12 @@ def test_default_max_workers_is_the_cpu_count(make_executor, tmp_path):
 
 
 def test_two_workers_run_tasks_at_the_same_time(executor, tmp_path):
-    d = tmp_path / "meet"
-    d.mkdir()
-    fs = [executor.submit(rendezvous, str(d), 2) for _ in range(2)]
-    assert [f.result(timeout=2 * BOOT) for f in fs] == [True, True]
+    for round in range(3):  # on fresh workers, then on workers that have done other work
+        d = tmp_path / f"meet-{round}"
+        d.mkdir()
+        fs = [executor.submit(rendezvous, str(d), 2) for _ in range(2)]
+        assert [f.result(timeout=2 * BOOT) for f in fs] == [True, True], round
+        assert list(executor.map(square, range(50), chunksize=6)) == [i * i for i in range(50)]
 
 
 def test_max_workers_bounds_concurrency(executor, tmp_path):
@@ -646,7 +657,7 @@ def test_closing_the_map_iterator_cancels_the_rest(executor, tmp_path):
     it = executor.map(touch_and_sleep, [str(tmp_path)] * n, range(n), [0.05] * n, timeout=BOOT)
     assert next(it) == 0
     it.close()
-    executor.shutdown(wait=True)
+    shutdown(executor, wait=True)
     ran = len(os.listdir(tmp_path))
     assert 1 <= ran <= n // 2, f"{ran} of {n} tasks ran after the iterator was closed"
 
@@ -711,27 +722,27 @@ def test_map_buffersize_with_chunksize(impl, executor):
 
 def test_shutdown_wait_waits_for_running_and_pending_tasks(executor):
     fs = [executor.submit(sleep_echo, 0.1, i) for i in range(4)]
-    executor.shutdown(wait=True)
+    shutdown(executor, wait=True)
     assert all(f.done() for f in fs)
     assert [f.result() for f in fs] == [0, 1, 2, 3]
 
 
 def test_shutdown_without_wait_still_runs_submitted_tasks(executor):
     fs = [executor.submit(sleep_echo, 0.05, i) for i in range(4)]
-    executor.shutdown(wait=False)
+    shutdown(executor, wait=False)
     assert [f.result(timeout=BOOT) for f in fs] == [0, 1, 2, 3]
 
 
 def test_shutdown_is_idempotent(executor):
     assert executor.submit(square, 2).result(timeout=BOOT) == 4
-    executor.shutdown()
-    executor.shutdown()
-    executor.shutdown(wait=False)
-    executor.shutdown(wait=True, cancel_futures=True)
+    shutdown(executor)
+    shutdown(executor)
+    shutdown(executor, wait=False)
+    shutdown(executor, wait=True, cancel_futures=True)
 
 
 def test_submit_and_map_after_shutdown_raise_runtime_error(executor):
-    executor.shutdown()
+    shutdown(executor)
     message = "^cannot schedule new futures after shutdown$"
     with pytest.raises(RuntimeError, match=message):
         executor.submit(square, 2)
@@ -744,7 +755,7 @@ def test_shutdown_cancel_futures_cancels_only_pending_ones(executor):
     for b in blockers:
         wait_running(b)
     pending = [executor.submit(square, i) for i in range(20)]
-    executor.shutdown(wait=True, cancel_futures=True)
+    shutdown(executor, wait=True, cancel_futures=True)
     if type(executor).__module__.startswith("bigexec"):
         # the documented difference: bigexec also stops the tasks that are running
         for b in blockers:
@@ -783,7 +794,7 @@ def test_initializer_runs_once_per_worker_before_its_tasks(make_executor, tmp_pa
     ex = make_executor(2, initializer=record_init, initargs=(str(tmp_path), "hello"))
     values = list(ex.map(get_init_value, range(20), timeout=BOOT))
     assert values == ["hello"] * 20
-    ex.shutdown(wait=True)
+    shutdown(ex, wait=True)
     assert 1 <= len(os.listdir(tmp_path)) <= 2
 
 

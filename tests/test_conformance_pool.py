@@ -25,6 +25,7 @@ import re
 import threading
 import time
 import uuid
+from functools import partial
 
 import pytest
 
@@ -100,7 +101,7 @@ def touch(dirpath, name=None):
         pass
 
 
-def rendezvous(dirpath, n, timeout=BOOT):
+def rendezvous(dirpath, n, timeout=BOOT / 2):
     """Arrive, then wait until ``n`` tasks have arrived: True only if ``n`` ran at once."""
     touch(dirpath)
     deadline = time.monotonic() + timeout
@@ -169,13 +170,13 @@ def skip_for(impl, skip):
         pytest.skip(reason)
 
 
-def _terminate_within(pool, timeout=60.0):
+def _within(what, fn, timeout=20.0):
+    """Call ``fn()``, bounded: returns what went wrong, or None."""
     errors = []
 
     def run():
         try:
-            pool.terminate()
-            pool.join()
+            fn()
         except BaseException as e:  # reported below
             errors.append(e)
 
@@ -183,10 +184,22 @@ def _terminate_within(pool, timeout=60.0):
     t.start()
     t.join(timeout)
     if t.is_alive():
-        return f"{pool!r}.terminate() and join() did not return within {timeout} s"
+        return f"{what} did not return within {timeout} s"
     if errors:
-        return f"{pool!r}.terminate() or join() raised {errors[0]!r}"
+        return f"{what} raised {errors[0]!r}"
     return None
+
+
+def _terminate_and_join(pool):
+    pool.terminate()
+    pool.join()
+
+
+def join(pool):
+    """``pool.join()`` in a test: a hang fails the test in seconds, not at its timeout."""
+    problem = _within(f"{pool!r}.join()", pool.join)
+    if problem:
+        pytest.fail(problem)
 
 
 @pytest.fixture(params=list(IMPLS))
@@ -205,7 +218,9 @@ def make_pool(impl):
         return p
 
     yield make
-    problems = [p for p in (_terminate_within(p) for p in made) if p]
+    outcomes = [_within(f"{p!r}.terminate(); join()", partial(_terminate_and_join, p))
+                for p in made]
+    problems = [o for o in outcomes if o]
     if problems:
         pytest.fail("; ".join(problems))
 
@@ -261,9 +276,12 @@ def test_initializer_must_be_callable(make_pool):
 
 
 def test_processes_run_tasks_at_the_same_time(pool, tmp_path):
-    d = tmp_path / "meet"
-    d.mkdir()
-    assert pool.starmap(rendezvous, [(str(d), 2)] * 2, chunksize=1) == [True, True]
+    for round in range(3):  # on fresh workers, then on workers that have done other work
+        d = tmp_path / f"meet-{round}"
+        d.mkdir()
+        assert pool.starmap(rendezvous, [(str(d), 2)] * 2, chunksize=1) == [True, True], round
+        assert sorted(pool.imap_unordered(square, range(50), chunksize=6)) == [
+            i * i for i in range(50)]
 
 
 def test_default_processes_is_the_cpu_count(make_pool, tmp_path):
@@ -278,7 +296,7 @@ def test_initializer_runs_in_each_worker_before_its_tasks(make_pool, tmp_path):
     p = make_pool(2, initializer=record_init, initargs=(str(tmp_path), "hello"))
     assert p.map(get_init_value, range(20), chunksize=1) == ["hello"] * 20
     p.close()
-    p.join()
+    join(p)
     assert 1 <= len(os.listdir(tmp_path)) <= 2
 
 
@@ -572,7 +590,7 @@ def test_close_then_join_finishes_outstanding_work(pool):
     seen = []
     rs = [pool.apply_async(sleep_then, (0.05, i), callback=seen.append) for i in range(6)]
     pool.close()
-    pool.join()
+    join(pool)
     assert all(r.ready() for r in rs)
     assert [r.get(timeout=0) for r in rs] == list(range(6))
     assert sorted(seen) == list(range(6))
@@ -598,7 +616,7 @@ def test_every_submission_after_close_raises(pool):
     for call in calls:
         with pytest.raises(ValueError, match=NOT_RUNNING):
             call()
-    pool.join()
+    join(pool)
 
 
 def test_terminate_stops_outstanding_work(pool):
@@ -606,8 +624,8 @@ def test_terminate_stops_outstanding_work(pool):
     pool.map_async(sleep_echo, [1.0] * 10, chunksize=1)
     time.sleep(0.1)
     start = time.monotonic()
-    pool.terminate()
-    pool.join()
+    problem = _within("terminate(); join()", partial(_terminate_and_join, pool))
+    assert problem is None, problem
     assert time.monotonic() - start < 2.5  # 10 s of work queued on 2 workers
     with pytest.raises(ValueError, match=NOT_RUNNING):
         pool.apply_async(square, (1,))
@@ -620,4 +638,4 @@ def test_context_manager_terminates_on_exit(make_pool):
         p.map_async(square, [1])
     with pytest.raises(ValueError, match=NOT_RUNNING):
         p.apply(square, (1,))
-    p.join()  # allowed after terminate
+    join(p)  # allowed after terminate
