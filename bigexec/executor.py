@@ -25,6 +25,7 @@ from typing import Any
 
 from . import session as _session
 from .machine import Machine
+from .observe import ClusterViews
 from .scheduler import Scheduler, Task
 from .session import B
 from .tasks import run_chunk
@@ -48,7 +49,7 @@ def _batched(iterable: Iterable[Any], n: int) -> Iterator[tuple]:
         yield chunk
 
 
-class Executor(_StdExecutor):
+class Executor(ClusterViews, _StdExecutor):
     """Runs calls on a cluster of machines; a drop-in ``ProcessPoolExecutor``.
 
     ``max_workers`` machines are started on ``system`` (default: the CPU count, on

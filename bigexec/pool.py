@@ -29,6 +29,7 @@ from typing import Any
 
 from . import session as _session
 from .machine import Machine
+from .observe import ClusterViews
 from .scheduler import Scheduler, Task
 from .session import B
 from .tasks import run_chunk, run_star_chunk
@@ -211,7 +212,7 @@ class _Chunk:
         self.items = items
 
 
-class Pool:
+class Pool(ClusterViews):
     """A process pool whose processes are bigexec machines; a drop-in
     ``multiprocessing.pool.Pool``.
 

@@ -149,11 +149,22 @@ class Scheduler:
         self._can_replace = b.system is not None
         self._size = count or len(machines or [])
         self.tasks_completed = 0
+        self.crashes = 0
+        self.replacements = 0
+        b._metric_sources[f"scheduler:{self._service}"] = self._metrics
         if machines:
             for m in machines:
                 self._adopt(m, register=True)
         if count:
             self._start_machines(count)
+
+    def _metrics(self) -> dict[str, Any]:
+        with self._cond:
+            return {"queued": len(self._queue), "running": self._inflight,
+                    "completed": self.tasks_completed, "crashes": self.crashes,
+                    "replacements": self.replacements,
+                    "machines": sum(1 for s in self._machines if not s.dead),
+                    "mean_task_seconds": self._avg_seconds or 0.0}
 
     # --- machines ------------------------------------------------------------------------
 
@@ -239,6 +250,7 @@ class Scheduler:
             replace = (not self._stopped and self._broken is None and self._can_replace
                        and self._cancel_running is None)
         if replace:
+            self.replacements += 1
             self._start_machines(1)
         elif why is not None:
             self._machine_unavailable(why)
@@ -444,6 +456,7 @@ class Scheduler:
                 # tasks in a batch run in order: the first unfinished one was running
                 first = tasks[0]
                 first.crashes.append(charge)
+                self.crashes += 1
                 if len(first.crashes) >= self._max_crashes:
                     doomed.append((first, WorkerLostError(first.describe(), first.crashes)))
                     tasks = tasks[1:]

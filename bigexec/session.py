@@ -17,6 +17,7 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import pstats
 import queue
 import ssl
 import threading
@@ -116,6 +117,9 @@ class B:
         self._owned: list[Machine] = []
         self._dialed: dict[str, Machine] = {}
         self._closed = False
+        #: Named callables whose dicts join the driver's metrics (the schedulers add theirs).
+        self._metric_sources: dict[str, Callable[[], dict[str, Any]]] = {}
+        self._debug: Any = None
         if system is not None:
             _sessions.add(self)
 
@@ -203,6 +207,40 @@ class B:
     def _forget(self, m: Machine) -> None:
         """Called when a machine stops."""
 
+    # --- looking inside ------------------------------------------------------------------
+
+    def status(self) -> list[dict[str, Any]]:
+        """One dict per machine: state, address, uptime, keepalives, memory, disk, load,
+        tasks, RPC counts, and why stopped machines stopped."""
+        from . import observe
+
+        return observe.status(self)
+
+    def metrics(self) -> dict[str, Any]:
+        """Counters of the driver and of every running machine, and their totals."""
+        from . import observe
+
+        return observe.metrics(self)
+
+    def profile(self, seconds: float = 30.0, machines: list[Machine] | None = None,
+                include_driver: bool = False) -> pstats.Stats:
+        """Profile the machines (default: all running ones) with yappi for ``seconds`` and
+        merge their profiles into one ``pstats.Stats``; ``include_driver`` adds this process.
+        """
+        from . import observe
+
+        return observe.profile(self, seconds, machines, include_driver)
+
+    def serve_debug(self, port: int = 3333, host: str = "127.0.0.1",
+                    allow_remote: bool = False) -> Any:
+        """Start the debug HTTP server (status page, profiles, metrics, stacks) and return it;
+        its ``url`` says where. Loopback only unless ``allow_remote``; port 0 picks one."""
+        from .debug import DebugServer
+
+        if self._debug is None:
+            self._debug = DebugServer(self, host, port, allow_remote)
+        return self._debug
+
     # --- ending --------------------------------------------------------------------------
 
     def shutdown(self, timeout: float = 20.0) -> None:
@@ -217,6 +255,8 @@ class B:
             owned = list(self._owned)
             dialed = list(self._dialed.values())
         _sessions.discard(self)
+        if self._debug is not None:
+            self._debug.close()
         live = [m for m in owned if m.state < STOPPED]
         if live:
             with ThreadPoolExecutor(max_workers=min(32, len(live))) as ex:
@@ -241,4 +281,12 @@ def start(system: str | System | None = None, **options: Any) -> B:
             raise TypeError("options go to the System's constructor when you pass an instance")
         return B(system)
     name = system or os.environ.get("BIGEXEC_SYSTEM") or "local"
-    return B(make_system(name, **options))
+    b = B(make_system(name, **options))
+    debug_addr = os.environ.get("BIGEXEC_DEBUG_ADDR")
+    if debug_addr:
+        from .debug import parse_addr
+
+        host, port = parse_addr(debug_addr)
+        server = b.serve_debug(port, host)
+        log.warning("bigexec debug server at %s", server.url)
+    return b

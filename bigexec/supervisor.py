@@ -127,13 +127,55 @@ class Supervisor:
         return {"load1": one, "load5": five, "load15": fifteen}
 
     def metrics(self) -> dict[str, Any]:
-        """A snapshot of this machine's counters: per-method RPC stats, calls running, lease."""
+        """A snapshot of this machine's counters: RPC per method (served and made), calls
+        running, lease, and whatever its services report (``_bigexec_metrics()``)."""
         rt = self._runtime
+        services: dict[str, Any] = {}
+        for name in rt.registry.names():
+            report = getattr(rt.registry.get(name), "_bigexec_metrics", None)
+            if callable(report):
+                try:
+                    services[name] = report()
+                except Exception as exc:  # a broken report must not hide the others
+                    services[name] = {"error": repr(exc)}
+        served = rt.server.stats.snapshot()
         return {
             "uptime": time.time() - self._booted,
             "lease_remaining": rt.lease_remaining(),
             "keepalives": rt.keepalives,
             "running_calls": rt.server.running_calls(),
-            "methods": rt.server.stats(),
-            "services": rt.registry.names(),
+            "rpc": {"served": served, "served_total": rt.server.stats.totals(),
+                    "made": rt.session._client.stats.snapshot()},
+            "services": services,
         }
+
+    def status(self) -> dict[str, Any]:
+        """Everything the driver's status page shows of this machine, in one call."""
+        out: dict[str, Any] = {"info": self.info(), "metrics": self.metrics()}
+        for name in ("memory", "disk", "load"):
+            try:
+                out[name] = getattr(self, name)()
+            except Exception as exc:
+                out[name] = {"error": repr(exc)}
+        return out
+
+    # --- profiling ----------------------------------------------------------------------
+
+    def profile(self, seconds: float = 30.0, ctx: Any = None) -> bytes:
+        """Profile this machine with yappi (CPU clock, all threads) for ``seconds``; return
+        the profile in ``pstats`` format."""
+        from . import profiling
+
+        return profiling.cpu_profile(seconds, stop=ctx._event if ctx is not None else None)
+
+    def sample(self, seconds: float = 30.0, ctx: Any = None) -> dict[str, int]:
+        """Sample this machine's on-CPU stacks for ``seconds``: collapsed stack -> count."""
+        from . import profiling
+
+        return profiling.sample_stacks(seconds, stop=ctx._event if ctx is not None else None)
+
+    def threads(self) -> str:
+        """The stacks of every thread of this machine's process, as text."""
+        from . import profiling
+
+        return profiling.thread_stacks()

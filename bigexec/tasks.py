@@ -51,10 +51,17 @@ class TaskRunner:
         self.initializer = initializer
         self.initargs = initargs
         self.tasks_run = 0
+        self.tasks_failed = 0
+        self.task_seconds = 0.0
+        self.running = 0
 
     def init(self, b: Any) -> None:
         if self.initializer is not None:
             self.initializer(*self.initargs)
+
+    def _bigexec_metrics(self) -> dict[str, float]:
+        return {"tasks_run": self.tasks_run, "tasks_failed": self.tasks_failed,
+                "task_seconds": self.task_seconds, "tasks_running": self.running}
 
     def run(self, batch: list[tuple[Callable[..., Any], tuple, dict]], ctx: Any) -> Iterator[bytes]:
         return self._results(batch, ctx)
@@ -65,18 +72,23 @@ class TaskRunner:
             if ctx.cancelled:  # the driver gave up on the rest of the batch
                 return
             t0 = time.perf_counter()
+            self.running += 1
             try:
                 value = fn(*args, **kwargs)
             except BaseException as exc:  # a task's failure is its result
                 outcome, payload = FAILED, wire.encode_error(exc)
+                self.tasks_failed += 1
             else:
                 try:
                     outcome, payload = OK, codec.dumps_bytes(value)
                 except codec.EncodeError as exc:
                     outcome, payload = UNPICKLABLE_RESULT, wire.encode_error(exc)
             value = None  # do not keep the task's result alive while the next one runs
+            seconds = time.perf_counter() - t0
+            self.running -= 1
             self.tasks_run += 1
-            yield _HEADER.pack(index, outcome, time.perf_counter() - t0) + payload
+            self.task_seconds += seconds
+            yield _HEADER.pack(index, outcome, seconds) + payload
 
     def count(self) -> int:
         """How many tasks this machine has run."""

@@ -53,6 +53,7 @@ class MachineRuntime:
         host: str = "127.0.0.1",
         port: int = 0,
         advertise_host: str | None = None,
+        mark_logs: bool = False,
     ) -> None:
         from .session import B
         from .supervisor import Supervisor
@@ -62,7 +63,7 @@ class MachineRuntime:
         self.environ: Mapping[str, str] = os.environ if environ is None else environ
         self.registry = ServiceRegistry()
         self.server = Server(self.registry, ssl_context=server_ssl, host=host, port=port,
-                             advertise_host=advertise_host)
+                             advertise_host=advertise_host, log_label="" if mark_logs else None)
         self.session = B._for_machine(client_ssl)
         self.server.session = self.session
         self.registry.add("Supervisor", Supervisor(self))

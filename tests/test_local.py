@@ -295,7 +295,7 @@ def test_sigkill_is_seen_at_once_and_fails_calls():
         fut = m.submit("Echo.sleep", 30)
         # make sure the call is running on the worker before killing it
         deadline = time.monotonic() + 10
-        while not m.call("Supervisor.metrics")["running_calls"]:
+        while "Echo.sleep" not in m.call("Supervisor.metrics")["running_calls"]:
             assert time.monotonic() < deadline, "the sleep call never started"
             time.sleep(0.02)
         assert not fut.done()

@@ -215,7 +215,7 @@ def test_client_with_certificate_from_foreign_ca_is_rejected(ca, servers, client
     ctx = tls.client_context(Credentials(ca.cert_pem, foreign.cert_pem, foreign.key_pem))
     with pytest.raises(bigexec.NetworkError):
         clients(ctx).call(server.addr, "Hello.hi", ("intruder",))
-    assert "Hello.hi" not in server.stats()
+    assert "Hello.hi" not in server.stats.snapshot()
     good = clients(tls.client_context(ca.issue("client")))
     assert good.call(server.addr, "Hello.hi", ("friend",)) == "hi friend"
 
@@ -226,7 +226,7 @@ def test_client_without_certificate_is_rejected(ca, servers, clients):
     ctx.load_verify_locations(cadata=ca.cert_pem.decode())
     with pytest.raises(bigexec.NetworkError):
         clients(ctx).call(server.addr, "Hello.hi", ("anonymous",))
-    assert "Hello.hi" not in server.stats()
+    assert "Hello.hi" not in server.stats.snapshot()
     good = clients(tls.client_context(ca.issue("client")))
     assert good.call(server.addr, "Hello.hi", ("friend",)) == "hi friend"
 
@@ -236,7 +236,7 @@ def test_expired_client_certificate_is_rejected(ca, servers, clients):
     old = ca.issue("old", ttl=dt.timedelta(seconds=-30))
     with pytest.raises(bigexec.NetworkError):
         clients(tls.client_context(old)).call(server.addr, "Hello.hi", ("old",))
-    assert "Hello.hi" not in server.stats()
+    assert "Hello.hi" not in server.stats.snapshot()
 
 
 def test_client_refuses_server_from_foreign_ca(ca, servers, clients):
@@ -245,7 +245,7 @@ def test_client_refuses_server_from_foreign_ca(ca, servers, clients):
     with pytest.raises(bigexec.NetworkError) as info:
         client.call(server.addr, "Hello.hi", ("x",))
     assert "certificate" in str(info.value).lower()
-    assert "Hello.hi" not in server.stats()
+    assert "Hello.hi" not in server.stats.snapshot()
 
 
 def test_client_refuses_server_with_wrong_name(ca, servers, clients):
@@ -253,7 +253,7 @@ def test_client_refuses_server_with_wrong_name(ca, servers, clients):
     client = clients(tls.client_context(ca.issue("client")))
     with pytest.raises(bigexec.NetworkError):
         client.call(server.addr, "Hello.hi", ("x",))
-    assert "Hello.hi" not in server.stats()
+    assert "Hello.hi" not in server.stats.snapshot()
 
 
 def test_client_refuses_expired_server_certificate(ca, servers, clients):
@@ -273,7 +273,7 @@ def test_plain_http_client_to_tls_server_fails(ca, servers, clients):
     with pytest.raises(bigexec.NetworkError):
         clients(None).call(server.addr, "Hello.hi", ("plain",))
     assert time.monotonic() - t0 < 5
-    assert "Hello.hi" not in server.stats()
+    assert "Hello.hi" not in server.stats.snapshot()
     good = clients(tls.client_context(ca.issue("client")))
     assert good.call(server.addr, "Hello.hi", ("friend",)) == "hi friend"
 

@@ -24,6 +24,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from ..errors import NetworkError, ProtocolError, UnknownMethodError
+from ..metrics import StatsTable
 from . import codec, wire
 
 __all__ = ["Client", "CallHandle"]
@@ -108,6 +109,8 @@ class Client:
         self._idle: dict[str, list[_Conn]] = {}
         self._endpoints: dict[str, _Endpoint] = {}
         self._closed = False
+        #: Per-method counters of the calls this client made.
+        self.stats = StatsTable()
 
     def close(self) -> None:
         """Close every idle connection; calls in flight finish on their own connections."""
@@ -199,9 +202,23 @@ class Client:
         past ``timeout`` seconds, ``codec.EncodeError`` (a ``TypeError``) for arguments that
         cannot be pickled, or ``handle.aborted`` when another thread aborted the call.
         """
+        if prepared is None:
+            prepared = self.prepare(args, kwargs or {})
+        t0 = time.perf_counter()
+        failed = True
+        try:
+            result = self._call(addr, method, prepared, timeout, call_id, handle)
+            failed = False
+            return result
+        finally:
+            self.stats.record(method, time.perf_counter() - t0, failed,
+                              wire.body_length(prepared[1]))
+
+    def _call(self, addr: str, method: str, prepared: tuple[Any, list[Any]],
+              timeout: float | None, call_id: str | None, handle: CallHandle | None) -> Any:
         ep = self._endpoint(addr)
         deadline = None if timeout is None else time.monotonic() + timeout
-        source, pieces = prepared or self.prepare(args, kwargs or {})
+        source, pieces = prepared
         call_id = call_id or os.urandom(8).hex()
         target = f"{ep.prefix}/bigrpc/{method}"
         fresh = False

@@ -27,30 +27,18 @@ import threading
 import time
 from typing import Any
 
+from .. import logs
 from ..context import Context
 from ..errors import ProtocolError, UnknownMethodError
+from ..metrics import StatsTable
 from ..service import ServiceRegistry
 from . import codec, wire
 
-__all__ = ["Server", "MethodStats"]
+__all__ = ["Server"]
 
 log = logging.getLogger("bigexec.rpc")
 
 _HANDSHAKE_TIMEOUT = 30.0
-
-
-class MethodStats:
-    """Counters for one method, kept by the server that runs it."""
-
-    __slots__ = ("count", "errors", "seconds", "max_seconds", "request_bytes", "reply_bytes")
-
-    def __init__(self) -> None:
-        self.count = self.errors = 0
-        self.seconds = self.max_seconds = 0.0
-        self.request_bytes = self.reply_bytes = 0
-
-    def snapshot(self) -> dict[str, float]:
-        return {name: getattr(self, name) for name in self.__slots__}
 
 
 class Server:
@@ -64,8 +52,11 @@ class Server:
         host: str = "127.0.0.1",
         port: int = 0,
         advertise_host: str | None = None,
+        log_label: str | None = None,
     ) -> None:
         self.registry = registry
+        #: If set, log records made while serving are marked with it (see ``bigexec.logs``).
+        self.log_label = log_label
         self.ssl_context = ssl_context
         #: The session handed to methods through ``ctx.b``; set by the machine runtime.
         self.session: Any = None
@@ -73,10 +64,13 @@ class Server:
         self.port = self._listener.getsockname()[1]
         scheme = "https" if ssl_context is not None else "http"
         self.addr = f"{scheme}://{advertise_host or host}:{self.port}"
+        if log_label == "":
+            self.log_label = f"{advertise_host or host}:{self.port}"
         self._lock = threading.Lock()
         self._conns: set[socket.socket] = set()
         self._calls: dict[str, Context] = {}
-        self._stats: dict[str, MethodStats] = {}
+        #: Per-method counters of the calls this server ran.
+        self.stats = StatsTable()
         self._closed = threading.Event()
         self._frozen = threading.Event()
         self._thread: threading.Thread | None = None
@@ -136,10 +130,6 @@ class Server:
         with self._lock:
             return [c.method for c in self._calls.values()]
 
-    def stats(self) -> dict[str, dict[str, float]]:
-        with self._lock:
-            return {m: s.snapshot() for m, s in self._stats.items()}
-
     # --- serving -------------------------------------------------------------------------
 
     def _accept_loop(self) -> None:
@@ -158,6 +148,8 @@ class Server:
     def _serve_connection(self, raw: socket.socket) -> None:
         sock: socket.socket = raw
         rfile = None
+        if self.log_label is not None:
+            logs.set_machine(self.log_label)
         with self._lock:
             self._conns.add(raw)
         try:
@@ -274,9 +266,6 @@ class Server:
             kwargs["ctx"] = ctx
         with self._lock:
             self._calls[call_id] = ctx
-            stats = self._stats.get(name)
-            if stats is None:
-                stats = self._stats[name] = MethodStats()
         t0 = time.perf_counter()
         error: BaseException | None = None
         result: Any = None
@@ -327,15 +316,8 @@ class Server:
         finally:
             with self._lock:
                 self._calls.pop(call_id, None)
-        elapsed = time.perf_counter() - t0
-        with self._lock:
-            stats.count += 1
-            stats.errors += error is not None
-            stats.seconds += elapsed
-            stats.max_seconds = max(stats.max_seconds, elapsed)
-            stats.request_bytes += len(message)
-            if reply_bytes > 0:
-                stats.reply_bytes += reply_bytes
+        self.stats.record(name, time.perf_counter() - t0, error is not None, len(message),
+                          reply_bytes)
         return keep
 
     def _frozen_wait(self) -> None:

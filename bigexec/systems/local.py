@@ -37,6 +37,7 @@ from .base import KeepaliveConfig, MachineHandle, System
 __all__ = ["LocalSystem"]
 
 _stderr_lock = threading.Lock()
+_SHOW_BOOT_LOGS_AFTER = 5  # consecutive boot failures
 
 
 def _describe_exit(code: int | None) -> str:
@@ -52,8 +53,10 @@ def _describe_exit(code: int | None) -> str:
 
 
 class _LocalHandle(MachineHandle):
-    def __init__(self, proc: subprocess.Popen[bytes], addr_fd: int, boot_logs: bool) -> None:
+    def __init__(self, proc: subprocess.Popen[bytes], addr_fd: int, boot_logs: bool,
+                 system: LocalSystem) -> None:
         super().__init__()
+        self._system = system
         self.proc = proc
         self.maxprocs = 1
         self._addr_fd = addr_fd
@@ -75,6 +78,15 @@ class _LocalHandle(MachineHandle):
     def address(self, timeout: float) -> str:
         if self._addr is not None:
             return self._addr
+        try:
+            addr = self._read_address(timeout)
+        except BootError:
+            self._system.boot_failures += 1
+            raise
+        self._system.boot_failures = 0
+        return addr
+
+    def _read_address(self, timeout: float) -> str:
         deadline = time.monotonic() + timeout
         data = b""
         try:
@@ -176,6 +188,8 @@ class LocalSystem(System):
         self.authority = Authority(authority)
         self._client_ssl = tls.client_context(self.authority.issue("driver"))
         self._handles: list[_LocalHandle] = []
+        #: Boots that failed in a row; past a few, workers' start-up output is shown.
+        self.boot_failures = 0
 
     def client_ssl(self) -> ssl.SSLContext:
         return self._client_ssl
@@ -222,7 +236,9 @@ class LocalSystem(System):
                 proc.stdin.close()
             except OSError:
                 pass  # it died at once; address() reports how
-            handle = _LocalHandle(proc, r, self.boot_logs)
+            # Boot noise is shown when asked for, or when boots keep failing.
+            show = self.boot_logs or self.boot_failures >= _SHOW_BOOT_LOGS_AFTER
+            handle = _LocalHandle(proc, r, show, self)
             handles.append(handle)
             self._handles.append(handle)
         return handles

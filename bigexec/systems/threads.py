@@ -19,6 +19,7 @@ from collections import ChainMap
 from collections.abc import Mapping
 from typing import Any
 
+from .. import logs
 from ..errors import MachineLost
 from ..worker import MachineRuntime
 from .base import KeepaliveConfig, MachineHandle, System
@@ -87,6 +88,7 @@ class ThreadsSystem(System):
         return self._client_ssl
 
     def start(self, count: int, env: Mapping[str, str]) -> list[MachineHandle]:
+        logs.install_record_marking()
         handles: list[MachineHandle] = []
         for _ in range(count):
             server_ssl = client_ssl = None
@@ -105,6 +107,7 @@ class ThreadsSystem(System):
                 client_ssl=client_ssl,
                 maxprocs=self.maxprocs,
                 environ=ChainMap(dict(env), os.environ),  # type: ignore[arg-type]
+                mark_logs=True,  # machines share our log handlers: say whose records are whose
             )
             handle = _ThreadHandle(runtime, self.maxprocs)
             holder.append(handle)

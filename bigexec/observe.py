@@ -1,0 +1,253 @@
+"""The whole cluster seen as one program: status, metrics and profiles gathered from machines.
+
+    B.status()  ── Supervisor.status on every machine, in parallel ──> one row per machine
+    B.metrics() ── Supervisor.metrics on every machine ──> {driver, machines, total}
+    B.profile() ── Supervisor.profile (yappi) on one machine per process, in parallel
+                   (+ the driver) ──> profiling.merge_pstats ──> one pstats.Stats
+
+Machines of the ``threads`` system share the driver's process, and yappi profiles a whole
+process, so a process is profiled once however many machines live in it.
+"""
+
+from __future__ import annotations
+
+import os
+import pstats
+import socket
+import threading
+import time
+from concurrent.futures import Future
+from typing import TYPE_CHECKING, Any
+
+from .machine import RUNNING, STOPPED, Machine
+from .metrics import aggregate
+
+if TYPE_CHECKING:
+    from .session import B
+
+__all__ = ["status", "metrics", "profile", "sample", "thread_dumps", "PROFILE_FORMATS",
+           "ClusterViews"]
+
+_STATUS_TIMEOUT = 10.0
+_METRICS_TIMEOUT = 30.0
+_PROFILE_SLACK = 60.0  # beyond the profile's own seconds: boot of yappi, transfer
+PROFILE_FORMATS = ("pstats", "callgrind", "collapsed", "text")
+
+
+def _gather(machines: list[Machine], method: str, args: tuple, timeout: float
+            ) -> dict[Machine, Any]:
+    """Call ``method`` on every machine at once; a machine that fails maps to its error."""
+    futures: dict[Machine, Future] = {}
+    for m in machines:
+        try:
+            futures[m] = m.submit(method, *args, timeout=timeout)
+        except Exception as exc:
+            f: Future = Future()
+            f.set_exception(exc)
+            futures[m] = f
+    out: dict[Machine, Any] = {}
+    for m, f in futures.items():
+        try:
+            out[m] = f.result()
+        except Exception as exc:
+            out[m] = exc
+    return out
+
+
+def _all_machines(b: B) -> list[Machine]:
+    with b._lock:
+        return list(b._owned) + list(b._dialed.values())
+
+
+def status(b: B) -> list[dict[str, Any]]:
+    """One dict per machine the session knows (stopped ones too, with why they stopped)."""
+    machines = _all_machines(b)
+    live = [m for m in machines if m.state == RUNNING]
+    reports = _gather(live, "Supervisor.status", (), _STATUS_TIMEOUT)
+    rows = []
+    now = time.time()
+    for m in machines:
+        row: dict[str, Any] = {
+            "addr": m.addr,
+            "state": m.state.name,
+            "owned": m.owned,
+            "hostname": m.hostname,
+            "maxprocs": m.maxprocs,
+            "err": None if m.err is None else f"{type(m.err).__name__}: {m.err}",
+            "keepalive_reply_times": m.keepalive_reply_times,
+            "next_keepalive_in": (None if m.next_keepalive is None
+                                  else max(0.0, m.next_keepalive - now)),
+        }
+        booted = m.info.get("booted")
+        if booted is not None and m.state != STOPPED:
+            row["uptime"] = now - booted
+        report = reports.get(m)
+        if isinstance(report, dict):
+            row.update(memory=report.get("memory"), disk=report.get("disk"),
+                       load=report.get("load"))
+            mt = report.get("metrics", {})
+            tasks = aggregate(s for s in mt.get("services", {}).values()
+                              if isinstance(s, dict))
+            row["tasks_run"] = tasks.get("tasks_run", 0)
+            row["tasks_running"] = tasks.get("tasks_running", 0)
+            total = mt.get("rpc", {}).get("served_total", {})
+            row["rpc_calls"] = total.get("count", 0)
+            row["rpc_errors"] = total.get("errors", 0)
+            row["pid"] = report.get("info", {}).get("pid")
+        elif isinstance(report, BaseException):
+            row["status_error"] = f"{type(report).__name__}: {report}"
+        rows.append(row)
+    return rows
+
+
+def metrics(b: B) -> dict[str, Any]:
+    """The driver's counters, every running machine's, and their sum."""
+    live = [m for m in _all_machines(b) if m.state == RUNNING]
+    reports = _gather(live, "Supervisor.metrics", (), _METRICS_TIMEOUT)
+    machines = {m.addr: r for m, r in reports.items() if isinstance(r, dict)}
+    errors = {m.addr: repr(r) for m, r in reports.items() if not isinstance(r, dict)}
+    driver: dict[str, Any] = {
+        "rpc": {"made": b._client.stats.snapshot(), "made_total": b._client.stats.totals()},
+        "machines": {s.name.lower(): sum(1 for m in _all_machines(b) if m.state == s)
+                     for s in type(RUNNING)},
+        "keepalive_reply_seconds": {
+            m.addr: (sum(m.keepalive_reply_times) / len(m.keepalive_reply_times))
+            for m in live if m.keepalive_reply_times
+        },
+    }
+    for name, source in list(b._metric_sources.items()):
+        try:
+            driver[name] = source()
+        except Exception as exc:
+            driver[name] = {"error": repr(exc)}
+    out: dict[str, Any] = {"driver": driver, "machines": machines,
+                           "total": aggregate(machines.values())}
+    if errors:
+        out["errors"] = errors
+    return out
+
+
+def _one_per_process(machines: list[Machine]) -> list[Machine]:
+    seen: set[tuple[Any, Any]] = set()
+    out = []
+    for m in machines:
+        key = (m.info.get("hostname"), m.info.get("pid"))
+        if key in seen:
+            continue
+        seen.add(key)
+        out.append(m)
+    return out
+
+
+def _targets(b: B, machines: list[Machine] | None) -> list[Machine]:
+    chosen = machines if machines is not None else [
+        m for m in _all_machines(b) if m.state == RUNNING]
+    return _one_per_process([m for m in chosen if m.state == RUNNING])
+
+
+def _driver_in(machines: list[Machine]) -> bool:
+    me = (socket.gethostname(), os.getpid())
+    return any((m.info.get("hostname"), m.info.get("pid")) == me for m in machines)
+
+
+def _collect(b: B, method: str, local: Any, seconds: float, machines: list[Machine] | None,
+             include_driver: bool) -> list[tuple[str, Any]]:
+    targets = _targets(b, machines)
+    box: list[Any] = []
+    thread = None
+    if include_driver and not _driver_in(targets):
+        thread = threading.Thread(target=lambda: box.append(local(seconds)),
+                                  name="bigexec-profile-driver", daemon=True)
+        thread.start()
+    results = _gather(targets, method, (seconds,), seconds + _PROFILE_SLACK)
+    if thread is not None:
+        thread.join()
+    out = []
+    for m, r in results.items():
+        if isinstance(r, BaseException):
+            raise RuntimeError(f"profiling machine {m.addr} failed: {r}") from r
+        out.append((m.addr, r))
+    if box:
+        out.append(("driver", box[0]))
+    if not out:
+        raise RuntimeError("no running machine to profile")
+    return out
+
+
+def profile(b: B, seconds: float = 30.0, machines: list[Machine] | None = None,
+            include_driver: bool = False) -> pstats.Stats:
+    """A CPU profile (yappi) of the machines (default: every running one), merged."""
+    from . import profiling
+
+    parts = _collect(b, "Supervisor.profile", profiling.cpu_profile, seconds, machines,
+                     include_driver)
+    return profiling.merge_pstats([blob for _, blob in parts])
+
+
+def sample(b: B, seconds: float = 30.0, machines: list[Machine] | None = None,
+           include_driver: bool = False) -> dict[str, int]:
+    """On-CPU stack samples of the machines, merged: collapsed stack -> count."""
+    from . import profiling
+
+    parts = _collect(b, "Supervisor.sample", profiling.sample_stacks, seconds, machines,
+                     include_driver)
+    return profiling.merge_collapsed([counts for _, counts in parts])
+
+
+def thread_dumps(b: B) -> str:
+    """The stacks of every thread of every running machine (and of the driver)."""
+    from . import profiling
+
+    targets = _targets(b, None)
+    dumps = _gather(targets, "Supervisor.threads", (), _STATUS_TIMEOUT)
+    parts = []
+    if not _driver_in(targets):
+        parts.append(f"=== driver (pid {os.getpid()}) ===\n{profiling.thread_stacks()}")
+    for m in targets:
+        text = dumps.get(m)
+        if isinstance(text, BaseException):
+            text = f"(failed: {text})"
+        parts.append(f"=== machine {m.addr} (pid {m.info.get('pid')}) ===\n{text}")
+    return "\n".join(parts)
+
+
+def render_profile(b: B, fmt: str, seconds: float, machines: list[Machine] | None = None,
+                   include_driver: bool = False, limit: int = 40) -> bytes:
+    """A merged profile in one of ``PROFILE_FORMATS``, as bytes ready to save or serve."""
+    from . import profiling
+
+    if fmt not in PROFILE_FORMATS:
+        raise ValueError(f"unknown profile format {fmt!r}; formats: {', '.join(PROFILE_FORMATS)}")
+    if fmt == "collapsed":
+        counts = sample(b, seconds, machines, include_driver)
+        return profiling.collapsed_text(counts).encode()
+    stats = profile(b, seconds, machines, include_driver)
+    if fmt == "pstats":
+        return profiling.pstats_bytes(stats)
+    if fmt == "callgrind":
+        return profiling.to_callgrind(stats).encode()
+    return profiling.to_text(stats, limit=limit).encode()
+
+
+class ClusterViews:
+    """The session's views, offered by Executor and Pool (which have a ``session``)."""
+
+    session: B
+
+    def status(self) -> list[dict[str, Any]]:
+        """See ``B.status``."""
+        return status(self.session)
+
+    def metrics(self) -> dict[str, Any]:
+        """See ``B.metrics``."""
+        return metrics(self.session)
+
+    def profile(self, seconds: float = 30.0, machines: list[Machine] | None = None,
+                include_driver: bool = False) -> pstats.Stats:
+        """See ``B.profile``: one CPU profile merged from the machines doing the work."""
+        return profile(self.session, seconds, machines, include_driver)
+
+    def serve_debug(self, port: int = 3333, host: str = "127.0.0.1",
+                    allow_remote: bool = False) -> Any:
+        """See ``B.serve_debug``."""
+        return self.session.serve_debug(port, host, allow_remote)
