@@ -190,7 +190,8 @@ body { font: 14px/1.4 system-ui, sans-serif; margin: 1.5em; color: #222; }
 h1 { font-size: 1.3em; } .meta { color: #666; }
 table { border-collapse: collapse; width: 100%; }
 th, td { border-bottom: 1px solid #ddd; padding: 4px 8px; text-align: left; vertical-align: top; }
-th { background: #f4f4f4; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
+th { background: #f4f4f4; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
 .RUNNING { color: #1a7f37; font-weight: 600; } .STOPPED { color: #b42318; font-weight: 600; }
 .STARTING, .UNSTARTED { color: #9a6700; font-weight: 600; } .err { color: #b42318; }
 """

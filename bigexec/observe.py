@@ -75,7 +75,7 @@ def status(b: B) -> list[dict[str, Any]]:
             "maxprocs": m.maxprocs,
             "err": None if m.err is None else f"{type(m.err).__name__}: {m.err}",
             "keepalive_reply_times": m.keepalive_reply_times,
-            "next_keepalive_in": (None if m.next_keepalive is None
+            "next_keepalive_in": (None if m.next_keepalive is None or m.state == STOPPED
                                   else max(0.0, m.next_keepalive - now)),
         }
         booted = m.info.get("booted")
@@ -179,7 +179,8 @@ def profile(b: B, seconds: float = 30.0, machines: list[Machine] | None = None,
     """A CPU profile (yappi) of the machines (default: every running one), merged."""
     from . import profiling
 
-    parts = _collect(b, "Supervisor.profile", profiling.cpu_profile, seconds, machines,
+    parts = _collect(b, "Supervisor.profile",
+                     lambda s: profiling.cpu_profile(s, builtins=True), seconds, machines,
                      include_driver)
     return profiling.merge_pstats([blob for _, blob in parts])
 

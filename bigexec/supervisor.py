@@ -161,12 +161,14 @@ class Supervisor:
 
     # --- profiling ----------------------------------------------------------------------
 
-    def profile(self, seconds: float = 30.0, ctx: Any = None) -> bytes:
+    def profile(self, seconds: float = 30.0, builtins: bool = True, ctx: Any = None) -> bytes:
         """Profile this machine with yappi (CPU clock, all threads) for ``seconds``; return
-        the profile in ``pstats`` format."""
+        the profile in ``pstats`` format. ``builtins`` keeps C functions (lock methods among
+        them) as entries of their own, as cProfile does."""
         from . import profiling
 
-        return profiling.cpu_profile(seconds, stop=ctx._event if ctx is not None else None)
+        return profiling.cpu_profile(seconds, builtins=builtins,
+                                     stop=ctx._event if ctx is not None else None)
 
     def sample(self, seconds: float = 30.0, ctx: Any = None) -> dict[str, int]:
         """Sample this machine's on-CPU stacks for ``seconds``: collapsed stack -> count."""

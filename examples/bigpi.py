@@ -14,11 +14,34 @@ import logging
 import math
 import random
 import sys
+import threading
 import time
 
 import bigexec
 
 log = logging.getLogger("bigpi")
+
+
+class GlobalRandPI:
+    """The first, slow version: every call draws from one generator behind one lock, as Go's
+    global ``rand.Float64`` did in Bigmachine's bigpi. The merged profile shows the lock."""
+
+    def init(self, b: bigexec.B) -> None:  # on the machine: one lock shared by all calls
+        self.lock = threading.Lock()
+        self.shared = random.Random()
+
+    def sample(self, n: int, ctx: bigexec.Context) -> int:
+        lock, shared = self.lock, self.shared
+        inside = 0
+        for i in range(n):
+            if i % 65536 == 0 and ctx.cancelled:
+                raise TimeoutError("sampling cancelled by the driver")
+            with lock:
+                x = shared.random()
+            with lock:
+                y = shared.random()
+            inside += (x - 0.5) ** 2 + (y - 0.5) ** 2 < 0.25
+        return inside
 
 
 class CirclePI:
@@ -50,6 +73,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--nmach", type=int, default=2, help="number of machines")
     parser.add_argument("--system", default=None,
                         help="threads or local (default: $BIGEXEC_SYSTEM, else local)")
+    parser.add_argument("--debug-addr", default=None, metavar="HOST:PORT",
+                        help="serve the debug pages (status, profiles) there while running")
+    parser.add_argument("--calls-per-machine", type=int, default=0, metavar="K",
+                        help="concurrent calls per machine (default: its maxprocs)")
+    parser.add_argument("--global-rand", action="store_true",
+                        help="the slow first version: one lock-protected generator per machine")
     args = parser.parse_args(argv)
     if args.n < 1 or args.nmach < 1:
         parser.error("-n and --nmach must be positive")
@@ -57,8 +86,14 @@ def main(argv: list[str] | None = None) -> int:
 
     start = time.monotonic()
     with bigexec.start(args.system) as b:
+        if args.debug_addr:
+            from bigexec.debug import parse_addr
+
+            host, port = parse_addr(args.debug_addr)
+            log.info("debug server at %s", b.serve_debug(port, host).url)
         log.info("starting %d machines on the %s system", args.nmach, b.system.name)
-        machines = b.start(args.nmach, services={"PI": CirclePI()})
+        service = GlobalRandPI() if args.global_rand else CirclePI()
+        machines = b.start(args.nmach, services={"PI": service})
         log.info("waiting for machines to come online")
         for m in machines:
             m.wait(bigexec.RUNNING)
@@ -67,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
                 log.error("machine %s failed: %s", m.addr, m.err)
                 return 1
         log.info("all machines are ready")
-        slots = [m for m in machines for _ in range(m.maxprocs)]
+        slots = [m for m in machines for _ in range(args.calls_per_machine or m.maxprocs)]
         shares = split(args.n, len(slots))
         log.info("distributing work among %d cores", len(slots))
         futures = [m.submit("PI.sample", k) for m, k in zip(slots, shares, strict=False)]

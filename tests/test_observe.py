@@ -1,0 +1,341 @@
+"""Status, metrics, the debug server, its status page in a real browser, and the command."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import uuid
+
+import pytest
+
+import bigexec
+from bigexec import cli
+
+
+class Work:
+    def spin(self, seconds: float) -> int:
+        end = time.perf_counter() + seconds
+        n = 0
+        while time.perf_counter() < end:
+            n += 1
+        return n
+
+    def say(self, text: str) -> str:
+        logging.getLogger("bigexec.test.work").warning("said %s", text)
+        return text
+
+
+def _fetch(url: str, timeout: float = 60) -> tuple[int, str, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            return r.status, r.headers.get("Content-Type", ""), r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.headers.get("Content-Type", ""), e.read()
+
+
+@pytest.fixture
+def cluster():
+    with bigexec.start("local") as b:
+        ms = b.start(2, services={"Work": Work()})
+        for m in ms:
+            assert m.wait(bigexec.RUNNING, 30) and m.err is None
+        yield b, ms
+
+
+def test_status_lists_every_machine_with_resources(cluster):
+    b, ms = cluster
+    for m in ms:
+        m.call("Work.spin", 0.01)
+    rows = {r["addr"]: r for r in b.status()}
+    assert set(rows) == {m.addr for m in ms}
+    for m in ms:
+        r = rows[m.addr]
+        assert r["state"] == "RUNNING" and r["err"] is None
+        assert r["pid"] == m.info["pid"] and r["uptime"] > 0
+        assert 0 < r["memory"]["percent"] <= 100 and r["memory"]["process_rss"] > 0
+        assert r["disk"]["total"] > 0 and "load1" in r["load"]
+        assert r["rpc_calls"] >= 1  # the spin at least
+
+
+def test_stopped_machines_show_why(cluster):
+    b, ms = cluster
+    os.kill(ms[0].info["pid"], 9)
+    assert ms[0].wait(bigexec.STOPPED, 10)
+    rows = {r["addr"]: r for r in b.status()}
+    assert rows[ms[0].addr]["state"] == "STOPPED"
+    assert "SIGKILL" in rows[ms[0].addr]["err"]
+    assert rows[ms[1].addr]["state"] == "RUNNING"
+
+
+def test_metrics_aggregate_machines_and_driver(cluster):
+    b, ms = cluster
+    for m in ms:
+        for _ in range(3):
+            m.call("Work.spin", 0.001)
+    mt = b.metrics()
+    assert set(mt["machines"]) == {m.addr for m in ms}
+    per = [mt["machines"][m.addr]["rpc"]["served"]["Work.spin"]["count"] for m in ms]
+    assert per == [3, 3]
+    assert mt["total"]["rpc"]["served"]["Work.spin"]["count"] == 6
+    assert mt["driver"]["rpc"]["made"]["Work.spin"]["count"] == 6
+    assert mt["driver"]["machines"]["running"] == 2
+
+
+def test_executor_tasks_show_in_status_and_metrics():
+    with bigexec.Executor(2, system="threads") as ex:
+        assert sum(ex.map(abs, range(100), chunksize=10)) == 4950
+        mt = ex.metrics()
+        sched = next(v for k, v in mt["driver"].items() if k.startswith("scheduler:"))
+        assert sched["completed"] == 10 and sched["queued"] == 0
+        assert sum(r.get("tasks_run", 0) for r in ex.status()) == 10
+
+
+def test_debug_server_pages(cluster):
+    b, ms = cluster
+    server = b.serve_debug(port=0)
+    assert server.url.startswith("http://127.0.0.1:")
+    status, ctype, body = _fetch(server.url + "status?format=json")
+    assert status == 200 and ctype == "application/json"
+    assert {m["addr"] for m in json.loads(body)["machines"]} == {m.addr for m in ms}
+    status, ctype, body = _fetch(server.url + "status")
+    assert status == 200 and ctype.startswith("text/html")
+    for m in ms:
+        assert m.addr.encode() in body
+    status, _, body = _fetch(server.url + "vars")
+    assert status == 200 and set(json.loads(body)["machines"]) == {m.addr for m in ms}
+    status, _, body = _fetch(server.url + "threads")
+    assert status == 200 and body.count(b"=== machine") == 2 and b"bigexec-watchdog" in body
+    assert _fetch(server.url + "nope")[0] == 404
+    assert _fetch(server.url + "profile?seconds=-1")[0] == 400
+    assert _fetch(server.url + "profile?seconds=1&format=svg")[0] == 400
+    assert _fetch(server.url + "profile?seconds=1&machine=1.2.3.4:5")[0] == 400
+
+
+def test_status_page_in_a_real_browser(cluster, tmp_path):
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("Debian's chromium is not installed (.ci/run installs it)")
+    b, ms = cluster
+    server = b.serve_debug(port=0)
+    shot = tmp_path / "status.png"
+    profile_dir = tempfile.mkdtemp(prefix="bigexec-chromium-")
+    try:
+        flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                 "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync",
+                 f"--user-data-dir={profile_dir}", "--window-size=1400,500"]
+        dom = subprocess.run([chromium, *flags, "--dump-dom", server.url + "status"],
+                             capture_output=True, text=True, timeout=90)
+        assert dom.returncode == 0, dom.stderr[-2000:]
+        assert "bigexec cluster status" in dom.stdout
+        for m in ms:  # the browser rendered one row per machine
+            assert m.addr in dom.stdout
+        assert dom.stdout.count('class="RUNNING"') == 2
+        subprocess.run([chromium, *flags, f"--screenshot={shot}", server.url + "status"],
+                       capture_output=True, text=True, timeout=90, check=True)
+        assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 5000
+    finally:
+        shutil.rmtree(profile_dir, ignore_errors=True)
+
+
+def test_bigexec_command_status(cluster, capsys):
+    b, ms = cluster
+    server = b.serve_debug(port=0)
+    assert cli.main(["status", f"127.0.0.1:{server.port}"]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0].startswith("MACHINE")
+    for m in ms:
+        assert m.addr in out
+    assert out.count("RUNNING") == 2
+
+
+def test_bigexec_command_reports_an_unreachable_driver():
+    with pytest.raises(SystemExit, match="cannot reach"):
+        cli.main(["status", "127.0.0.1:1", "--timeout", "2"])
+
+
+def test_debug_addr_from_the_environment(monkeypatch):
+    monkeypatch.setenv("BIGEXEC_DEBUG_ADDR", "127.0.0.1:0")
+    with bigexec.start("threads") as b:
+        assert b._debug is not None
+        assert _fetch(b._debug.url + "status?format=json")[0] == 200
+        url = b._debug.url
+    with pytest.raises(urllib.error.URLError):
+        urllib.request.urlopen(url + "status", timeout=5)  # closed with the session
+
+
+def _netns_available() -> bool:
+    if os.geteuid() != 0 or shutil.which("ip") is None:
+        return False
+    name = f"bxprobe{uuid.uuid4().hex[:6]}"
+    ok = subprocess.run(["ip", "netns", "add", name], capture_output=True).returncode == 0
+    if ok:
+        subprocess.run(["ip", "netns", "del", name], capture_output=True)
+    return ok
+
+
+@pytest.mark.skipif(not _netns_available(), reason="needs root and `ip netns` for a test host")
+@pytest.mark.parametrize("allow_remote", [False, True])
+def test_debug_server_refuses_non_loopback_clients(allow_remote):
+    """A client in a network namespace (a second host) is refused unless allowed."""
+    tag = uuid.uuid4().hex[:6]
+    ns, host_if, ns_if = f"bx{tag}", f"bxh{tag}", f"bxn{tag}"
+    host_ip, ns_ip = "10.213.77.1", "10.213.77.2"
+    run = lambda *cmd: subprocess.run(cmd, check=True, capture_output=True)  # noqa: E731
+    run("ip", "netns", "add", ns)
+    try:
+        run("ip", "link", "add", host_if, "type", "veth", "peer", "name", ns_if)
+        run("ip", "link", "set", ns_if, "netns", ns)
+        run("ip", "addr", "add", f"{host_ip}/30", "dev", host_if)
+        run("ip", "link", "set", host_if, "up")
+        run("ip", "netns", "exec", ns, "ip", "addr", "add", f"{ns_ip}/30", "dev", ns_if)
+        run("ip", "netns", "exec", ns, "ip", "link", "set", ns_if, "up")
+        run("ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up")
+        with bigexec.start("threads") as b:
+            server = b.serve_debug(port=0, host=host_ip, allow_remote=allow_remote)
+            url = f"http://{host_ip}:{server.port}/debug/bigexec/status?format=json"
+            probe = ("import urllib.request, urllib.error, sys\n"
+                     "try:\n"
+                     f"    r = urllib.request.urlopen({url!r}, timeout=10); print(r.status)\n"
+                     "except urllib.error.HTTPError as e:\n"
+                     "    print(e.code)\n")
+            out = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c", probe],
+                                 capture_output=True, text=True, timeout=60)
+            assert out.returncode == 0, out.stderr
+            assert out.stdout.strip() == ("200" if allow_remote else "403")
+    finally:
+        subprocess.run(["ip", "link", "del", host_if], capture_output=True)
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+def test_threads_log_records_are_marked_with_their_machine(caplog):
+    with bigexec.start("threads") as b:
+        (m,) = b.start(1, services={"Work": Work()})
+        assert m.wait(bigexec.RUNNING, 10)
+        with caplog.at_level(logging.WARNING, logger="bigexec.test.work"):
+            m.call("Work.say", "hello")
+            logging.getLogger("bigexec.test.work").warning("from the driver")
+    label = m.addr.split("://", 1)[1]
+    by_msg = {r.getMessage(): r for r in caplog.records}
+    assert f"{label}: said hello" in by_msg
+    assert by_msg[f"{label}: said hello"].machine == label
+    assert by_msg["from the driver"].machine == ""
+
+
+def _tagged_spin(seconds: float) -> int:
+    """Spin in a function named after this process, so a merged profile tells machines apart."""
+    code = _spin_body.__code__
+    name = f"spin_pid{os.getpid()}"
+    fn = type(_spin_body)(code.replace(co_name=name, co_qualname=name), _spin_body.__globals__,
+                          name)
+    return fn(seconds)
+
+
+def _spin_body(seconds: float) -> int:
+    end = time.perf_counter() + seconds
+    n = 0
+    while time.perf_counter() < end:
+        n += 1
+    return n
+
+
+class Tagged:
+    def spin(self, seconds: float) -> int:
+        return _tagged_spin(seconds)
+
+
+def _wait_running(m, method: str) -> None:
+    deadline = time.monotonic() + 10
+    while method not in m.call("Supervisor.metrics")["running_calls"]:
+        assert time.monotonic() < deadline, f"{method} never started on {m.addr}"
+        time.sleep(0.02)
+
+
+def test_merged_profile_has_samples_from_both_machines():
+    import pstats as _pstats
+
+    with bigexec.start("local") as b:
+        ms = b.start(2, services={"Tagged": Tagged()})
+        for m in ms:
+            assert m.wait(bigexec.RUNNING, 30) and m.err is None
+        futs = [m.submit("Tagged.spin", 4.0) for m in ms]
+        for m in ms:
+            _wait_running(m, "Tagged.spin")
+        stats = b.profile(seconds=1.0)
+        assert isinstance(stats, _pstats.Stats)
+        own = {key[2]: value[2] for key, value in stats.stats.items()}  # name -> tottime
+        for m in ms:
+            name = f"spin_pid{m.info['pid']}"
+            assert own.get(name, 0) > 0.3, (name, sorted(own.items(), key=lambda kv: -kv[1])[:5])
+        for f in futs:
+            f.result(timeout=30)
+
+
+def test_profile_formats_over_http():
+    from bigexec import profiling
+
+    with bigexec.start("local") as b:
+        ms = b.start(2, services={"Work": Work()})
+        for m in ms:
+            assert m.wait(bigexec.RUNNING, 30) and m.err is None
+        futs = [m.submit("Work.spin", 6.0) for m in ms]
+        server = b.serve_debug(port=0)
+        status, ctype, body = _fetch(server.url + "profile?seconds=0.5")
+        assert status == 200 and ctype == "application/octet-stream"
+        path = os.path.join(tempfile.mkdtemp(), "p.prof")
+        with open(path, "wb") as f:
+            f.write(body)
+        import pstats as _pstats
+
+        names = {k[2] for k in _pstats.Stats(path).stats}
+        assert any(n.endswith("spin") for n in names), names
+        status, _, body = _fetch(server.url + "profile?seconds=0.5&format=text&limit=5")
+        assert status == 200 and body.startswith(b"total ") and b"spin" in body
+        status, _, body = _fetch(server.url + "profile?seconds=0.5&format=callgrind")
+        assert status == 200 and b"events:" in body and b"spin" in body
+        status, _, body = _fetch(server.url + "profile?seconds=0.5&format=collapsed")
+        lines = body.decode().splitlines()
+        assert status == 200 and lines and all(line.rsplit(" ", 1)[1].isdigit() for line in lines)
+        assert any("spin" in line for line in lines)
+        status, _, body = _fetch(server.url + f"profile?seconds=0.5&format=text&machine="
+                                              f"{ms[0].addr.split('://')[1]}")
+        assert status == 200 and b"spin" in body
+        for f in futs:
+            f.result(timeout=30)
+        assert profiling.merge_collapsed([{"a": 1}, {"a": 2}]) == {"a": 3}
+
+
+def test_bigpi_lock_lesson_shows_in_the_merged_profile(monkeypatch):
+    """The seed's bigpi lesson: the lock-protected global generator shows the lock on top; the
+    fixed version shows the sampling function on top and no lock."""
+    # the workers get the driver's sys.path, so they import the example by name
+    monkeypatch.syspath_prepend(os.path.join(os.path.dirname(__file__), "..", "examples"))
+    import bigpi
+
+    results = {}
+    for label, service in (("locked", bigpi.GlobalRandPI()), ("fixed", bigpi.CirclePI())):
+        with bigexec.start("local") as b:
+            ms = b.start(2, services={"PI": service})
+            for m in ms:
+                assert m.wait(bigexec.RUNNING, 30) and m.err is None
+            futs = [m.submit("PI.sample", 10**8) for m in ms for _ in range(4)]
+            for m in ms:
+                _wait_running(m, "PI.sample")
+            stats = b.profile(seconds=1.5)
+            for f in futs:
+                f.cancel()  # the ctx tells the samplers to stop
+            own = sorted(((v[2], k[2]) for k, v in stats.stats.items()), reverse=True)
+            results[label] = [name for _, name in own[:3]]
+    locked, fixed = results["locked"], results["fixed"]
+    assert any("_thread.lock" in name for name in locked[:2]), locked
+    assert "GlobalRandPI.sample" in locked[0] or "GlobalRandPI.sample" in locked[1], locked
+    assert "CirclePI.sample" in fixed[0], fixed
+    assert not any("_thread.lock" in name for name in fixed), fixed
