@@ -94,7 +94,7 @@ class Executor(ClusterViews, _StdExecutor):
         self._shutdown = False
         self._scheduler = Scheduler(
             b=b, own_session=own, count=0 if machines else max_workers, machines=machines,
-            initializer=initializer, initargs=initargs, max_crashes=max_crashes,
+            initializer=initializer, initargs=initargs, max_crashes=max_crashes, lazy=True,
         )
 
     # --- the standard contract -----------------------------------------------------------

@@ -56,6 +56,11 @@ _MAX_BOOT_FAILURES = 3  # in a row, before giving up on starting machines
 _ids = itertools.count(1)
 
 
+def _close(stream: Any) -> None:
+    if hasattr(stream, "close"):
+        stream.close()
+
+
 class Task:
     """One function call and the future that receives its outcome."""
 
@@ -126,6 +131,7 @@ class Scheduler:
         max_crashes: int = 3,
         maxtasksperchild: int | None = None,
         unpicklable_result: Callable[[BaseException], BaseException] | None = None,
+        lazy: bool = False,
     ) -> None:
         self.b = b
         self._own_session = own_session
@@ -155,7 +161,10 @@ class Scheduler:
         if machines:
             for m in machines:
                 self._adopt(m, register=True)
-        if count:
+        # ``lazy``: machines start with the first task, as the standard executors' workers do
+        # (so an initializer that fails shows in that task's future, not in the submit).
+        self._to_start = count if lazy else 0
+        if count and not lazy:
             self._start_machines(count)
 
     def _metrics(self) -> dict[str, Any]:
@@ -336,18 +345,24 @@ class Scheduler:
             st.retiring = True
         return batch
 
+    def _send(self, m: Machine, batch: list[Task]) -> Any:
+        """Run ``batch`` on ``m``: its reply frames, streamed (or, for one task, in a list:
+        a plain reply costs less than a stream)."""
+        if len(batch) == 1:
+            t = batch[0]
+            return [m.call(f"{self._service}.run_one", t.fn, t.args, t.kwargs)]
+        return m.call(f"{self._service}.run", [(t.fn, t.args, t.kwargs) for t in batch])
+
     def _run(self, st: _MachineSlots, batch: list[Task]) -> None:
         m = st.machine
         try:
-            stream = m.call(f"{self._service}.run",
-                            [(t.fn, t.args, t.kwargs) for t in batch])
+            stream = self._send(m, batch)
         except codec.EncodeError:
             batch = self._drop_unpicklable(batch)
             if not batch:
                 return
             try:
-                stream = m.call(f"{self._service}.run",
-                                [(t.fn, t.args, t.kwargs) for t in batch])
+                stream = self._send(m, batch)
             except (MachineStopped, NetworkError) as exc:
                 self._lost(st, batch, exc)
                 return
@@ -369,11 +384,11 @@ class Scheduler:
                 a = self._avg_seconds
                 self._avg_seconds = seconds if a is None else 0.8 * a + 0.2 * seconds
         except (MachineStopped, NetworkError) as exc:
-            stream.close()
+            _close(stream)
             self._lost(st, [t for t, f in zip(batch, finished, strict=True) if not f], exc)
             return
         except Exception as exc:
-            stream.close()
+            _close(stream)
             self._fail([t for t, f in zip(batch, finished, strict=True) if not f], exc)
             return
         rest = [t for t, f in zip(batch, finished, strict=True) if not f]
@@ -482,13 +497,7 @@ class Scheduler:
             _settle(t.future, error=exc)
 
     def submit(self, task: Task) -> Future:
-        with self._cond:
-            if self._broken is not None:
-                raise self._broken
-            if self._closing:
-                raise RuntimeError("cannot schedule new futures after shutdown")
-            self._queue.append(task)
-            self._cond.notify()
+        self.submit_many([task])
         return task.future
 
     def submit_many(self, tasks: list[Task]) -> None:
@@ -499,6 +508,9 @@ class Scheduler:
                 raise RuntimeError("cannot schedule new futures after shutdown")
             self._queue.extend(tasks)
             self._cond.notify_all()
+            start, self._to_start = self._to_start, 0
+        if start:
+            self._start_machines(start)
 
     def cancel_pending(self) -> None:
         """Cancel every queued task that has not started (as ``cancel_futures=True``)."""

@@ -64,12 +64,17 @@ class TaskRunner:
                 "task_seconds": self.task_seconds, "tasks_running": self.running}
 
     def run(self, batch: list[tuple[Callable[..., Any], tuple, dict]], ctx: Any) -> Iterator[bytes]:
+        """Run the tasks in order; stream one reply frame per task as it finishes."""
         return self._results(batch, ctx)
+
+    def run_one(self, fn: Callable[..., Any], args: tuple, kwargs: dict) -> bytes:
+        """Run one task; its reply frame, as a plain reply."""
+        return next(self._results([(fn, args, kwargs)], None))
 
     def _results(self, batch: list[tuple[Callable[..., Any], tuple, dict]],
                  ctx: Any) -> Iterator[bytes]:
         for index, (fn, args, kwargs) in enumerate(batch):
-            if ctx.cancelled:  # the driver gave up on the rest of the batch
+            if ctx is not None and ctx.cancelled:  # the driver gave up on the rest
                 return
             t0 = time.perf_counter()
             self.running += 1

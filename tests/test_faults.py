@@ -103,6 +103,9 @@ def test_no_machine_to_be_had_breaks_the_executor():
 
     ex = bigexec.Executor(2, b=bigexec.start(NoMachines()))
     try:
+        f = ex.submit(abs, 1)  # machines start with the first task, as the stdlib's workers
+        with pytest.raises(bigexec.BrokenCluster, match="no capacity"):
+            f.result(timeout=10)
         with pytest.raises(bigexec.BrokenCluster, match="no capacity"):
             ex.submit(abs, 1)
         assert "no capacity" in ex._broken

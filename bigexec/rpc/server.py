@@ -68,7 +68,8 @@ class Server:
             self.log_label = f"{advertise_host or host}:{self.port}"
         self._lock = threading.Lock()
         self._conns: set[socket.socket] = set()
-        self._calls: dict[str, Context] = {}
+        self._calls: dict[str, Context] = {}  # the running calls that can be cancelled
+        self._running: dict[str, int] = {}
         #: Per-method counters of the calls this server ran.
         self.stats = StatsTable()
         self._closed = threading.Event()
@@ -127,8 +128,9 @@ class Server:
         return True
 
     def running_calls(self) -> list[str]:
+        """The methods running now, once per call."""
         with self._lock:
-            return [c.method for c in self._calls.values()]
+            return [m for m, n in self._running.items() for _ in range(n)]
 
     # --- serving -------------------------------------------------------------------------
 
@@ -261,11 +263,13 @@ class Server:
             self._respond(sock, 404, str(exc).encode(), close=not keep)
             return keep
 
-        ctx = Context(call_id, name, timeout, self.session)
-        if wants_ctx:
-            kwargs["ctx"] = ctx
+        # Only a method that takes ctx can notice a cancel: only those are registered for one.
+        ctx = Context(call_id, name, timeout, self.session) if wants_ctx else None
         with self._lock:
-            self._calls[call_id] = ctx
+            self._running[name] = self._running.get(name, 0) + 1
+            if ctx is not None:
+                kwargs["ctx"] = ctx
+                self._calls[call_id] = ctx
         t0 = time.perf_counter()
         error: BaseException | None = None
         result: Any = None
@@ -315,7 +319,13 @@ class Server:
                 wire.send_message(sock, head, pieces)
         finally:
             with self._lock:
-                self._calls.pop(call_id, None)
+                left = self._running[name] - 1
+                if left:
+                    self._running[name] = left
+                else:
+                    del self._running[name]
+                if ctx is not None:
+                    self._calls.pop(call_id, None)
         self.stats.record(name, time.perf_counter() - t0, error is not None, len(message),
                           reply_bytes)
         return keep

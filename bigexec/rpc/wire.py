@@ -36,6 +36,18 @@ _SMALL = 64 * 1024
 
 def read_head(rfile: Any) -> tuple[list[str], dict[str, str]] | None:
     """Read a start line and headers; None at a clean end of connection."""
+    # Fast path: the whole head is usually in the buffer already; split it in one go.
+    buffered = rfile.peek(MAX_LINE)
+    end = buffered.find(b"\r\n\r\n")
+    if end > 0 and not buffered.startswith(b"\r\n"):
+        lines = rfile.read(end + 4).decode("latin-1").split("\r\n")
+        headers = {}
+        for line in lines[1:-2]:
+            name, sep, value = line.partition(":")
+            if not sep:
+                raise ProtocolError(f"malformed header line {line[:80]!r}")
+            headers[name.strip().lower()] = value.strip()
+        return lines[0].split(" ", 2), headers
     line = rfile.readline(MAX_LINE)
     if not line:
         return None
@@ -168,9 +180,13 @@ def send_stream(sock: socket.socket, source: Any) -> BaseException | None:
     return None
 
 
+_NEVER_STREAMS = frozenset({type(None), bool, int, float, str, bytes, bytearray, memoryview,
+                            tuple, list, dict, set})
+
+
 def is_stream_source(value: Any) -> bool:
     """Whether a call argument or reply is to be sent as a byte stream."""
-    if isinstance(value, (bytes, bytearray, memoryview, str)):
+    if type(value) in _NEVER_STREAMS:
         return False
     if isinstance(value, io.IOBase):
         return True
