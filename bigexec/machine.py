@@ -91,6 +91,7 @@ class Machine:
         self._stop_event = threading.Event()
         self._replies: deque[float] = deque(maxlen=10)
         self._stop_callbacks: list[Any] = []
+        self._stopping = False
         #: Wall-clock time (``time.time()``) until which the machine's lease runs, if owned.
         self.next_keepalive: float | None = None
 
@@ -130,6 +131,8 @@ class Machine:
             return True
 
     def _stop(self, err: BaseException | None, *, kill: bool = True) -> None:
+        if self._stopping:  # an orderly shutdown: whatever failed on the way is no error
+            err = None
         with self._cond:
             if self._state == STOPPED:
                 return
@@ -418,6 +421,7 @@ class Machine:
         if not self.owned or self._handle is None:
             self._stop(None)
             return
+        self._stopping = True
         self._handle.expect_exit()
         self._stop_event.set()  # no more keepalives
         if not self.addr:  # still booting, nothing to ask

@@ -44,7 +44,7 @@ from .errors import (
 from .machine import RUNNING, STOPPED, Machine
 from .rpc import codec, wire
 from .session import B
-from .tasks import OK, UNPICKLABLE_RESULT, TaskRunner, decode_frame
+from .tasks import OK, UNPICKLABLE_RESULT, FunctionCache, TaskRunner, decode_frame
 
 __all__ = ["Scheduler", "Task"]
 
@@ -137,6 +137,7 @@ class Scheduler:
         self._own_session = own_session
         self._service = f"BigexecTasks{next(_ids)}"
         self._runner = TaskRunner(initializer, initargs)
+        self._functions = FunctionCache()
         self._runner_blob: bytes | None = None
         self._max_crashes = max_crashes
         self._maxtasks = maxtasksperchild
@@ -348,10 +349,11 @@ class Scheduler:
     def _send(self, m: Machine, batch: list[Task]) -> Any:
         """Run ``batch`` on ``m``: its reply frames, streamed (or, for one task, in a list:
         a plain reply costs less than a stream)."""
+        fn = self._functions.encode
         if len(batch) == 1:
             t = batch[0]
-            return [m.call(f"{self._service}.run_one", t.fn, t.args, t.kwargs)]
-        return m.call(f"{self._service}.run", [(t.fn, t.args, t.kwargs) for t in batch])
+            return [m.call(f"{self._service}.run_one", fn(t.fn), t.args, t.kwargs)]
+        return m.call(f"{self._service}.run", [(fn(t.fn), t.args, t.kwargs) for t in batch])
 
     def _run(self, st: _MachineSlots, batch: list[Task]) -> None:
         m = st.machine

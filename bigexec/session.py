@@ -19,7 +19,6 @@ import logging
 import os
 import pstats
 import queue
-import signal
 import ssl
 import threading
 import weakref
@@ -92,6 +91,15 @@ class _CallPool:
 _sessions: weakref.WeakSet[B] = weakref.WeakSet()
 
 
+def _forget_sessions_in_child() -> None:
+    # A forked child (a multiprocessing worker, say) inherits the parent's sessions as copies:
+    # they are not its own to shut down at exit.
+    _sessions.clear()
+
+
+os.register_at_fork(after_in_child=_forget_sessions_in_child)
+
+
 @atexit.register
 def _shutdown_all() -> None:
     for b in list(_sessions):
@@ -99,35 +107,6 @@ def _shutdown_all() -> None:
             b.shutdown()
         except Exception:
             log.exception("shutting down a bigexec session at exit failed")
-
-
-_sigterm_hooked = False
-
-
-def _hook_sigterm() -> None:
-    """Shut sessions down on SIGTERM too, when nobody else handles it.
-
-    A plain SIGTERM ends Python without ``atexit``; the workers would then live on until their
-    leases lapse. Only the default disposition is replaced, and only from the main thread;
-    after the shutdown the signal is delivered again with its default action, so the exit
-    status still says "terminated".
-    """
-    global _sigterm_hooked
-    if _sigterm_hooked or threading.current_thread() is not threading.main_thread():
-        return
-    _sigterm_hooked = True
-    try:
-        if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
-            return
-
-        def on_sigterm(signum: int, frame: Any) -> None:
-            _shutdown_all()
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            os.kill(os.getpid(), signal.SIGTERM)
-
-        signal.signal(signal.SIGTERM, on_sigterm)
-    except (ValueError, OSError):  # not the main interpreter, or no signals here
-        pass
 
 
 class B:
@@ -152,7 +131,6 @@ class B:
         self._debug: Any = None
         if system is not None:
             _sessions.add(self)
-            _hook_sigterm()
 
     @classmethod
     def _for_machine(cls, client_ssl: ssl.SSLContext | None) -> B:

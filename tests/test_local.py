@@ -449,39 +449,3 @@ def test_no_worker_outlives_a_normal_session_exit():
     for m in ms:
         assert m.state == bigexec.STOPPED and m.err is None
 
-
-_TERM_DRIVER = """
-import sys, time
-import bigexec
-
-b = bigexec.start("local")  # the default 60 s lease: only a shutdown can end it sooner
-(m,) = b.start(1)
-if not m.wait(bigexec.RUNNING, timeout=30) or m.err is not None:
-    print("BOOT-FAILED", m.state, m.err, flush=True)
-    sys.exit(1)
-print(m.call("Supervisor.info")["pid"], flush=True)
-time.sleep(600)
-"""
-
-
-def test_sigterm_to_the_driver_shuts_its_machines_down(tmp_path):
-    script = tmp_path / "driver.py"
-    script.write_text(_TERM_DRIVER)
-    driver = subprocess.Popen([sys.executable, str(script)], cwd=str(REPO),
-                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-    worker_pid = None
-    try:
-        line = _read_line(driver, BOOT + 10)
-        assert line.strip().isdigit(), f"driver said {line!r}"
-        worker_pid = int(line)
-        driver.send_signal(signal.SIGTERM)
-        assert driver.wait(20) == -signal.SIGTERM  # it still dies of the signal
-        assert _wait_gone(worker_pid, 5), "the worker outlived a SIGTERMed driver"
-    finally:
-        if driver.poll() is None:
-            driver.kill()
-            driver.wait(5)
-        if driver.stdout is not None:
-            driver.stdout.close()
-        if worker_pid is not None:
-            _kill_quietly(worker_pid)

@@ -23,6 +23,8 @@ from __future__ import annotations
 import io
 import pickle
 import struct
+import sys
+import types
 from typing import Any
 
 import cloudpickle
@@ -125,13 +127,32 @@ class _Pickler(cloudpickle.Pickler):
 
 _SCALARS = frozenset({type(None), bool, int, float, complex, str})
 _PLAIN_HEAD = struct.Struct("<IQ")
+#: Types whose instances the C pickler encodes exactly as cloudpickle would (others may add).
+PLAIN_TYPES: set[type] = {types.BuiltinFunctionType}
+
+
+def _named(obj: Any) -> bool:
+    """Whether pickle would name ``obj`` (module and qualified name), as cloudpickle does for
+    importable functions and classes, rather than copy it."""
+    module = getattr(obj, "__module__", None)
+    if not module or module == "__main__" or module not in sys.modules:
+        return False
+    target: Any = sys.modules[module]
+    for part in getattr(obj, "__qualname__", "<>").split("."):
+        target = getattr(target, part, None)
+        if target is None:
+            return False
+    return target is obj
 
 
 def _is_plain(obj: Any, depth: int = 3) -> bool:
-    """Small builtin data only: the C pickler alone encodes it exactly as cloudpickle would."""
+    """Small builtin data, importable functions and classes: the C pickler alone encodes them
+    exactly as cloudpickle would."""
     t = type(obj)
-    if t in _SCALARS:
+    if t in _SCALARS or t in PLAIN_TYPES:
         return True
+    if t is types.FunctionType or t is type:
+        return _named(obj)
     if t is bytes:
         return len(obj) < _OOB_MIN
     if depth and (t is tuple or t is list) and len(obj) <= 16:

@@ -1,0 +1,93 @@
+"""The function cache: a function is pickled once only while what it captures cannot change."""
+
+from __future__ import annotations
+
+import math
+import types
+
+import bigexec
+from bigexec.tasks import FunctionCache, PickledFunction
+
+SETTINGS = {"scale": 1}
+FACTOR = 3
+
+
+def pure(x):
+    return math.sqrt(x) * FACTOR
+
+
+def reads_mutable_global(x):
+    return x * SETTINGS["scale"]
+
+
+def helper(x):
+    return x + 1
+
+
+def uses_helper(x):
+    return helper(x) * 2
+
+
+def as_main(fn):
+    """A copy of ``fn`` as if defined in ``__main__``: pickled by value, as a script's are."""
+    copy = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__, fn.__defaults__,
+                              fn.__closure__)
+    copy.__module__ = "__main__"
+    return copy
+
+
+def test_pure_functions_are_pickled_once():
+    cache = FunctionCache()
+    f = as_main(pure)
+    a, b = cache.encode(f), cache.encode(f)
+    assert isinstance(a, PickledFunction) and a is b
+
+
+def test_functions_reading_mutable_data_are_pickled_every_time():
+    cache = FunctionCache()
+    f = as_main(reads_mutable_global)
+    assert cache.encode(f) is f
+    items = []
+    assert cache.encode(lambda: len(items)) is not None
+    f = lambda: len(items)  # noqa: E731
+    assert cache.encode(f) is f
+
+
+def test_closures_over_immutable_values_are_told_apart():
+    cache = FunctionCache()
+
+    def make(k):
+        return lambda x: x * k
+
+    two, three = make(2), make(3)
+    e2, e3 = cache.encode(two), cache.encode(three)
+    assert isinstance(e2, PickledFunction) and isinstance(e3, PickledFunction)
+    assert e2.blob != e3.blob
+
+
+def test_rebinding_a_referenced_global_invalidates(monkeypatch):
+    cache = FunctionCache()
+    f = as_main(uses_helper)
+    monkeypatch.setitem(f.__globals__, "helper", as_main(helper))
+    first = cache.encode(f)
+    assert isinstance(first, PickledFunction) and cache.encode(f) is first
+    monkeypatch.setitem(f.__globals__, "helper", as_main(lambda x: x - 1))
+    second = cache.encode(f)
+    assert isinstance(second, PickledFunction) and second is not first
+
+
+def test_builtins_and_importable_functions_go_by_reference():
+    cache = FunctionCache()
+    assert cache.encode(abs) is abs
+    assert cache.encode(math.sqrt) is math.sqrt
+
+
+def test_executor_sees_mutable_globals_as_of_each_submit():
+    with bigexec.Executor(1, system="threads") as ex:
+        reads, p = as_main(reads_mutable_global), as_main(pure)
+        SETTINGS["scale"] = 1
+        assert ex.submit(reads, 5).result(timeout=30) == 5
+        SETTINGS["scale"] = 10
+        assert ex.submit(reads, 5).result(timeout=30) == 50
+        assert ex.submit(p, 4).result(timeout=30) == 6.0
+        assert ex.submit(p, 9).result(timeout=30) == 9.0  # the cached pickle, run again
