@@ -23,10 +23,9 @@ from concurrent.futures import CancelledError, Future
 from concurrent.futures import Executor as _StdExecutor
 from typing import Any
 
-from . import session as _session
 from .machine import Machine
 from .observe import ClusterViews
-from .scheduler import Scheduler, Task
+from .scheduler import Scheduler, Task, session_for
 from .session import B
 from .tasks import run_chunk
 
@@ -81,15 +80,7 @@ class Executor(ClusterViews, _StdExecutor):
             raise TypeError("initializer must be a callable")
         if max_crashes < 1:
             raise ValueError("max_crashes must be at least 1")
-        own = b is None and not machines
-        if own:
-            b = _session.start(system, **system_options)
-        elif machines and b is None:
-            b = machines[0]._b
-        elif system is not None or system_options:
-            raise TypeError("system and its options are for a new session; not with b= or "
-                            "machines=")
-        assert b is not None
+        b, own = session_for(b, machines, system, system_options)
         self._max_workers = max_workers
         self._shutdown = False
         self._scheduler = Scheduler(

@@ -27,10 +27,9 @@ from concurrent.futures import Future
 from multiprocessing.pool import MaybeEncodingError
 from typing import Any
 
-from . import session as _session
 from .machine import Machine
 from .observe import ClusterViews
-from .scheduler import Scheduler, Task
+from .scheduler import Scheduler, Task, session_for
 from .session import B
 from .tasks import run_chunk, run_star_chunk
 
@@ -245,12 +244,7 @@ class Pool(ClusterViews):
             raise ValueError("maxtasksperchild must be a positive int or None")
         if initializer is not None and not callable(initializer):
             raise TypeError("initializer must be a callable")
-        own = b is None and not machines
-        if own:
-            b = _session.start(system, **system_options)
-        elif machines and b is None:
-            b = machines[0]._b
-        assert b is not None
+        b, own = session_for(b, machines, system, system_options)
         self._processes = processes
         self._results: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
         self._handler = threading.Thread(target=self._handle_results, daemon=True,

@@ -43,7 +43,7 @@ from .errors import (
 )
 from .machine import RUNNING, STOPPED, Machine
 from .rpc import codec, wire
-from .session import B
+from .session import B, start
 from .tasks import OK, UNPICKLABLE_RESULT, FunctionCache, TaskRunner, decode_frame
 
 __all__ = ["Scheduler", "Task"]
@@ -54,6 +54,18 @@ _BATCH_SECONDS = 0.02  # aim a batch at this much work: small tasks share one ro
 _MAX_BATCH = 512
 _MAX_BOOT_FAILURES = 3  # in a row, before giving up on starting machines
 _ids = itertools.count(1)
+
+
+def session_for(b: B | None, machines: list[Machine] | None, system: str | None,
+                system_options: dict[str, Any]) -> tuple[B, bool]:
+    """The session an Executor or Pool runs in, and whether it owns it (starts and stops it):
+    a new one on ``system``, or the given ``b``, or that of the given ``machines``."""
+    if b is None and not machines:
+        return start(system, **system_options), True
+    if system is not None or system_options:
+        raise TypeError("system and its options are for a new session; not with b= or "
+                        "machines=")
+    return (b if b is not None else machines[0]._b), False  # type: ignore[index]
 
 
 def _close(stream: Any) -> None:
@@ -358,19 +370,13 @@ class Scheduler:
     def _run(self, st: _MachineSlots, batch: list[Task]) -> None:
         m = st.machine
         try:
-            stream = self._send(m, batch)
-        except codec.EncodeError:
-            batch = self._drop_unpicklable(batch)
-            if not batch:
-                return
             try:
                 stream = self._send(m, batch)
-            except (MachineStopped, NetworkError) as exc:
-                self._lost(st, batch, exc)
-                return
-            except Exception as exc:
-                self._fail(batch, exc)
-                return
+            except codec.EncodeError:  # find the culprits, fail them, send the rest
+                batch = self._drop_unpicklable(batch)
+                if not batch:
+                    return
+                stream = self._send(m, batch)
         except (MachineStopped, NetworkError) as exc:
             self._lost(st, batch, exc)
             return
