@@ -148,7 +148,6 @@ class Machine:
                 log.warning("machine %s stopped: %s", self.addr or "(booting)", err)
             if kill and self.owned and self._handle is not None:
                 self._handle.kill()  # a machine we gave up on must not live on
-        self._b._forget(self)
         for cb in self._stop_callbacks:
             try:
                 cb(self)

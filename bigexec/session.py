@@ -213,9 +213,6 @@ class B:
                          name="bigexec-dial").start()
         return m
 
-    def _forget(self, m: Machine) -> None:
-        """Called when a machine stops."""
-
     # --- looking inside ------------------------------------------------------------------
 
     def status(self) -> list[dict[str, Any]]:

@@ -8,7 +8,6 @@ user can call them too: ``m.call("Supervisor.info")``.
 
 from __future__ import annotations
 
-import logging
 import os
 import platform
 import socket
@@ -27,9 +26,6 @@ if TYPE_CHECKING:
 
 __all__ = ["Supervisor"]
 
-log = logging.getLogger("bigexec.supervisor")
-
-_UNHEALTHY_MEMORY_PERCENT = 95.0
 
 
 class Supervisor:

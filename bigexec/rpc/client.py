@@ -204,17 +204,17 @@ class Client:
         """
         if prepared is None:
             prepared = self.prepare(args, kwargs or {})
+        length = wire.body_length(prepared[1])
         t0 = time.perf_counter()
         failed = True
         try:
-            result = self._call(addr, method, prepared, timeout, call_id, handle)
+            result = self._call(addr, method, prepared, length, timeout, call_id, handle)
             failed = False
             return result
         finally:
-            self.stats.record(method, time.perf_counter() - t0, failed,
-                              wire.body_length(prepared[1]))
+            self.stats.record(method, time.perf_counter() - t0, failed, length)
 
-    def _call(self, addr: str, method: str, prepared: tuple[Any, list[Any]],
+    def _call(self, addr: str, method: str, prepared: tuple[Any, list[Any]], length: int,
               timeout: float | None, call_id: str | None, handle: CallHandle | None) -> Any:
         ep = self._endpoint(addr)
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -237,10 +237,9 @@ class Client:
                 conn.sock.settimeout(remaining)
                 source_error = None
                 if source is None:
-                    length = wire.body_length(pieces)
                     wire.send_message(
                         conn.sock, f"{head}Content-Length: {length}\r\n\r\n".encode("latin-1"),
-                        pieces,
+                        pieces, length,
                     )
                 else:
                     conn.sock.sendall(f"{head}Transfer-Encoding: chunked\r\n\r\n".encode("latin-1"))

@@ -316,7 +316,7 @@ class Server:
                     + ("" if keep else "Connection: close\r\n")
                     + "\r\n"
                 ).encode("latin-1")
-                wire.send_message(sock, head, pieces)
+                wire.send_message(sock, head, pieces, reply_bytes)
         finally:
             with self._lock:
                 left = self._running[name] - 1

@@ -84,10 +84,10 @@ def read_exact(rfile: Any, n: int) -> bytearray:
     return buf
 
 
-def send_message(sock: socket.socket, head: bytes, pieces: list[Any]) -> None:
-    """Send a head and a codec message; one write when small, no joins when large."""
-    total = sum(len(p) if isinstance(p, bytes) else memoryview(p).nbytes for p in pieces)
-    if total <= _SMALL:
+def send_message(sock: socket.socket, head: bytes, pieces: list[Any], length: int) -> None:
+    """Send a head and a codec message of ``length`` bytes (``body_length``, which the head
+    already needed); one write when small, no joins when large."""
+    if length <= _SMALL:
         sock.sendall(b"".join([head, *pieces]))
         return
     sock.sendall(head + bytes(pieces[0]))
