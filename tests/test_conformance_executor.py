@@ -26,7 +26,6 @@ import concurrent.futures as cf
 import dataclasses
 import gc
 import itertools
-import multiprocessing
 import os
 import re
 import sys
@@ -34,7 +33,25 @@ import threading
 import time
 import uuid
 
+import conformance_tasks
 import pytest
+from conformance_tasks import (
+    BOOT,
+    FORK,
+    ConformanceError,
+    add,
+    capture,
+    get_init_value,
+    identity,
+    make_lock,
+    raise_conformance_error,
+    raise_value_error,
+    record_init,
+    rendezvous,
+    skip_for,
+    square,
+    touch,
+)
 
 pytestmark = [
     pytest.mark.timeout(60),
@@ -43,16 +60,10 @@ pytestmark = [
     pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning"),
 ]
 
-FORK = multiprocessing.get_context("fork")
-BOOT = 30.0  # upper bound for anything that may wait for machines to boot
 HAS_BUFFERSIZE = sys.version_info >= (3, 14)  # Executor.map(buffersize=) is new in 3.14
 
 
 # --- tasks (module level, so that the stdlib ProcessPoolExecutor can pickle them) -------------
-
-
-class ConformanceError(Exception):
-    """An exception class of this module: must come back with its own type."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,37 +72,13 @@ class Point:
     y: int
 
 
-def square(x):
-    return x * x
-
-
-def add(a, b):
-    return a + b
-
-
 def add3(a, b, c):
     return a + b + c
-
-
-def identity(x):
-    return x
-
-
-def capture(*args, **kwargs):
-    return args, kwargs
 
 
 def sleep_echo(seconds, value=None):
     time.sleep(seconds)
     return seconds if value is None else value
-
-
-def raise_value_error(msg):
-    raise ValueError(msg)
-
-
-def raise_conformance_error(msg):
-    raise ConformanceError(msg)
 
 
 def raise_system_exit(code):
@@ -102,10 +89,6 @@ def fail_at(x, bad=3):
     if x == bad:
         raise ValueError(f"boom {x}")
     return x
-
-
-def make_lock(_=None):
-    return threading.Lock()
 
 
 def reverse_bytes(data):
@@ -122,40 +105,10 @@ def pid_and_interval(seconds):
     return os.getpid(), start, time.time()
 
 
-def touch(dirpath, name=None):
-    name = name or f"{os.getpid()}-{threading.get_ident()}-{uuid.uuid4().hex}"
-    with open(os.path.join(dirpath, name), "w"):
-        pass
-
-
-def rendezvous(dirpath, n, timeout=BOOT / 2):
-    """Arrive, then wait until ``n`` tasks have arrived: True only if ``n`` ran at once."""
-    touch(dirpath)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if len(os.listdir(dirpath)) >= n:
-            return True
-        time.sleep(0.005)
-    return False
-
-
 def touch_and_sleep(dirpath, i, seconds):
     touch(dirpath, f"task-{i}")
     time.sleep(seconds)
     return i
-
-
-_INIT_VALUE = None
-
-
-def record_init(dirpath, value):
-    global _INIT_VALUE
-    _INIT_VALUE = value
-    touch(dirpath)
-
-
-def get_init_value(_=None):
-    return _INIT_VALUE
 
 
 def failing_init():
@@ -198,12 +151,6 @@ NO_LAMBDAS = ("stdlib-process", "ProcessPoolExecutor pickles with pickle, which 
               "lambdas, closures or local classes; bigexec ships them with cloudpickle")
 NO_CHUNKSIZE = ("stdlib-thread", "ThreadPoolExecutor ignores chunksize; bigexec must validate it "
                 "as ProcessPoolExecutor does")
-
-
-def skip_for(impl, skip):
-    name, reason = skip
-    if impl == name:
-        pytest.skip(reason)
 
 
 def needs_buffersize(impl):
@@ -789,8 +736,7 @@ def test_context_manager_returns_the_executor(make_executor):
 
 
 def test_initializer_runs_once_per_worker_before_its_tasks(make_executor, tmp_path):
-    global _INIT_VALUE
-    _INIT_VALUE = None  # forked and in-process workers must not see a stale value
+    conformance_tasks._INIT_VALUE = None  # forked and in-process workers: no stale value
     ex = make_executor(2, initializer=record_init, initargs=(str(tmp_path), "hello"))
     values = list(ex.map(get_init_value, range(20), timeout=BOOT))
     assert values == ["hello"] * 20

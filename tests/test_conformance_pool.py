@@ -27,7 +27,25 @@ import time
 import uuid
 from functools import partial
 
+import conformance_tasks
 import pytest
+from conformance_tasks import (
+    BOOT,
+    FORK,
+    ConformanceError,
+    add,
+    capture,
+    get_init_value,
+    identity,
+    make_lock,
+    raise_conformance_error,
+    raise_value_error,
+    record_init,
+    rendezvous,
+    skip_for,
+    square,
+    touch,
+)
 
 pytestmark = [
     pytest.mark.timeout(60),
@@ -36,31 +54,8 @@ pytestmark = [
     pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning"),
 ]
 
-FORK = multiprocessing.get_context("fork")
-BOOT = 30.0  # upper bound for anything that may wait for machines to boot
-
 
 # --- tasks (module level, so that the stdlib pool can pickle them) ---------------------------
-
-
-class ConformanceError(Exception):
-    """An exception class of this module: must come back with its own type."""
-
-
-def square(x):
-    return x * x
-
-
-def add(a, b):
-    return a + b
-
-
-def identity(x):
-    return x
-
-
-def capture(*args, **kwargs):
-    return args, kwargs
 
 
 def sleep_echo(seconds):
@@ -73,14 +68,6 @@ def sleep_then(seconds, value):
     return value
 
 
-def raise_value_error(msg):
-    raise ValueError(msg)
-
-
-def raise_conformance_error(msg):
-    raise ConformanceError(msg)
-
-
 def fail_at_3(x):
     if x == 3:
         raise ValueError(f"boom {x}")
@@ -89,27 +76,6 @@ def fail_at_3(x):
 
 def pid_of(_=None):
     return os.getpid()
-
-
-def make_lock(_=None):
-    return threading.Lock()
-
-
-def touch(dirpath, name=None):
-    name = name or f"{os.getpid()}-{threading.get_ident()}-{uuid.uuid4().hex}"
-    with open(os.path.join(dirpath, name), "w"):
-        pass
-
-
-def rendezvous(dirpath, n, timeout=BOOT / 2):
-    """Arrive, then wait until ``n`` tasks have arrived: True only if ``n`` ran at once."""
-    touch(dirpath)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if len(os.listdir(dirpath)) >= n:
-            return True
-        time.sleep(0.005)
-    return False
 
 
 def map_async_item(dirpath, i):
@@ -121,19 +87,6 @@ def map_async_item(dirpath, i):
     if i == 7:
         raise ValueError("second")
     return i
-
-
-_INIT_VALUE = None
-
-
-def record_init(dirpath, value):
-    global _INIT_VALUE
-    _INIT_VALUE = value
-    touch(dirpath)
-
-
-def get_init_value(_=None):
-    return _INIT_VALUE
 
 
 # --- implementations ------------------------------------------------------------------------
@@ -162,12 +115,6 @@ NO_LAMBDAS = ("stdlib-pool", "multiprocessing.pool.Pool pickles with pickle, whi
               "lambdas or closures; bigexec ships them with cloudpickle")
 SHARED_PID = ("bigexec-threads", "machines of the threads system share the driver's pid, so a "
               "replaced machine cannot be told apart by os.getpid()")
-
-
-def skip_for(impl, skip):
-    name, reason = skip
-    if impl == name:
-        pytest.skip(reason)
 
 
 def _within(what, fn, timeout=20.0):
@@ -291,8 +238,7 @@ def test_default_processes_is_the_cpu_count(make_pool, tmp_path):
 
 
 def test_initializer_runs_in_each_worker_before_its_tasks(make_pool, tmp_path):
-    global _INIT_VALUE
-    _INIT_VALUE = None  # forked and in-process workers must not see a stale value
+    conformance_tasks._INIT_VALUE = None  # forked and in-process workers: no stale value
     p = make_pool(2, initializer=record_init, initargs=(str(tmp_path), "hello"))
     assert p.map(get_init_value, range(20), chunksize=1) == ["hello"] * 20
     p.close()
