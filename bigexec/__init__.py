@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 __version__ = "0.1.0"
 
 from .context import Context
@@ -24,12 +26,27 @@ from .errors import (
     UnknownMethodError,
     WorkerLostError,
 )
-from .executor import Executor
 from .machine import RUNNING, STARTING, STOPPED, UNSTARTED, Machine, State
-from .pool import Pool
 from .rpc.wire import Stream
 from .session import B, start
 from .systems import KeepaliveConfig, MachineHandle, System, register_system
+
+if TYPE_CHECKING:
+    from .executor import Executor
+    from .pool import Pool
+
+
+def __getattr__(name: str) -> Any:
+    # Executor and Pool load on first use: a worker process imports this package too, and
+    # their modules (multiprocessing.pool among them) would only slow every machine's boot.
+    if name == "Executor":
+        from .executor import Executor
+        return Executor
+    if name == "Pool":
+        from .pool import Pool
+        return Pool
+    raise AttributeError(f"module 'bigexec' has no attribute {name!r}")
+
 
 __all__ = [
     "B",

@@ -25,34 +25,12 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from .tls import Credentials, _pem_blocks
+
 __all__ = ["Authority", "Credentials"]
 
 _CA_LIFETIME = _dt.timedelta(days=3650)
 _SKEW = _dt.timedelta(minutes=1)
-
-
-class Credentials:
-    """A leaf certificate and key, plus the CA certificate that vouches for it (all PEM)."""
-
-    __slots__ = ("ca_pem", "cert_pem", "key_pem")
-
-    def __init__(self, ca_pem: bytes, cert_pem: bytes, key_pem: bytes) -> None:
-        self.ca_pem = ca_pem
-        self.cert_pem = cert_pem
-        self.key_pem = key_pem
-
-    def to_pem(self) -> bytes:
-        """One PEM bundle: CA certificate, leaf certificate, leaf key."""
-        return self.ca_pem + self.cert_pem + self.key_pem
-
-    @classmethod
-    def from_pem(cls, data: bytes) -> Credentials:
-        blocks = _pem_blocks(data)
-        certs = [b for b in blocks if b"CERTIFICATE" in b.split(b"\n", 1)[0]]
-        keys = [b for b in blocks if b"PRIVATE KEY" in b.split(b"\n", 1)[0]]
-        if len(certs) != 2 or len(keys) != 1:
-            raise ValueError("credentials must hold a CA certificate, a leaf certificate and a key")
-        return cls(certs[0], certs[1], keys[0])
 
 
 class Authority:
@@ -169,18 +147,3 @@ class Authority:
             return False
         now = _dt.datetime.now(_dt.timezone.utc)
         return cert.not_valid_before_utc <= now <= cert.not_valid_after_utc
-
-
-def _pem_blocks(data: bytes) -> list[bytes]:
-    out: list[bytes] = []
-    current: list[bytes] = []
-    for line in data.splitlines(keepends=True):
-        if line.startswith(b"-----BEGIN "):
-            current = [line]
-        elif line.startswith(b"-----END ") and current:
-            current.append(line)
-            out.append(b"".join(current))
-            current = []
-        elif current:
-            current.append(line)
-    return out

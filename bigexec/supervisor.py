@@ -16,8 +16,6 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any
 
-import psutil
-
 from . import __version__
 from .rpc import codec
 
@@ -106,6 +104,8 @@ class Supervisor:
     # --- inspection ---------------------------------------------------------------------
 
     def memory(self) -> dict[str, Any]:
+        import psutil  # here, not at the top: every machine's boot would pay for it
+
         vm = psutil.virtual_memory()
         rss = psutil.Process().memory_info().rss
         return {"total": vm.total, "available": vm.available, "used": vm.used,
@@ -113,6 +113,8 @@ class Supervisor:
 
     def disk(self, path: str | None = None) -> dict[str, Any]:
         import tempfile
+
+        import psutil
 
         du = psutil.disk_usage(path or tempfile.gettempdir())
         return {"path": path or tempfile.gettempdir(), "total": du.total, "used": du.used,

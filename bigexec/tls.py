@@ -10,7 +10,31 @@ import os
 import ssl
 import tempfile
 
-__all__ = ["server_context", "client_context"]
+__all__ = ["Credentials", "server_context", "client_context"]
+
+
+class Credentials:
+    """A leaf certificate and key, plus the CA certificate that vouches for it (all PEM)."""
+
+    __slots__ = ("ca_pem", "cert_pem", "key_pem")
+
+    def __init__(self, ca_pem: bytes, cert_pem: bytes, key_pem: bytes) -> None:
+        self.ca_pem = ca_pem
+        self.cert_pem = cert_pem
+        self.key_pem = key_pem
+
+    def to_pem(self) -> bytes:
+        """One PEM bundle: CA certificate, leaf certificate, leaf key."""
+        return self.ca_pem + self.cert_pem + self.key_pem
+
+    @classmethod
+    def from_pem(cls, data: bytes) -> Credentials:
+        blocks = _pem_blocks(data)
+        certs = [b for b in blocks if b"CERTIFICATE" in b.split(b"\n", 1)[0]]
+        keys = [b for b in blocks if b"PRIVATE KEY" in b.split(b"\n", 1)[0]]
+        if len(certs) != 2 or len(keys) != 1:
+            raise ValueError("credentials must hold a CA certificate, a leaf certificate and a key")
+        return cls(certs[0], certs[1], keys[0])
 
 
 def _load_chain(ctx: ssl.SSLContext, cert_pem: bytes, key_pem: bytes) -> None:
@@ -25,7 +49,7 @@ def _load_chain(ctx: ssl.SSLContext, cert_pem: bytes, key_pem: bytes) -> None:
         os.unlink(path)
 
 
-def server_context(creds) -> ssl.SSLContext:
+def server_context(creds: Credentials) -> ssl.SSLContext:
     """A server context that requires a client certificate from the credentials' CA."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
@@ -35,7 +59,7 @@ def server_context(creds) -> ssl.SSLContext:
     return ctx
 
 
-def client_context(creds) -> ssl.SSLContext:
+def client_context(creds: Credentials) -> ssl.SSLContext:
     """A client context that presents the leaf and verifies the server's chain and name."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
@@ -44,3 +68,18 @@ def client_context(creds) -> ssl.SSLContext:
     ctx.check_hostname = True
     ctx.verify_mode = ssl.CERT_REQUIRED
     return ctx
+
+
+def _pem_blocks(data: bytes) -> list[bytes]:
+    out: list[bytes] = []
+    current: list[bytes] = []
+    for line in data.splitlines(keepends=True):
+        if line.startswith(b"-----BEGIN "):
+            current = [line]
+        elif line.startswith(b"-----END ") and current:
+            current.append(line)
+            out.append(b"".join(current))
+            current = []
+        elif current:
+            current.append(line)
+    return out

@@ -152,7 +152,7 @@ def _exit_process(code: int) -> None:
 def main() -> None:
     """Entry point of a ``local`` (and later ``ec2``) machine process."""
     from . import tls
-    from .authority import Credentials
+    from .tls import Credentials
 
     if os.environ.get("BIGEXEC_WORKER") != "1":
         sys.exit("bigexec.worker is started by a bigexec driver, not by hand")
