@@ -44,7 +44,7 @@ from .errors import (
 from .machine import RUNNING, STOPPED, Machine
 from .rpc import codec, wire
 from .session import B, start
-from .tasks import OK, UNPICKLABLE_RESULT, FunctionCache, TaskRunner, decode_frame
+from .tasks import FAILED, OK, UNPICKLABLE_RESULT, FunctionCache, TaskRunner, decode_frame
 
 __all__ = ["Scheduler", "Task"]
 
@@ -344,7 +344,10 @@ class Scheduler:
 
     def _pop_batch(self, st: _MachineSlots) -> list[Task]:
         q = self._queue
-        slots = sum(s.slots for s in self._machines if s.started and not s.dead) or 1
+        # Machines still booting count too: else the first one up takes the whole queue in one
+        # batch, and tasks meant to run side by side run one after another on it.
+        slots = max(sum(s.slots for s in self._machines if s.started and not s.dead),
+                    self._size, 1)
         if self._avg_seconds is None:
             n = 1  # measure before batching
         else:
@@ -399,9 +402,17 @@ class Scheduler:
         finished = [False] * len(batch)
         try:
             for frame in stream:
-                index, outcome, seconds, payload = decode_frame(frame)
+                if type(frame) is tuple:  # run_one's reply, decoded already
+                    index, outcome, seconds, value = frame
+                else:
+                    index, outcome, seconds, value = decode_frame(frame)
+                    if outcome == OK:
+                        try:
+                            value = codec.loads(value)
+                        except codec.DecodeError as exc:  # fails this task, not the batch
+                            outcome, value = FAILED, exc
                 finished[index] = True
-                self._complete(batch[index], outcome, payload)
+                self._complete(batch[index], outcome, value)
                 a = self._avg_seconds
                 self._avg_seconds = seconds if a is None else 0.8 * a + 0.2 * seconds
         except (MachineStopped, NetworkError) as exc:
@@ -416,16 +427,14 @@ class Scheduler:
         if rest:  # the machine stopped the batch early: it was cancelled
             self._requeue(rest, charge=None)
 
-    def _complete(self, task: Task, outcome: int, payload: memoryview) -> None:
+    def _complete(self, task: Task, outcome: int, value: Any) -> None:
+        """Settle ``task`` with its result (``value``, for OK) or its encoded error."""
         if outcome == OK:
-            try:
-                value = codec.loads(payload)
-            except codec.DecodeError as exc:
-                _settle(task.future, error=exc)
-            else:
-                _settle(task.future, result=value)
+            _settle(task.future, result=value)
+        elif isinstance(value, BaseException):  # decoding its result failed here
+            _settle(task.future, error=value)
         else:
-            exc = wire.decode_error(payload, base_exceptions=True)  # as the stdlib's futures
+            exc = wire.decode_error(value, base_exceptions=True)  # as the stdlib's futures
             if outcome == UNPICKLABLE_RESULT and self._unpicklable_result is not None:
                 exc = self._unpicklable_result(exc)
             _settle(task.future, error=exc)

@@ -11,7 +11,8 @@ A batch of small tasks travels in one RPC, and their results come back as they f
 machine that dies mid-batch loses only the task it was running: the driver knows which
 finished. The reply frame of a task is ``_HEADER`` (index, outcome, seconds) followed by the
 codec message of its result, or an error tuple. A result that cannot be pickled fails its own
-task (outcome ``UNPICKLABLE_RESULT``) and the batch goes on.
+task (outcome ``UNPICKLABLE_RESULT``) and the batch goes on. A batch of one goes by ``run_one``
+instead, whose plain reply is the tuple (index, outcome, seconds, result or error) itself.
 """
 
 from __future__ import annotations
@@ -77,36 +78,54 @@ class TaskRunner:
         """Run the tasks in order; stream one reply frame per task as it finishes."""
         return self._results(batch, ctx)
 
-    def run_one(self, fn: Callable[..., Any], args: tuple, kwargs: dict) -> bytes:
-        """Run one task; its reply frame, as a plain reply."""
-        return next(self._results([(fn, args, kwargs)], None))
+    def run_one(self, fn: Callable[..., Any], args: tuple, kwargs: dict) -> codec.Encoded:
+        """Run one task, as a plain reply: the message of ``(0, outcome, seconds, value)``.
+
+        The result is encoded once, into the reply itself, so a large one is neither joined
+        nor copied on its way (a stream's frames must be joined; a batch of one need not).
+        """
+        outcome, value, seconds = self._run_task(fn, args, kwargs)
+        if outcome == OK:
+            try:
+                return codec.Encoded(codec.dumps((0, OK, seconds, value)))
+            except codec.EncodeError as exc:
+                outcome, value = UNPICKLABLE_RESULT, wire.encode_error(exc)
+        return codec.Encoded(codec.dumps((0, outcome, seconds, value)))
+
+    def _run_task(self, fn: Callable[..., Any], args: tuple,
+                  kwargs: dict) -> tuple[int, Any, float]:
+        """(OK, value, seconds) or (FAILED, encoded error, seconds)."""
+        t0 = time.perf_counter()
+        self.running += 1
+        try:
+            if type(fn) is PickledFunction:
+                if self._functions is None:
+                    self._functions = _LoadedFunctions()
+                fn = self._functions.get(fn.blob)
+            outcome, value = OK, fn(*args, **kwargs)
+        except BaseException as exc:  # a task's failure is its result
+            outcome, value = FAILED, wire.encode_error(exc)
+            self.tasks_failed += 1
+        seconds = time.perf_counter() - t0
+        self.running -= 1
+        self.tasks_run += 1
+        self.task_seconds += seconds
+        return outcome, value, seconds
 
     def _results(self, batch: list[tuple[Callable[..., Any], tuple, dict]],
                  ctx: Any) -> Iterator[bytes]:
         for index, (fn, args, kwargs) in enumerate(batch):
             if ctx is not None and ctx.cancelled:  # the driver gave up on the rest
                 return
-            t0 = time.perf_counter()
-            self.running += 1
-            try:
-                if type(fn) is PickledFunction:
-                    if self._functions is None:
-                        self._functions = _LoadedFunctions()
-                    fn = self._functions.get(fn.blob)
-                value = fn(*args, **kwargs)
-            except BaseException as exc:  # a task's failure is its result
-                outcome, payload = FAILED, wire.encode_error(exc)
-                self.tasks_failed += 1
-            else:
+            outcome, value, seconds = self._run_task(fn, args, kwargs)
+            if outcome == OK:
                 try:
-                    outcome, payload = OK, codec.dumps_bytes(value)
+                    payload = codec.dumps_bytes(value)
                 except codec.EncodeError as exc:
                     outcome, payload = UNPICKLABLE_RESULT, wire.encode_error(exc)
+            else:
+                payload = value
             value = None  # do not keep the task's result alive while the next one runs
-            seconds = time.perf_counter() - t0
-            self.running -= 1
-            self.tasks_run += 1
-            self.task_seconds += seconds
             yield _HEADER.pack(index, outcome, seconds) + payload
 
     def count(self) -> int:

@@ -29,13 +29,23 @@ from typing import Any
 
 import cloudpickle
 
-__all__ = ["EncodeError", "DecodeError", "dumps", "loads", "dumps_bytes"]
+__all__ = ["EncodeError", "DecodeError", "Encoded", "dumps", "loads", "dumps_bytes"]
 
 _OOB_MIN = 64 * 1024  # below this an extra buffer costs more than the copy it saves
 _WALK_MAX = 256  # containers longer than this are not searched for large bytes
 _CONTAINERS = (tuple, list, dict)
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
+
+
+class Encoded:
+    """A message already encoded by ``dumps``. A method that returns one has its pieces sent
+    as they are: the caller decodes the value inside, and large buffers are never joined."""
+
+    __slots__ = ("pieces",)
+
+    def __init__(self, pieces: list[Any]) -> None:
+        self.pieces = pieces
 
 
 class EncodeError(TypeError):

@@ -301,7 +301,9 @@ class Server:
                     error = failed
             else:
                 status = 200
-                if error is None:
+                if type(result) is codec.Encoded:
+                    pieces = result.pieces
+                elif error is None:
                     try:
                         pieces = codec.dumps(result)
                     except codec.EncodeError as exc:
