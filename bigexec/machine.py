@@ -22,7 +22,6 @@ future with ``CancelledError`` at once and cancels the remote method's ``ctx``.
 from __future__ import annotations
 
 import logging
-import os
 import sys
 import threading
 import time
@@ -32,7 +31,7 @@ from enum import IntEnum
 from typing import TYPE_CHECKING, Any
 
 from .errors import BootError, MachineLost, MachineStopped, NetworkError
-from .rpc.client import CallHandle
+from .rpc.client import CallHandle, PendingCall, new_call_id
 from .rpc.wire import Stream
 
 if TYPE_CHECKING:
@@ -285,6 +284,11 @@ class Machine:
 
     def _call(self, method: str, prepared: Any, timeout: float | None, call_id: str,
               handle: CallHandle) -> Any:
+        return self._finish(self._begin(method, prepared, timeout, call_id, handle))
+
+    def _begin(self, method: str, prepared: Any, timeout: float | None, call_id: str,
+               handle: CallHandle) -> PendingCall:
+        """Send a call's request; ``_finish`` reads the reply, maybe in another thread."""
         if self._state < RUNNING:
             if not self.wait(RUNNING, timeout):
                 raise TimeoutError(f"{method}: machine {self.addr or '(booting)'} did not start "
@@ -293,29 +297,49 @@ class Machine:
             if self._state == STOPPED:
                 raise MachineStopped(self.addr, self._err)
             self._inflight.add(handle)
+        try:
+            return self._b._client.begin(self.addr, method, prepared, timeout=timeout,
+                                         call_id=call_id, handle=handle)
+        except BaseException as exc:
+            self._untrack(handle)
+            err = self._failed(exc, call_id, handle)
+            if err is exc:
+                raise
+            raise err from exc
+
+    def _finish(self, p: PendingCall) -> Any:
+        handle = p.handle
+        assert handle is not None
         streaming = False
         try:
-            result = self._b._client.call(self.addr, method, timeout=timeout, call_id=call_id,
-                                          handle=handle, prepared=prepared)
+            result = self._b._client.finish(p)
             if isinstance(result, Stream):
                 # the machine may still stop mid-stream: keep the call abortable till the end
                 streaming = True
                 result.add_done_callback(lambda clean: self._untrack(handle))
             return result
-        except TimeoutError:
+        except BaseException as exc:
+            err = self._failed(exc, p.call_id, handle)
+            if err is exc:
+                raise
+            raise err from exc
+        finally:
+            if not streaming:
+                self._untrack(handle)
+
+    def _failed(self, exc: BaseException, call_id: str, handle: CallHandle) -> BaseException:
+        """What a call that failed with ``exc`` raises: a lost machine's calls raise
+        ``MachineStopped``; a timed-out call is cancelled on the machine too."""
+        if isinstance(exc, TimeoutError):
             if handle.aborted is None:
                 self._remote_cancel(call_id)
-            raise
-        except NetworkError as exc:
+        elif isinstance(exc, NetworkError):
             died = self._handle.died(_DEATH_GRACE) if self.owned and self._handle else None
             if died is not None:
                 self._stop(died)
             if self._state == STOPPED:
-                raise MachineStopped(self.addr, self._err) from exc
-            raise
-        finally:
-            if not streaming:
-                self._untrack(handle)
+                return MachineStopped(self.addr, self._err)
+        return exc
 
     def _untrack(self, handle: CallHandle) -> None:
         with self._cond:
@@ -339,7 +363,7 @@ class Machine:
         ``TypeError`` (before sending anything) for an argument that cannot be pickled.
         """
         prepared = self._b._client.prepare(args, kwargs)
-        return self._call(method, prepared, timeout, os.urandom(8).hex(), CallHandle())
+        return self._call(method, prepared, timeout, new_call_id(), CallHandle())
 
     def submit(self, method: str, *args: Any, timeout: float | None = None,
                **kwargs: Any) -> Future:
@@ -351,7 +375,7 @@ class Machine:
         prepared = self._b._client.prepare(args, kwargs)  # unpicklable: raise here
         fut: Future = Future()
         handle = CallHandle()
-        call_id = os.urandom(8).hex()
+        call_id = new_call_id()
         started = threading.Event()
 
         def run() -> None:
@@ -397,7 +421,7 @@ class Machine:
             if left is not None and left <= 0:
                 raise TimeoutError(f"{method} on {self.addr}: retries ran out of time")
             try:
-                return self._call(method, prepared, left, os.urandom(8).hex(), CallHandle())
+                return self._call(method, prepared, left, new_call_id(), CallHandle())
             except NetworkError:
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left < wait:

@@ -15,6 +15,7 @@ idle) is retried once on a fresh connection.
 
 from __future__ import annotations
 
+import itertools
 import os
 import socket
 import ssl
@@ -30,6 +31,23 @@ from . import codec, wire
 __all__ = ["Client", "CallHandle"]
 
 _MAX_IDLE = 64
+
+
+def _fresh_prefix() -> None:
+    global _call_prefix
+    _call_prefix = os.urandom(6).hex() + "-"
+
+
+_call_prefix = ""
+_fresh_prefix()
+os.register_at_fork(after_in_child=_fresh_prefix)  # a forked child must not reuse our ids
+_call_numbers = itertools.count(1)
+
+
+def new_call_id() -> str:
+    """An id for one call, unique on any server: a random per-process prefix and a counter
+    (a profile showed ``os.urandom`` per call costing more than the counter)."""
+    return f"{_call_prefix}{next(_call_numbers):x}"
 
 
 class CallHandle:
@@ -64,13 +82,19 @@ class CallHandle:
 
 
 class _Conn:
-    __slots__ = ("sock", "rfile", "reused", "dead")
+    __slots__ = ("sock", "rfile", "reused", "dead", "timeout")
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.rfile = sock.makefile("rb", buffering=256 * 1024)
         self.reused = False
         self.dead = False
+        self.timeout = sock.gettimeout()
+
+    def settimeout(self, timeout: float | None) -> None:
+        if timeout != self.timeout:  # most calls have none: skip the system call
+            self.sock.settimeout(timeout)
+            self.timeout = timeout
 
     def kill(self) -> None:
         self.dead = True
@@ -204,82 +228,126 @@ class Client:
         """
         if prepared is None:
             prepared = self.prepare(args, kwargs or {})
-        length = wire.body_length(prepared[1])
-        t0 = time.perf_counter()
+        return self.finish(self.begin(addr, method, prepared, timeout=timeout, call_id=call_id,
+                                      handle=handle))
+
+    def begin(self, addr: str, method: str, prepared: tuple[Any, list[Any]], *,
+              timeout: float | None = None, call_id: str | None = None,
+              handle: CallHandle | None = None) -> PendingCall:
+        """Send the request of a call (``prepare``'d arguments); ``finish`` reads its reply.
+
+        The two halves may run in different threads: the executor sends from the thread that
+        submits, and whichever thread waits first reads the reply.
+        """
+        p = PendingCall(self, addr, method, prepared, timeout, call_id or new_call_id(), handle)
+        try:
+            self._send(p)
+        except BaseException:
+            self.stats.record(method, time.perf_counter() - p.t0, True, p.length)
+            raise
+        return p
+
+    def finish(self, p: PendingCall) -> Any:
+        """Read the reply of a call that ``begin`` sent: see ``call`` for what it raises."""
         failed = True
         try:
-            result = self._call(addr, method, prepared, length, timeout, call_id, handle)
+            result = self._receive(p)
             failed = False
             return result
         finally:
-            self.stats.record(method, time.perf_counter() - t0, failed, length)
+            self.stats.record(p.method, time.perf_counter() - p.t0, failed, p.length)
 
-    def _call(self, addr: str, method: str, prepared: tuple[Any, list[Any]], length: int,
-              timeout: float | None, call_id: str | None, handle: CallHandle | None) -> Any:
-        ep = self._endpoint(addr)
-        deadline = None if timeout is None else time.monotonic() + timeout
-        source, pieces = prepared
-        call_id = call_id or os.urandom(8).hex()
-        target = f"{ep.prefix}/bigrpc/{method}"
-        fresh = False
+    def _send(self, p: PendingCall) -> None:
+        ep, addr, method, handle = p.ep, p.addr, p.method, p.handle
+        source, pieces = p.prepared
         while True:
-            conn = self._checkout(addr, ep, fresh, _remaining(deadline, method, addr))
+            conn = self._checkout(addr, ep, p.fresh, _remaining(p.deadline, method, addr))
             if handle is not None:
                 handle._attach(conn)
-            got_reply = streaming = False
             try:
-                remaining = _remaining(deadline, method, addr)
+                remaining = _remaining(p.deadline, method, addr)
                 head = (
-                    f"POST {target} HTTP/1.1\r\nHost: {ep.host_header}\r\n"
-                    f"Content-Type: application/x-bigexec\r\nX-Bigexec-Call: {call_id}\r\n"
+                    f"POST {ep.prefix}/bigrpc/{method} HTTP/1.1\r\nHost: {ep.host_header}\r\n"
+                    f"Content-Type: application/x-bigexec\r\nX-Bigexec-Call: {p.call_id}\r\n"
                     + ("" if remaining is None else f"X-Bigexec-Timeout: {remaining:.6f}\r\n")
                 )
-                conn.sock.settimeout(remaining)
-                source_error = None
+                conn.settimeout(remaining)
+                p.source_error = None
                 if source is None:
                     wire.send_message(
-                        conn.sock, f"{head}Content-Length: {length}\r\n\r\n".encode("latin-1"),
-                        pieces, length,
+                        conn.sock,
+                        f"{head}Content-Length: {p.length}\r\n\r\n".encode("latin-1"),
+                        pieces, p.length,
                     )
                 else:
                     conn.sock.sendall(f"{head}Transfer-Encoding: chunked\r\n\r\n".encode("latin-1"))
-                    wire.send_frame(conn.sock, b"H", b"".join(bytes(p) for p in pieces))
-                    source_error = wire.send_stream(conn.sock, source)
-                if deadline is not None:  # a socket timeout counts per operation, not overall
-                    conn.sock.settimeout(_remaining(deadline, method, addr))
+                    wire.send_frame(conn.sock, b"H", b"".join(bytes(x) for x in pieces))
+                    p.source_error = wire.send_stream(conn.sock, source)
+                p.conn = conn
+                return
+            except TimeoutError:
+                conn.kill()
+                if handle is not None:
+                    handle._detach()
+                    if handle.aborted is not None:
+                        raise handle.aborted from None
+                raise TimeoutError(f"{method} on {addr} timed out after {p.timeout}s") from None
+            except (OSError, ProtocolError) as exc:
+                conn.kill()
+                if handle is not None:
+                    handle._detach()
+                    if handle.aborted is not None:
+                        raise handle.aborted from None
+                if conn.reused and not p.fresh and source is None:
+                    self.reset(addr)  # its siblings are likely stale too
+                    p.fresh = True
+                    continue
+                raise NetworkError(f"{method} on {addr}: {exc}") from exc
+
+    def _receive(self, p: PendingCall) -> Any:
+        addr, method, handle = p.addr, p.method, p.handle
+        while True:
+            conn = p.conn
+            assert conn is not None
+            got_reply = streaming = False
+            try:
+                if p.deadline is not None:  # a socket timeout counts per operation, not overall
+                    conn.settimeout(_remaining(p.deadline, method, addr))
                 reply = wire.read_head(conn.rfile)
                 if reply is None:
                     raise ConnectionResetError("connection closed before the reply")
                 got_reply = True
                 # a reply that arrives after the deadline is a timeout all the same: the
                 # method saw its ctx expire at about the moment the caller gave up
-                late = deadline is not None and time.monotonic() > deadline
-                result = self._finish(addr, method, conn, reply, handle, source_error)
+                late = p.deadline is not None and time.monotonic() > p.deadline
+                result = self._finish(addr, method, conn, reply, handle, p.source_error)
                 streaming = isinstance(result, wire.Stream)
                 if late and not streaming:
                     raise _LateReply
                 return result
             except _LateReply:
-                raise TimeoutError(f"{method} on {addr} timed out after {timeout}s") from None
+                raise TimeoutError(f"{method} on {addr} timed out after {p.timeout}s") from None
             except TimeoutError:
                 conn.kill()
                 if handle is not None and handle.aborted is not None:
                     raise handle.aborted from None
-                raise TimeoutError(f"{method} on {addr} timed out after {timeout}s") from None
+                raise TimeoutError(f"{method} on {addr} timed out after {p.timeout}s") from None
             except (OSError, ProtocolError) as exc:
                 conn.kill()
                 if handle is not None and handle.aborted is not None:
                     raise handle.aborted from None
                 if isinstance(exc, ProtocolError) and got_reply:
                     raise
-                if conn.reused and not got_reply and not fresh and source is None:
-                    self.reset(addr)  # its siblings are likely stale too
-                    fresh = True
-                    continue
-                raise NetworkError(f"{method} on {addr}: {exc}") from exc
+                if not (conn.reused and not got_reply and not p.fresh
+                        and p.prepared[0] is None):
+                    raise NetworkError(f"{method} on {addr}: {exc}") from exc
+                # a stale pooled connection: the server never read the request; send it again
+                self.reset(addr)  # its siblings are likely stale too
+                p.fresh = True
             finally:
                 if handle is not None and not streaming:  # a stream detaches when it ends
                     handle._detach()
+            self._send(p)
 
     def _finish(self, addr: str, method: str, conn: _Conn,
                 reply: tuple[list[str], dict[str, str]], handle: CallHandle | None,
@@ -323,6 +391,31 @@ class Client:
         if status == 404:
             raise UnknownMethodError(text)
         raise ProtocolError(f"{method} on {addr}: HTTP {status}: {text}")
+
+
+class PendingCall:
+    """A call whose request is sent and whose reply is yet to be read (``Client.begin``)."""
+
+    __slots__ = ("client", "addr", "method", "prepared", "length", "timeout", "deadline",
+                 "call_id", "handle", "ep", "conn", "fresh", "source_error", "t0")
+
+    def __init__(self, client: Client, addr: str, method: str,
+                 prepared: tuple[Any, list[Any]], timeout: float | None, call_id: str,
+                 handle: CallHandle | None) -> None:
+        self.client = client
+        self.addr = addr
+        self.method = method
+        self.prepared = prepared
+        self.length = wire.body_length(prepared[1])
+        self.timeout = timeout
+        self.t0 = time.perf_counter()
+        self.deadline = None if timeout is None else time.monotonic() + timeout
+        self.call_id = call_id
+        self.handle = handle
+        self.ep = client._endpoint(addr)
+        self.conn: _Conn | None = None
+        self.fresh = False
+        self.source_error: BaseException | None = None
 
 
 class _LateReply(Exception):
