@@ -10,6 +10,12 @@
                                           one crash, the rest of the batch goes back to the
                                           front of the queue, and a replacement machine starts
 
+    submit(task), queue empty and a slot idle ──> the submitting thread sends "<service>.run_one"
+        itself (a "direct" call); the reply is read by whoever claims it first: the thread
+        that waits in ``future.result()``, or the idle slot thread woken at submit (so that a
+        future nobody waits on completes too). Either way one thread hand-off fewer than
+        through the queue; the slot's capacity is counted as busy until the reply is read.
+
 Task states (a task's future follows the standard ``concurrent.futures`` states)::
 
     queued (future PENDING; Future.cancel() works) ──take──> dispatched (future RUNNING)
@@ -43,6 +49,7 @@ from .errors import (
 )
 from .machine import RUNNING, STOPPED, Machine
 from .rpc import codec, wire
+from .rpc.client import CallHandle, Client, new_call_id
 from .session import B, start
 from .tasks import FAILED, OK, UNPICKLABLE_RESULT, FunctionCache, TaskRunner, decode_frame
 
@@ -53,6 +60,7 @@ log = logging.getLogger("bigexec.scheduler")
 _BATCH_SECONDS = 0.02  # aim a batch at this much work: small tasks share one round trip
 _MAX_BATCH = 512
 _MAX_BOOT_FAILURES = 3  # in a row, before giving up on starting machines
+_DIRECT_MAX_BYTES = 64 * 1024  # larger requests go through a slot thread: submit stays quick
 _ids = itertools.count(1)
 
 
@@ -83,7 +91,7 @@ class Task:
         self.fn = fn
         self.args = args
         self.kwargs = kwargs
-        self.future: Future = future if future is not None else Future()
+        self.future: Future = future if future is not None else _TaskFuture()
         self.crashes: list[str] = []
         self.started = False
 
@@ -101,6 +109,59 @@ class Task:
         return f"{name}({args})"
 
 
+class _TaskFuture(Future):
+    """The Executor's future. When a call went straight to a machine (see ``_Direct``), the
+    first ``result()`` or ``exception()`` without a timeout reads the reply itself, in the
+    waiting thread, instead of being woken by the slot thread that would read it: one thread
+    hand-off less per round trip."""
+
+    _direct: _Direct | None = None
+
+    def result(self, timeout: float | None = None) -> Any:
+        d = self._direct
+        if d is not None and timeout is None and d.claim():
+            d.scheduler._run_direct(d)
+        return super().result(timeout)
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        d = self._direct
+        if d is not None and timeout is None and d.claim():
+            d.scheduler._run_direct(d)
+        return super().exception(timeout)
+
+
+class _Direct:
+    """A task whose request the submitting thread sent at once to an idle slot's machine.
+
+    Its reply is read by whoever claims it first: the task's future, when someone waits on
+    it, or a slot thread of that machine (woken at submit), so that a future nobody waits on
+    still completes. ``error`` holds what sending raised, for the reader to handle.
+    """
+
+    __slots__ = ("scheduler", "st", "task", "pending", "error", "_token")
+
+    def __init__(self, scheduler: Scheduler, st: _MachineSlots, task: Task) -> None:
+        self.scheduler = scheduler
+        self.st = st
+        self.task = task
+        self.pending: Any = None
+        self.error: BaseException | None = None
+        self._token = threading.Lock()
+
+    def claim(self) -> bool:
+        if not self._token.acquire(blocking=False):
+            return False
+        fut = self.task.future
+        if type(fut) is _TaskFuture:
+            fut._direct = None
+        return True
+
+    def finish(self) -> Any:
+        if self.error is not None:
+            raise self.error
+        return self.st.machine._finish(self.pending)
+
+
 def _settle(fut: Future, *, result: Any = None, error: BaseException | None = None) -> None:
     try:
         if error is None:
@@ -115,17 +176,20 @@ class _MachineSlots:
     """The scheduler's view of one machine: its slot threads and task counts."""
 
     __slots__ = ("machine", "register", "slots", "dispatched", "retiring", "dead", "started",
-                 "busy")
+                 "busy", "cond", "waiting", "direct")
 
-    def __init__(self, machine: Machine, register: bool) -> None:
+    def __init__(self, machine: Machine, register: bool, lock: threading.RLock) -> None:
         self.machine = machine
+        self.cond = threading.Condition(lock)  # its slot threads wait here
+        self.waiting = 0  # slot threads waiting on cond and not yet notified
+        self.direct: deque[_Direct] = deque()
         self.register = register  # the service must be registered by us (given machines)
         self.slots = 0
         self.dispatched = 0
         self.retiring = False
         self.dead = False
         self.started = False
-        self.busy = 0  # batches in flight
+        self.busy = 0  # batches and direct calls in flight
 
 
 class Scheduler:
@@ -154,11 +218,11 @@ class Scheduler:
         self._max_crashes = max_crashes
         self._maxtasks = maxtasksperchild
         self._unpicklable_result = unpicklable_result
-        # One lock, two conditions: slot threads wait on ``_cond`` for work, ``wait_idle`` on
+        # One lock; slot threads wait on their machine's condition for work, ``wait_idle`` on
         # ``_idle`` for the end of it. A profile of submit().result() showed every completion
-        # waking every idle slot thread when they shared one condition.
+        # waking every idle slot thread when they all shared one condition.
         self._lock = threading.RLock()
-        self._cond = threading.Condition(self._lock)
+        self._cond = threading.Condition(self._lock)  # for the lock only: nobody waits on it
         self._idle = threading.Condition(self._lock)
         self._queue: deque[Task] = deque()
         self._inflight = 0
@@ -207,7 +271,7 @@ class Scheduler:
             self._adopt(m, register=False)
 
     def _adopt(self, m: Machine, register: bool) -> None:
-        st = _MachineSlots(m, register)
+        st = _MachineSlots(m, register, self._lock)
         with self._cond:
             self._machines.append(st)
         threading.Thread(target=self._machine_main, args=(st,), daemon=True,
@@ -236,7 +300,7 @@ class Scheduler:
             self._boot_failures = 0
             st.started = True
             st.slots = m.maxprocs
-        m._on_stop(lambda _m: self._wake())
+        m._on_stop(lambda _m: self._wake(st))
         for _ in range(m.maxprocs - 1):
             threading.Thread(target=self._slot_main, args=(st,), daemon=True,
                              name=f"bigexec-slot-{m.addr}").start()
@@ -287,11 +351,15 @@ class Scheduler:
     def _slot_main(self, st: _MachineSlots) -> None:
         try:
             while True:
-                batch = self._take(st)
-                if batch is None:
+                work = self._take(st)
+                if work is None:
                     break
+                if type(work) is _Direct:
+                    if work.claim():  # else its future's waiter reads the reply
+                        self._run_direct(work)
+                    continue
                 try:
-                    self._run(st, batch)
+                    self._run(st, work)
                 finally:
                     with self._cond:
                         st.busy -= 1
@@ -304,19 +372,39 @@ class Scheduler:
         finally:
             self._slot_done(st)
 
-    def _wake(self) -> None:
+    def _wake(self, st: _MachineSlots) -> None:
         with self._cond:
-            self._notify_everyone()
+            st.waiting = 0
+            st.cond.notify_all()
 
     def _notify_everyone(self) -> None:
         """The state changed for all (stop, break, requeue): wake slots and idle waiters."""
-        self._cond.notify_all()
+        for st in self._machines:
+            st.waiting = 0
+            st.cond.notify_all()
         self._idle.notify_all()
+
+    def _wake_slots(self, n: int) -> None:
+        """Wake up to ``n`` idle slot threads (the caller holds the lock)."""
+        for st in self._machines:
+            if n <= 0:
+                return
+            k = min(n, st.waiting)
+            if k and st.busy < st.slots:
+                st.waiting -= k
+                st.cond.notify(k)
+                n -= k
 
     def _slot_done(self, st: _MachineSlots) -> None:
         m = st.machine
         with self._cond:
             st.slots -= 1
+            # direct calls left to this machine: read them here (it is leaving, they fail fast)
+            orphans, st.direct = list(st.direct), deque()
+        for d in orphans:
+            if d.claim():
+                self._run_direct(d)
+        with self._cond:
             if st.slots > 0 or st.dead:
                 return
             st.dead = True
@@ -327,20 +415,23 @@ class Scheduler:
         elif m.state == STOPPED:  # it died while idle
             self._machine_gone(st, m.err or MachineStopped(m.addr))
 
-    def _take(self, st: _MachineSlots) -> list[Task] | None:
+    def _take(self, st: _MachineSlots) -> list[Task] | _Direct | None:
         with self._cond:
             while True:
+                if st.direct:
+                    return st.direct.popleft()
                 if (self._stopped or self._broken is not None or st.dead or st.retiring
                         or st.machine.state == STOPPED):
                     if self._queue:
-                        self._cond.notify()  # the wake-up this slot cannot use goes on
+                        self._wake_slots(1)  # the wake-up this slot cannot use goes on
                     return None
-                if self._queue and self._cancel_running is None:
+                if self._queue and self._cancel_running is None and st.busy < st.slots:
                     batch = self._pop_batch(st)
                     if batch:
                         return batch
                     continue
-                self._cond.wait()
+                st.waiting += 1
+                st.cond.wait()
 
     def _pop_batch(self, st: _MachineSlots) -> list[Task]:
         q = self._queue
@@ -369,7 +460,7 @@ class Scheduler:
         if not q:
             self._idle.notify_all()  # cancelled tasks may have been all that was left
         else:
-            self._cond.notify()  # more work than this slot took: pass it on
+            self._wake_slots(1)  # more work than this slot took: pass it on
         if self._maxtasks is not None and st.dispatched >= self._maxtasks:
             st.retiring = True
         return batch
@@ -383,12 +474,32 @@ class Scheduler:
             return [m.call(f"{self._service}.run_one", fn(t.fn), t.args, t.kwargs)]
         return m.call(f"{self._service}.run", [(fn(t.fn), t.args, t.kwargs) for t in batch])
 
-    def _run(self, st: _MachineSlots, batch: list[Task]) -> None:
+    def _run_direct(self, d: _Direct) -> None:
+        """Read and deliver a direct call's reply (by its claimer), then free its slot."""
+        st = d.st
+        try:
+            self._run(st, [d.task], d)
+        except BaseException:
+            # Interrupted while reading (Ctrl-C in result()): the reply is lost with its
+            # connection, so the task runs again, as after a lost machine; nothing hangs.
+            if not d.task.future.done():
+                self._requeue([d.task], charge=None)
+            raise
+        finally:
+            with self._cond:
+                st.busy -= 1
+                if self._queue and st.waiting and st.busy < st.slots:
+                    st.waiting -= 1
+                    st.cond.notify()
+
+    def _run(self, st: _MachineSlots, batch: list[Task], direct: _Direct | None = None) -> None:
         m = st.machine
         try:
             try:
-                stream = self._send(m, batch)
+                stream = self._send(m, batch) if direct is None else [direct.finish()]
             except codec.EncodeError:  # find the culprits, fail them, send the rest
+                if direct is not None:
+                    raise
                 batch = self._drop_unpicklable(batch)
                 if not batch:
                     return
@@ -479,6 +590,8 @@ class Scheduler:
         with self._cond:
             first_time = not st.dead
             st.dead = True
+            st.waiting = 0
+            st.cond.notify_all()  # its idle slot threads leave (and read its direct calls)
         self._requeue(unfinished, charge=str(why or exc))
         if first_time:
             if m.state != STOPPED:
@@ -531,16 +644,71 @@ class Scheduler:
         return task.future
 
     def submit_many(self, tasks: list[Task]) -> None:
+        if len(tasks) == 1 and self._maxtasks is None and self._send_direct(tasks[0]):
+            return
         with self._cond:
             if self._broken is not None:
                 raise self._broken
             if self._closing:
                 raise RuntimeError("cannot schedule new futures after shutdown")
             self._queue.extend(tasks)
-            self._cond.notify(len(tasks))  # a slot that wakes for nothing costs a round trip
+            self._wake_slots(len(tasks))  # a slot that wakes for nothing costs a round trip
             start, self._to_start = self._to_start, 0
         if start:
             self._start_machines(start)
+
+    def _direct_slot(self) -> _MachineSlots | None:
+        """A machine with an idle slot thread and nothing queued (the caller holds the lock)."""
+        if (self._queue or self._broken is not None or self._closing or self._stopped
+                or self._cancel_running is not None or self._to_start):
+            return None
+        for st in self._machines:
+            if (st.waiting and st.busy < st.slots and st.started and not st.dead
+                    and not st.retiring and st.machine.state == RUNNING):
+                return st
+        return None
+
+    def _send_direct(self, task: Task) -> bool:
+        """Send ``task`` to an idle machine from this thread, if one is idle and the task
+        small; return whether it went. A slot thread would only add a wake-up to the trip."""
+        with self._cond:
+            if self._direct_slot() is None:
+                return False
+        try:
+            prepared = Client.prepare((self._functions.encode(task.fn), task.args,
+                                       task.kwargs), {})
+        except codec.EncodeError:
+            return False  # the queue's path fails it as it should
+        if wire.body_length(prepared[1]) > _DIRECT_MAX_BYTES:
+            return False  # submit must not block on a large send
+        with self._cond:
+            st = self._direct_slot()
+            if st is None:
+                return False
+            if not task.future.set_running_or_notify_cancel():
+                return True  # cancelled before it was ever queued
+            task.started = True
+            st.busy += 1
+            st.dispatched += 1
+            self._inflight += 1
+        d = _Direct(self, st, task)
+        if type(task.future) is _TaskFuture:
+            task.future._direct = d  # before anyone can claim d, so a claim clears it
+        try:
+            d.pending = st.machine._begin(f"{self._service}.run_one", prepared, None,
+                                          new_call_id(), CallHandle())
+        except BaseException as exc:  # the reader handles it, as a failed call
+            d.error = exc
+        with self._cond:
+            gone = st.slots <= 0  # its slot threads have all left: nobody else will read it
+            if not gone:
+                st.direct.append(d)
+                if st.waiting:
+                    st.waiting -= 1
+                    st.cond.notify()
+        if gone and d.claim():
+            self._run_direct(d)
+        return True
 
     def cancel_pending(self) -> None:
         """Cancel every queued task that has not started (as ``cancel_futures=True``)."""

@@ -158,3 +158,63 @@ def _alive(pid: int) -> bool:
             return f.read().split()[2] != "Z"
     except FileNotFoundError:
         return False
+
+
+# --- calls sent straight from submit (the scheduler's direct path) --------------------------
+
+
+def test_an_interrupted_result_loses_nothing(monkeypatch):
+    """Ctrl-C while ``result()`` reads a direct call's reply: the task runs again, and the
+    next ``result()`` gets its value; nothing hangs, shutdown included."""
+    from bigexec.machine import Machine
+
+    real_finish = Machine._finish
+    interrupted = []
+
+    def finish_once(self, pending):
+        if not interrupted:
+            interrupted.append(pending.method)
+            raise KeyboardInterrupt
+        return real_finish(self, pending)
+
+    with bigexec.Executor(1, system="threads", **FAST) as ex:
+        assert ex.submit(abs, -1).result(timeout=30) == 1  # machine up, slot idle
+        monkeypatch.setattr(Machine, "_finish", finish_once)
+        f = ex.submit(slow_square, 7)
+        with pytest.raises(KeyboardInterrupt):
+            f.result()
+        assert interrupted and interrupted[0].endswith(".run_one")
+        assert f.result(timeout=30) == 49
+        assert [ex.submit(slow_square, i).result(timeout=30) for i in range(5)] == [
+            0, 1, 4, 9, 16]
+
+
+@pytest.mark.parametrize("system", ["threads", "local"])
+def test_direct_calls_complete_without_anyone_waiting(system):
+    """Futures nobody calls ``result()`` on still complete: callbacks and ``wait`` see them."""
+    from concurrent.futures import wait
+
+    with bigexec.Executor(2, system=system, **FAST) as ex:
+        assert ex.submit(abs, -1).result(timeout=30) == 1
+        done = threading.Event()
+        seen = []
+        f = ex.submit(slow_square, 3)
+        f.add_done_callback(lambda fut: (seen.append(fut.result()), done.set()))
+        assert done.wait(30) and seen == [9]
+        fs = []
+        for i in range(20):
+            fs.append(ex.submit(slow_square, i))
+            time.sleep(0.002)  # the slots are idle at each submit: every call goes direct
+        finished, pending = wait(fs, timeout=30)
+        assert not pending and [x.result() for x in fs] == [i * i for i in range(20)]
+
+
+def test_a_direct_call_to_a_machine_killed_mid_task_runs_again():
+    with bigexec.Executor(1, system="local", **FAST) as ex:
+        assert ex.submit(os.getpid).result(timeout=30) > 0
+        victim = ex.machines()[0]
+        f = ex.submit(time.sleep, 1.0)
+        time.sleep(0.3)
+        os.kill(victim.info["pid"], signal.SIGKILL)
+        assert f.result(timeout=60) is None  # ran again on the replacement machine
+        assert ex.machines() and ex.machines()[0].addr != victim.addr
