@@ -34,7 +34,9 @@ import functools
 import itertools
 import logging
 import math
+import select
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, InvalidStateError
@@ -111,22 +113,36 @@ class Task:
 
 class _TaskFuture(Future):
     """The Executor's future. When a call went straight to a machine (see ``_Direct``), the
-    first ``result()`` or ``exception()`` without a timeout reads the reply itself, in the
-    waiting thread, instead of being woken by the slot thread that would read it: one thread
-    hand-off less per round trip."""
+    first ``result()`` or ``exception()`` reads the reply itself, in the waiting thread,
+    instead of being woken by the slot thread that would read it: one thread hand-off less
+    per round trip. With a timeout, it reads only a reply that starts arriving in time; else
+    the slot thread gets the call back and the wait goes on as usual."""
 
     _direct: _Direct | None = None
 
-    def result(self, timeout: float | None = None) -> Any:
+    def _read_here(self, timeout: float | None) -> None:
         d = self._direct
-        if d is not None and timeout is None and d.claim():
-            d.scheduler._run_direct(d)
+        if d is None or not d.claim():
+            return
+        if timeout is not None and not d.reply_arrives(timeout):
+            d.scheduler._hand_back(d)
+            return
+        d.scheduler._run_direct(d)
+
+    def result(self, timeout: float | None = None) -> Any:
+        if self._direct is not None:
+            t0 = time.monotonic()
+            self._read_here(timeout)
+            if timeout is not None:
+                timeout = max(0.0, timeout - (time.monotonic() - t0))
         return super().result(timeout)
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
-        d = self._direct
-        if d is not None and timeout is None and d.claim():
-            d.scheduler._run_direct(d)
+        if self._direct is not None:
+            t0 = time.monotonic()
+            self._read_here(timeout)
+            if timeout is not None:
+                timeout = max(0.0, timeout - (time.monotonic() - t0))
         return super().exception(timeout)
 
 
@@ -155,6 +171,27 @@ class _Direct:
         if type(fut) is _TaskFuture:
             fut._direct = None
         return True
+
+    def unclaim(self) -> None:
+        fut = self.task.future
+        if type(fut) is _TaskFuture:
+            fut._direct = self
+        self._token.release()
+
+    def reply_arrives(self, timeout: float) -> bool:
+        """Whether the reply starts to arrive within ``timeout`` seconds (or sending failed:
+        then there is nothing to wait for)."""
+        conn = self.pending.conn if self.pending is not None else None
+        if self.error is not None or conn is None:
+            return True
+        pending = getattr(conn.sock, "pending", None)  # bytes TLS has decrypted already
+        if pending is not None and pending():
+            return True
+        try:
+            readable, _, _ = select.select([conn.sock], [], [], max(0.0, timeout))
+        except (OSError, ValueError):  # closed under us: reading will tell what happened
+            return True
+        return bool(readable)
 
     def finish(self) -> Any:
         if self.error is not None:
@@ -474,6 +511,19 @@ class Scheduler:
             return [m.call(f"{self._service}.run_one", fn(t.fn), t.args, t.kwargs)]
         return m.call(f"{self._service}.run", [(fn(t.fn), t.args, t.kwargs) for t in batch])
 
+    def _hand_back(self, d: _Direct) -> None:
+        """A waiter claimed ``d`` but timed out before its reply: a slot thread reads it."""
+        st = d.st
+        with self._cond:
+            if st.slots > 0:
+                d.unclaim()
+                st.direct.append(d)
+                if st.waiting:
+                    st.waiting -= 1
+                    st.cond.notify()
+                return
+        self._run_direct(d)  # its slot threads have all left: read it here
+
     def _run_direct(self, d: _Direct) -> None:
         """Read and deliver a direct call's reply (by its claimer), then free its slot."""
         st = d.st
@@ -671,9 +721,8 @@ class Scheduler:
     def _send_direct(self, task: Task) -> bool:
         """Send ``task`` to an idle machine from this thread, if one is idle and the task
         small; return whether it went. A slot thread would only add a wake-up to the trip."""
-        with self._cond:
-            if self._direct_slot() is None:
-                return False
+        if self._direct_slot() is None:  # a guess without the lock; checked again below
+            return False
         try:
             prepared = Client.prepare((self._functions.encode(task.fn), task.args,
                                        task.kwargs), {})

@@ -218,3 +218,23 @@ def test_a_direct_call_to_a_machine_killed_mid_task_runs_again():
         os.kill(victim.info["pid"], signal.SIGKILL)
         assert f.result(timeout=60) is None  # ran again on the replacement machine
         assert ex.machines() and ex.machines()[0].addr != victim.addr
+
+
+@pytest.mark.parametrize("system", ["threads", "local"])
+def test_a_timed_out_result_hands_the_call_back(system):
+    """``result(timeout)`` that gives up before the reply leaves it to a slot thread: the
+    future completes without anyone calling ``result()`` again."""
+    from concurrent.futures import TimeoutError as FuturesTimeout
+    from concurrent.futures import wait
+
+    with bigexec.Executor(1, system=system, **FAST) as ex:
+        assert ex.submit(abs, -1).result(timeout=30) == 1
+        f = ex.submit(time.sleep, 0.5)
+        t0 = time.monotonic()
+        with pytest.raises(FuturesTimeout):
+            f.result(timeout=0.05)
+        assert time.monotonic() - t0 < 0.4  # it did not wait for the reply
+        done, _ = wait([f], timeout=30)
+        assert done == {f} and f.result() is None
+        g = ex.submit(abs, -5)
+        assert g.result(timeout=30) == 5 and ex.submit(abs, -6).exception(timeout=30) is None
