@@ -271,6 +271,13 @@ def w_echo(peer: str, p: dict, rec: Recorder) -> None:
 
     with _peer(peer) as ad:
         measure(lambda data: ad.submit(tasks.echo, data).result(timeout), "")
+    if peer == "bigexec-local":  # the floors: one bare socket, with and without mutual TLS
+        for kind in floor.ECHO_KINDS:
+            fl = floor.Floor(kind, timeout)
+            try:
+                measure(fl.call, f"floor_{kind.split('-')[1]}_")
+            finally:
+                fl.close()
     if peer.startswith("bigexec-"):  # the primitive under the executor: Machine.call
         import bigexec
 

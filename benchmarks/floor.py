@@ -12,6 +12,12 @@ call after another over one persistent connection, TCP_NODELAY on both ends:
 
 ``measure(kind, n, warmup)`` returns the ``n`` latencies in seconds; ``Floor(kind)`` is the
 connected pair itself, for measurements that alternate it with other callers.
+
+The payload floors echo a buffer over one socket, read with ``recv_into`` into one
+preallocated buffer on each side (no framing beyond a length, no pickling, no copies):
+
+    echo-plain    a bare socket
+    echo-mtls     the same over mutual TLS
 """
 
 from __future__ import annotations
@@ -33,8 +39,11 @@ LABELS = {
     "rpc-mtls": "floor: bigexec rpc Server/Client, mTLS",
 }
 
+ECHO_KINDS = ["echo-plain", "echo-mtls"]
+
 REQUEST = ("Bench.noop", (0,), {})
 _LEN = struct.Struct("!I")
+_SIZE = struct.Struct("!Q")
 _MAX_HEAD_LINES = 100
 
 
@@ -75,6 +84,22 @@ def _raw_handle(sock: socket.socket) -> None:
         name, args, kwargs = pickle.loads(body)
         reply = pickle.dumps(None, protocol=5)
         sock.sendall(_LEN.pack(len(reply)) + reply)
+
+
+def _echo_handle_factory(ssl_ctx: Any) -> Any:
+    def handle(sock: socket.socket) -> None:
+        if ssl_ctx is not None:
+            sock = ssl_ctx.wrap_socket(sock, server_side=True)
+        while True:
+            head = _recv_exact(sock, _SIZE.size)
+            if head is None:
+                return
+            body = _recv_exact(sock, _SIZE.unpack(head)[0])
+            if body is None:
+                return
+            sock.sendall(head)
+            sock.sendall(body)
+    return handle
 
 
 def _read_http_head(rfile: Any) -> tuple[bytes, int] | None:
@@ -131,7 +156,12 @@ def _server_main(kind: str, creds: Any, conn: Any) -> None:
         return
     listener = socket.create_server(("127.0.0.1", 0))
     conn.send(listener.getsockname()[1])
-    handle = _raw_handle if kind == "raw-tcp" else _http_handle_factory(server_ctx)
+    if kind == "raw-tcp":
+        handle = _raw_handle
+    elif kind.startswith("echo-"):
+        handle = _echo_handle_factory(server_ctx)
+    else:
+        handle = _http_handle_factory(server_ctx)
     _serve_forever(listener, handle)
 
 
@@ -148,6 +178,27 @@ class _RawClient:
         head = _recv_exact(self.sock, _LEN.size)
         reply = _recv_exact(self.sock, _LEN.unpack(head)[0])
         return pickle.loads(reply)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class _EchoClient:
+    def __init__(self, port: int, ssl_ctx: Any) -> None:
+        sock = socket.create_connection(("127.0.0.1", port))
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if ssl_ctx is not None:
+            sock = ssl_ctx.wrap_socket(sock, server_hostname="127.0.0.1")
+        self.sock = sock
+
+    def call(self, data: bytes) -> bytearray:
+        self.sock.sendall(_SIZE.pack(len(data)))
+        self.sock.sendall(data)
+        head = _recv_exact(self.sock, _SIZE.size)
+        body = _recv_exact(self.sock, _SIZE.unpack(head)[0]) if head is not None else None
+        if body is None:
+            raise ConnectionError("the echo floor server closed the connection")
+        return body
 
     def close(self) -> None:
         self.sock.close()
@@ -195,8 +246,8 @@ class Floor:
     """A floor's server (a child process) and a connected client: ``call()`` one request."""
 
     def __init__(self, kind: str, timeout: float = 60.0) -> None:
-        if kind not in KINDS:
-            raise ValueError(f"unknown floor {kind!r}; known: {', '.join(KINDS)}")
+        if kind not in KINDS and kind not in ECHO_KINDS:
+            raise ValueError(f"unknown floor {kind!r}; known: {', '.join(KINDS + ECHO_KINDS)}")
         server_creds = client_ctx = None
         if kind.endswith("-mtls"):
             from bigexec import tls
@@ -217,6 +268,8 @@ class Floor:
             port = self._conn.recv()
             if kind == "raw-tcp":
                 self._client = _RawClient(port)
+            elif kind.startswith("echo-"):
+                self._client = _EchoClient(port, client_ctx)
             elif kind.startswith("http-"):
                 self._client = _HttpClient(port, client_ctx)
             else:

@@ -385,9 +385,14 @@ def groups(cells: dict[str, Any]) -> list[dict[str, Any]]:
                   "method for bigexec [MB/s = 2 x size / time] "
                   f"(higher is better; calls per repeat: {P('echo', 'sizes')})",
          "cols": [("1 MiB", "e1", True), ("64 MiB", "e64", True)],
-         "rows": [(f"{LABELS[p]}: Machine.call", f"echo:{p}",
-                   {"e1": "call_echo1m_MBps", "e64": "call_echo64m_MBps"})
-                  for p in ("bigexec-local", "bigexec-threads") if p in peers]
+         "rows": [(label, "echo:bigexec-local", {"e1": f"floor_{k}_echo1m_MBps",
+                                                  "e64": f"floor_{k}_echo64m_MBps"})
+                  for label, k in (("floor: one bare socket, recv_into", "plain"),
+                                   ("floor: one mutual-TLS socket, recv_into", "mtls"))
+                  if "bigexec-local" in peers]
+         + [(f"{LABELS[p]}: Machine.call", f"echo:{p}",
+             {"e1": "call_echo1m_MBps", "e64": "call_echo64m_MBps"})
+            for p in ("bigexec-local", "bigexec-threads") if p in peers]
          + executor_rows("echo", {"e1": "echo1m_MBps", "e64": "echo64m_MBps"})},
         {"title": f"5b. {P('stream', 'mib')} MiB streamed on bigexec local, one way [MB/s]; "
                   "peak RSS increase [MiB] sampled every 5 ms, and bounded by ru_maxrss (hwm)",

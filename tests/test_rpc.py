@@ -349,6 +349,49 @@ def test_large_buffers_travel_out_of_band(value):
     assert type(back) is (bytes if isinstance(value, memoryview) else type(value))
 
 
+def test_read_places_large_bytes_without_a_copy():
+    """``codec.read`` (what server and client use) puts a large ``bytes`` straight into the
+    object it becomes; a bytearray stays a writable bytearray; a memoryview becomes bytes."""
+    import io
+
+    a, b, c = os.urandom(MIB), bytearray(os.urandom(MIB)), memoryview(os.urandom(MIB))
+    wire_bytes = b"".join(bytes(p) for p in codec.dumps([a, b, c, "small"]))
+    msg = codec.read(io.BufferedReader(io.BytesIO(wire_bytes)).readinto, len(wire_bytes))
+    assert isinstance(msg, codec.Message) and len(msg) == len(wire_bytes)
+    assert [type(x) for x in msg.buffers] == [bytes, bytearray, bytes]
+    got = codec.loads(msg)
+    assert got == [a, b, c.tobytes(), "small"]
+    assert got[0] is msg.buffers[0], "the received bytes were copied once more"
+    assert hash(got[0]) == hash(a)  # a real, immutable bytes object
+    got[1][0] ^= 0xFF  # writable, as the sender's bytearray was
+    assert got[1] != b
+
+
+@pytest.mark.parametrize("damage", ["short", "lengths", "buffers"])
+def test_read_rejects_a_header_that_does_not_add_up(damage):
+    import io
+
+    data = bytearray(b"".join(bytes(p) for p in codec.dumps([os.urandom(MIB)])))
+    length = len(data)
+    if damage == "short":
+        data = data[: length // 2]  # the connection ends early
+    elif damage == "lengths":
+        data[12:20] = (1 << 40).to_bytes(8, "little")  # the buffer's length is a lie
+    else:
+        data[0:4] = (1 << 30).to_bytes(4, "little")  # more buffers than the message holds
+    with pytest.raises(EOFError if damage == "short" else codec.DecodeError):
+        codec.read(io.BytesIO(bytes(data)).readinto, length)
+
+
+def test_a_large_malformed_body_gets_400_and_the_server_goes_on(plain_server):
+    server, client = plain_server
+    body = bytearray(b"".join(bytes(p) for p in codec.dumps(((os.urandom(128 * 1024),), {}))))
+    body[12:20] = (1 << 40).to_bytes(8, "little")
+    reply = _raw_exchange(server.port, _post("/bigrpc/Echo.echo", bytes(body)))
+    assert _status(reply) == 400 and b"header" in reply
+    assert client.call(server.addr, "Echo.add", (2, 3)) == 5
+
+
 def test_shared_and_cyclic_references_survive(caller):
     """Pickle keeps object identity inside a message; large buffers must not change that."""
     for size in (10, 200_000):  # below and above the out-of-band threshold

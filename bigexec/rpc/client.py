@@ -376,7 +376,14 @@ class Client:
         if length is None:
             conn.kill()
             raise ProtocolError(f"reply from {addr} without Content-Length (status {status})")
-        body = wire.read_exact(conn.rfile, int(length))
+        try:
+            if status == 200:
+                body: Any = wire.read_message(conn.rfile, int(length))
+            else:
+                body = wire.read_exact(conn.rfile, int(length))
+        except codec.DecodeError:
+            conn.kill()  # out of step with the stream: the connection is no good
+            raise
         if close:
             conn.kill()
         else:

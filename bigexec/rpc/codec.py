@@ -5,9 +5,14 @@ hand each piece to the socket without joining them and the receiver can unpickle
 the buffer it read into::
 
     u32 n                       number of out-of-band buffers
-    u64 len[0] .. len[n]        length of the pickle, then of each buffer
+    u64 len[0] .. len[n]        length of the pickle, then of each buffer (top bit: the
+                                buffer becomes a ``bytes`` object)
     pickle bytes
     buffer 0 .. buffer n-1
+
+A receiver that reads a message off a socket with ``read`` puts each buffer marked ``bytes``
+straight into the ``bytes`` object it becomes (on CPython): a large ``bytes`` argument or
+result is then never copied in memory on its way, only encrypted and decrypted.
 
 Large ``bytes``, ``bytearray`` and ``memoryview`` values (and anything else that supports
 protocol 5 out-of-band pickling, such as NumPy arrays) travel as separate buffers, so the
@@ -20,22 +25,26 @@ from ``__main__``, closures) is pickled by value with cloudpickle.
 
 from __future__ import annotations
 
+import ctypes
 import io
 import pickle
 import struct
 import sys
 import types
+from collections.abc import Callable
 from typing import Any
 
 import cloudpickle
 
-__all__ = ["EncodeError", "DecodeError", "Encoded", "dumps", "loads", "dumps_bytes"]
+__all__ = ["EncodeError", "DecodeError", "Encoded", "Message", "dumps", "loads", "dumps_bytes",
+           "read"]
 
 _OOB_MIN = 64 * 1024  # below this an extra buffer costs more than the copy it saves
 _WALK_MAX = 256  # containers longer than this are not searched for large bytes
 _CONTAINERS = (tuple, list, dict)
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
+_BYTES_FLAG = 1 << 63  # in a buffer's length: it becomes bytes
 
 
 class Encoded:
@@ -57,7 +66,7 @@ class DecodeError(ValueError):
 
 
 def _bytes_from_buffer(buf: Any) -> bytes:
-    return bytes(buf)
+    return buf if type(buf) is bytes else bytes(buf)  # bytes: read into by ``read``
 
 
 def _bytearray_from_buffer(buf: Any) -> bytearray:
@@ -118,17 +127,27 @@ def _swap_large(obj: Any, depth: int, memo: dict[int, Any]) -> Any:
 
 
 class _Pickler(cloudpickle.Pickler):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.to_bytes: list[pickle.PickleBuffer] = []  # the buffers _bytes_from_buffer takes
+
+    def _buffer(self, ctor: Any, data: Any) -> Any:
+        pb = pickle.PickleBuffer(data)
+        if ctor is _bytes_from_buffer:
+            self.to_bytes.append(pb)
+        return ctor, (pb,)
+
     def reducer_override(self, obj: Any) -> Any:
         t = type(obj)
         if t is _LargeBytes:
             ctor = _bytearray_from_buffer if type(obj.data) is bytearray else _bytes_from_buffer
-            return ctor, (pickle.PickleBuffer(obj.data),)
+            return self._buffer(ctor, obj.data)
         if t is bytes or t is bytearray or t is memoryview:
             if len(obj) >= _OOB_MIN:
                 view = memoryview(obj)
                 if view.contiguous:
                     ctor = _bytearray_from_buffer if t is bytearray else _bytes_from_buffer
-                    return ctor, (pickle.PickleBuffer(view),)
+                    return self._buffer(ctor, view)
             if t is memoryview:
                 return _bytes_from_buffer, (obj.tobytes(),)
             return NotImplemented
@@ -179,15 +198,17 @@ def dumps(obj: Any) -> list[Any]:
         return [_PLAIN_HEAD.pack(0, len(body)), body]
     buffers: list[pickle.PickleBuffer] = []
     out = io.BytesIO()
+    pickler = _Pickler(out, protocol=5, buffer_callback=buffers.append)
     try:
-        _Pickler(out, protocol=5, buffer_callback=buffers.append).dump(
-            _swap_large(obj, 3, {}))
+        pickler.dump(_swap_large(obj, 3, {}))
     except Exception as exc:  # pickling runs user code: anything can come out of it
         raise EncodeError(f"cannot pickle {_describe(obj)}: {exc}") from exc
     body = out.getbuffer()
     raws = [b.raw() for b in buffers]
+    to_bytes = {id(b) for b in pickler.to_bytes}
     head = [_U32.pack(len(raws)), _U64.pack(len(body))]
-    head.extend(_U64.pack(r.nbytes) for r in raws)
+    head.extend(_U64.pack(r.nbytes | (_BYTES_FLAG if id(b) in to_bytes else 0))
+                for b, r in zip(buffers, raws, strict=True))
     return [b"".join(head), body, *raws]
 
 
@@ -196,15 +217,109 @@ def dumps_bytes(obj: Any) -> bytes:
     return b"".join(bytes(p) for p in dumps(obj))
 
 
+class Message:
+    """A message as ``read`` took it off a connection: its pickle and its buffers apart."""
+
+    __slots__ = ("body", "buffers", "nbytes")
+
+    def __init__(self, body: bytearray, buffers: list[Any], nbytes: int) -> None:
+        self.body = body
+        self.buffers = buffers
+        self.nbytes = nbytes
+
+    def __len__(self) -> int:
+        return self.nbytes
+
+
+def _new_bytes_cpython(n: int) -> tuple[bytes, memoryview]:
+    """A new ``bytes`` of ``n`` bytes and a writable view of its contents, to read into.
+
+    Safe while nobody else holds the object: it is new, unhashed, and filled before anyone
+    sees it. Only on CPython, where a bytes object's data sits at a fixed offset.
+    """
+    b = _PyBytes_FromStringAndSize(None, n)
+    return b, memoryview((ctypes.c_ubyte * n).from_address(id(b) + _BYTES_DATA)).cast("B")
+
+
+def _new_bytes_copying(n: int) -> tuple[Any, memoryview]:
+    buf = bytearray(n)  # _bytes_from_buffer copies it into bytes
+    return buf, memoryview(buf)
+
+
+_new_bytes: Callable[[int], tuple[Any, memoryview]] = _new_bytes_copying
+if sys.implementation.name == "cpython":
+    try:
+        _PyBytes_FromStringAndSize = ctypes.pythonapi.PyBytes_FromStringAndSize
+        _PyBytes_FromStringAndSize.restype = ctypes.py_object
+        _PyBytes_FromStringAndSize.argtypes = (ctypes.c_void_p, ctypes.c_ssize_t)
+        _BYTES_DATA = bytes.__basicsize__ - 1  # offsetof(PyBytesObject, ob_sval)
+        _probe, _probe_view = _new_bytes_cpython(16)
+        _probe_view[:] = b"bigexec-bytes-ok"
+        if _probe == b"bigexec-bytes-ok":
+            _new_bytes = _new_bytes_cpython
+        del _probe, _probe_view
+    except Exception:  # no ctypes, or a layout we do not know: copy instead
+        pass
+
+
+def _read_into(readinto: Callable[[memoryview], int | None], view: memoryview) -> None:
+    got, n = 0, len(view)
+    while got < n:
+        k = readinto(view[got:])
+        if not k:
+            raise EOFError(f"connection closed after {got} of {n} bytes")
+        got += k
+
+
+def read(readinto: Callable[[memoryview], int | None], length: int) -> bytearray | Message:
+    """Read a message of ``length`` bytes with ``readinto`` (a file's); ``loads`` decodes it.
+
+    Raises ``EOFError`` if the connection ends early, ``DecodeError`` if the message's header
+    does not add up (the connection is then out of step and must be closed).
+    """
+    if length < _OOB_MIN:  # one buffer: no large buffers to place
+        buf = bytearray(length)
+        _read_into(readinto, memoryview(buf))
+        return buf
+    head = bytearray(4)
+    _read_into(readinto, memoryview(head))
+    (n,) = _U32.unpack(head)
+    if 4 + 8 * (n + 1) > length:
+        raise DecodeError(f"a message of {length} bytes cannot hold {n} buffers")
+    lens_raw = bytearray(8 * (n + 1))
+    _read_into(readinto, memoryview(lens_raw))
+    lens = [_U64.unpack_from(lens_raw, 8 * i)[0] for i in range(n + 1)]
+    if 4 + len(lens_raw) + sum(ln & ~_BYTES_FLAG for ln in lens) != length:
+        raise DecodeError(f"message length {length} does not match its header")
+    body = bytearray(lens[0])
+    _read_into(readinto, memoryview(body))
+    buffers: list[Any] = []
+    for ln in lens[1:]:
+        if ln & _BYTES_FLAG:
+            obj, view = _new_bytes(ln & ~_BYTES_FLAG)
+        else:
+            obj = bytearray(ln)  # writable, as the sender's buffer was (a NumPy array's)
+            view = memoryview(obj)
+        _read_into(readinto, view)
+        buffers.append(obj)
+    return Message(body, buffers, length)
+
+
 def loads(data: Any) -> Any:
-    """Decode a message produced by ``dumps`` from a bytes-like object, without copying it."""
+    """Decode a message produced by ``dumps``, from ``read`` or a bytes-like object (which is
+    not copied)."""
+    if type(data) is Message:
+        try:
+            return pickle.loads(data.body, buffers=data.buffers)
+        except Exception as exc:
+            raise DecodeError(f"cannot unpickle message: {exc!r}") from exc
     view = memoryview(data)
     try:
         (n,) = _U32.unpack_from(view, 0)
         pos = 4
         lens = []
         for _ in range(n + 1):
-            lens.append(_U64.unpack_from(view, pos)[0])
+            lens.append(_U64.unpack_from(view, pos)[0] & ~_BYTES_FLAG)
             pos += 8
         body = view[pos : pos + lens[0]]
         pos += lens[0]

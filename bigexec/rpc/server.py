@@ -239,7 +239,7 @@ class Server:
                 message = _read_head_frame(rfile)
                 stream = wire.Stream(rfile)
             elif length is not None:
-                message = wire.read_exact(rfile, length)
+                message = wire.read_message(rfile, length)
             else:
                 self._respond(sock, 400, b"a body with Content-Length or chunked is required",
                               close=True)

@@ -84,6 +84,14 @@ def read_exact(rfile: Any, n: int) -> bytearray:
     return buf
 
 
+def read_message(rfile: Any, length: int) -> bytearray | codec.Message:
+    """Read a codec message of ``length`` body bytes, its large bytes straight into place."""
+    try:
+        return codec.read(rfile.readinto, length)
+    except EOFError as exc:
+        raise NetworkError(str(exc)) from None
+
+
 def send_message(sock: socket.socket, head: bytes, pieces: list[Any], length: int) -> None:
     """Send a head and a codec message of ``length`` bytes (``body_length``, which the head
     already needed); one write when small, no joins when large."""
