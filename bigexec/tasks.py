@@ -153,6 +153,7 @@ class PickledFunction:
 
 
 codec.PLAIN_TYPES.add(PickledFunction)
+wire.NEVER_STREAMS.add(PickledFunction)
 _SCALAR_TYPES = (type(None), bool, int, float, complex, str, bytes)
 
 

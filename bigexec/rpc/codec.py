@@ -185,9 +185,15 @@ def _is_plain(obj: Any, depth: int = 3) -> bool:
     if t is bytes:
         return len(obj) < _OOB_MIN
     if depth and (t is tuple or t is list) and len(obj) <= 16:
-        return all(_is_plain(x, depth - 1) for x in obj)
+        for x in obj:  # loops, not all(<genexpr>): this runs on every call, twice
+            if not _is_plain(x, depth - 1):
+                return False
+        return True
     if depth and t is dict and len(obj) <= 16:
-        return all(type(k) in _SCALARS and _is_plain(v, depth - 1) for k, v in obj.items())
+        for k, v in obj.items():
+            if type(k) not in _SCALARS or not _is_plain(v, depth - 1):
+                return False
+        return True
     return False
 
 

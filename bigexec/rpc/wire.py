@@ -20,6 +20,7 @@ from __future__ import annotations
 import io
 import socket
 import traceback
+import types
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -188,13 +189,15 @@ def send_stream(sock: socket.socket, source: Any) -> BaseException | None:
     return None
 
 
-_NEVER_STREAMS = frozenset({type(None), bool, int, float, str, bytes, bytearray, memoryview,
-                            tuple, list, dict, set})
+#: Types whose values are never sent as a stream (a set lookup spares two ABC checks).
+NEVER_STREAMS: set[type] = {type(None), bool, int, float, str, bytes, bytearray, memoryview,
+                            tuple, list, dict, set, types.FunctionType,
+                            types.BuiltinFunctionType, types.MethodType, type}
 
 
 def is_stream_source(value: Any) -> bool:
     """Whether a call argument or reply is to be sent as a byte stream."""
-    if type(value) in _NEVER_STREAMS:
+    if type(value) in NEVER_STREAMS:
         return False
     if isinstance(value, io.IOBase):
         return True
