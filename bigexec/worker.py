@@ -149,6 +149,41 @@ def _exit_process(code: int) -> None:
     os._exit(code)
 
 
+_CREDENTIALS_END = b"-----END BIGEXEC CREDENTIALS-----\n"  # systems.local.CREDENTIALS_END
+
+
+def _read_credentials(fd: int) -> bytes:
+    """The PEM bundle on stdin, up to its end line; stdin itself stays open (the lifeline).
+
+    Raw reads, not ``sys.stdin``: the lifeline thread blocks on this descriptor for the
+    machine's whole life, and a daemon thread blocked inside a buffered reader makes the
+    interpreter abort at exit.
+    """
+    data = b""
+    while not data.endswith(_CREDENTIALS_END):
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            break  # the driver died, or wrote no end line: Credentials.from_pem says what
+        data += chunk
+    return data[: -len(_CREDENTIALS_END)] if data.endswith(_CREDENTIALS_END) else data
+
+
+def _watch_lifeline(fd: int, runtime: MachineRuntime) -> None:
+    """The driver holds our stdin open while it lives: EOF means it is gone."""
+    try:
+        while os.read(fd, 4096):
+            pass
+    except OSError:
+        pass
+    if runtime.stopped:
+        return
+    try:  # the other end of our stderr went with the driver, most likely
+        print("bigexec: the driver is gone (stdin closed); exiting", file=sys.stderr, flush=True)
+    except (OSError, ValueError):
+        pass
+    runtime.exit(1)
+
+
 def main() -> None:
     """Entry point of a ``local`` (and later ``ec2``) machine process."""
     from . import tls
@@ -158,8 +193,8 @@ def main() -> None:
         sys.exit("bigexec.worker is started by a bigexec driver, not by hand")
     logging.basicConfig(level=os.environ.get("BIGEXEC_LOG_LEVEL", "WARNING"),
                         format="%(levelname)s %(name)s: %(message)s")
-    creds = Credentials.from_pem(sys.stdin.buffer.read())
-    sys.stdin.close()
+    stdin = sys.stdin.fileno()
+    creds = Credentials.from_pem(_read_credentials(stdin))
     runtime = MachineRuntime(
         system_name=os.environ.get("BIGEXEC_SYSTEM", "local"),
         exit=_exit_process,
@@ -174,6 +209,8 @@ def main() -> None:
     os.write(fd, f"{runtime.server.port}\n".encode())
     os.close(fd)
     signal.signal(signal.SIGTERM, lambda *_: runtime.exit(0))
+    threading.Thread(target=_watch_lifeline, args=(stdin, runtime), daemon=True,
+                     name="bigexec-lifeline").start()
     while not runtime.wait(3600):
         pass
 

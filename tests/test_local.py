@@ -363,7 +363,7 @@ _DRIVER = """
 import sys, time
 import bigexec
 
-b = bigexec.start("local", keepalive_period=0.2, keepalive_lease=2.0, keepalive_timeout=1.0,
+b = bigexec.start("local", keepalive_period=0.2, keepalive_lease=LEASE, keepalive_timeout=1.0,
                   keepalive_rpc_timeout=0.5, boot_timeout=30)
 (m,) = b.start(1)
 if not m.wait(bigexec.RUNNING, timeout=30) or m.err is not None:
@@ -396,40 +396,94 @@ def _read_line(proc: subprocess.Popen, timeout: float) -> str:
     return buf.decode()
 
 
-def test_sigkilled_driver_leaves_no_worker(tmp_path):
-    script = tmp_path / "driver.py"
-    script.write_text(_DRIVER)
-    errfile = tmp_path / "driver.err"
-    worker_pid = None
+def _start_driver(tmp_path, name: str, lease: float) -> tuple[subprocess.Popen, int]:
+    """A driver process with one local machine (fast keepalives, this lease); its worker."""
+    script = tmp_path / f"{name}.py"
+    script.write_text(_DRIVER.replace("LEASE", repr(lease)))
+    errfile = tmp_path / f"{name}.err"
     with open(errfile, "wb") as err:
         driver = subprocess.Popen([sys.executable, str(script)], cwd=str(REPO),
                                   stdout=subprocess.PIPE, stderr=err)
+    line = _read_line(driver, BOOT + 10)
+    if not line.strip().isdigit():
+        driver.kill()
+        driver.wait(5)
+        pytest.fail(f"driver said {line!r}; stderr: {errfile.read_text()}")
+    worker_pid = int(line)
+    assert worker_pid not in (driver.pid, os.getpid())
+    assert psutil.Process(worker_pid).ppid() == driver.pid
+    return driver, worker_pid
+
+
+def _stop_driver(driver: subprocess.Popen, worker_pid: int | None) -> None:
+    if driver.poll() is None:
+        driver.kill()
+        driver.wait(5)
+    if driver.stdout is not None:
+        driver.stdout.close()
+    if worker_pid is not None:
+        _kill_quietly(worker_pid)
+
+
+def test_sigkilled_driver_leaves_no_worker(tmp_path):
+    """The worker's stdin is its lifeline: a driver killed outright takes its workers along
+    at once, long before their lease (60 s here) would lapse."""
+    driver, worker_pid = _start_driver(tmp_path, "driver", lease=60.0)
     try:
-        line = _read_line(driver, BOOT + 10)
-        assert line.strip().isdigit(), f"driver said {line!r}; stderr: {errfile.read_text()}"
-        worker_pid = int(line)
-        assert worker_pid not in (driver.pid, os.getpid())
-        assert psutil.Process(worker_pid).ppid() == driver.pid
         driver.send_signal(signal.SIGKILL)
         driver.wait(5)
-        killed_at = time.monotonic()
-        # the worker outlived its driver (its own session): only the lease can end it
-        assert not _is_gone(worker_pid), "the worker died with its driver: not the watchdog's doing"
-        lease = 2.0
-        assert _wait_gone(worker_pid, lease + 5), (
-            f"worker {worker_pid} still alive {lease + 5}s after its driver was SIGKILLed "
-            f"(status {psutil.Process(worker_pid).status()})"
-        )
-        # not too early either: it should have waited for its lease to lapse
-        assert time.monotonic() - killed_at > 0.5
+        assert _wait_gone(worker_pid, 20), (
+            f"worker {worker_pid} still alive 20s after its driver was SIGKILLed: it waits "
+            f"for its lease (status {psutil.Process(worker_pid).status()})")
     finally:
-        if driver.poll() is None:
-            driver.kill()
-            driver.wait(5)
-        if driver.stdout is not None:
-            driver.stdout.close()
-        if worker_pid is not None:
-            _kill_quietly(worker_pid)
+        _stop_driver(driver, worker_pid)
+
+
+def test_a_hung_driver_loses_its_workers_to_the_lease(tmp_path):
+    """A driver that stops answering (SIGSTOP: its lifeline stays open, its keepalives stop)
+    loses its worker once the lease lapses: the watchdog's doing, not the lifeline's."""
+    driver, worker_pid = _start_driver(tmp_path, "hung", lease=2.0)
+    try:
+        driver.send_signal(signal.SIGSTOP)
+        stopped_at = time.monotonic()
+        lease = 2.0
+        assert not _is_gone(worker_pid), "the worker died at once: not the watchdog's doing"
+        assert _wait_gone(worker_pid, lease + 8), (
+            f"worker {worker_pid} still alive {lease + 8}s after its driver hung")
+        assert time.monotonic() - stopped_at > 0.5, "it did not wait for its lease"
+    finally:
+        driver.send_signal(signal.SIGCONT)
+        _stop_driver(driver, worker_pid)
+
+
+def test_forked_children_of_the_driver_do_not_hold_workers_alive(tmp_path):
+    """A child forked by the driver closes its copy of the lifeline: killing the driver
+    still ends the worker while the child lives on."""
+    script = tmp_path / "forking.py"
+    script.write_text(_DRIVER.replace("LEASE", "60.0").replace(
+        'print(m.call("Supervisor.info")["pid"], flush=True)',
+        'child = os.fork()\n'
+        'if child == 0:\n'
+        '    time.sleep(60)\n'
+        '    os._exit(0)\n'
+        'print(m.call("Supervisor.info")["pid"], child, flush=True)').replace(
+        "import sys, time", "import os, sys, time"))
+    with open(tmp_path / "forking.err", "wb") as err:
+        driver = subprocess.Popen([sys.executable, str(script)], cwd=str(REPO),
+                                  stdout=subprocess.PIPE, stderr=err)
+    worker_pid = child = None
+    try:
+        fields = _read_line(driver, BOOT + 10).split()
+        assert len(fields) == 2, f"driver said {fields!r}: {(tmp_path / 'forking.err').read_text()}"
+        worker_pid, child = int(fields[0]), int(fields[1])
+        driver.send_signal(signal.SIGKILL)
+        driver.wait(5)
+        assert not _is_gone(child)
+        assert _wait_gone(worker_pid, 20), "the forked child kept the worker alive"
+    finally:
+        if child is not None:
+            _kill_quietly(child)
+        _stop_driver(driver, worker_pid)
 
 
 def test_no_worker_outlives_a_normal_session_exit():

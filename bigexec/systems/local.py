@@ -2,12 +2,17 @@
 
     driver                                   worker process
     ──────                                   ──────────────
-    Popen(start_new_session) ── stdin ─────> CA cert + leaf cert + leaf key (then EOF)
+    Popen(start_new_session) ── stdin ─────> CA cert + leaf cert + leaf key, an end line,
+                                             then nothing: stdin stays open as a lifeline
     os.pipe() read end   <──── BIGEXEC_ADDR_FD: "port\\n" once it listens
     log pump thread      <──── stdout+stderr, line by line ──> driver's stderr, prefixed
     waiter thread: process exit ──> machine STOPPED at once, err says how it died
 
-The worker binds port 0 and reports the port back, so there is no free-port race. It gets the
+The worker binds port 0 and reports the port back, so there is no free-port race. Its stdin
+stays open for as long as the driver holds the machine: when the driver dies, however it
+dies, the worker reads EOF and exits at once, without waiting for its lease to lapse (the
+lease still ends a worker whose driver hangs). Forked children of the driver close their
+copies, so they do not keep it alive. It gets the
 driver's ``sys.path`` (through ``PYTHONPATH``) so the user's modules import, and the driver's
 working directory. It never re-runs the user's ``__main__``. Credentials travel on stdin, so
 no key touches the disk except for the instant ``ssl`` needs a file to load it from.
@@ -25,6 +30,7 @@ import subprocess
 import sys
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Mapping
 from typing import IO, Any
@@ -71,6 +77,7 @@ class _LocalHandle(MachineHandle):
         self._waiter = threading.Thread(target=self._wait, name=f"bigexec-wait-{proc.pid}",
                                         daemon=True)
         self._waiter.start()
+        _lifelines.add(self)
 
     def log_label(self, label: str) -> None:
         self._label = label
@@ -145,6 +152,7 @@ class _LocalHandle(MachineHandle):
 
     def _wait(self) -> None:
         code = self.proc.wait()
+        self.close_lifeline()
         self._pump.join(10.0)  # the last lines first, then the news
         self._report_lost(MachineLost(f"machine {self._label} {_describe_exit(code)}"))
 
@@ -160,6 +168,14 @@ class _LocalHandle(MachineHandle):
                 self.proc.kill()
             except OSError:
                 pass
+        self.close_lifeline()
+
+    def close_lifeline(self) -> None:
+        try:
+            if self.proc.stdin is not None:
+                self.proc.stdin.close()
+        except OSError:  # it died with unread data in the pipe
+            pass
 
     def wait_stopped(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
@@ -167,6 +183,25 @@ class _LocalHandle(MachineHandle):
             return False
         self._pump.join(max(0.0, deadline - time.monotonic()))
         return not self._pump.is_alive()
+
+
+#: What ends the credentials on a worker's stdin (which then stays open: the lifeline).
+CREDENTIALS_END = b"-----END BIGEXEC CREDENTIALS-----\n"
+
+_lifelines: weakref.WeakSet[_LocalHandle] = weakref.WeakSet()
+
+
+def _close_lifelines_in_child() -> None:
+    # A forked child must not hold its parent's machines alive after the parent is gone.
+    for h in list(_lifelines):
+        try:
+            if h.proc.stdin is not None:
+                os.close(h.proc.stdin.fileno())
+        except (OSError, ValueError):
+            pass
+
+
+os.register_at_fork(after_in_child=_close_lifelines_in_child)
 
 
 class LocalSystem(System):
@@ -232,8 +267,8 @@ class LocalSystem(System):
                 os.close(w)
             assert proc.stdin is not None
             try:
-                proc.stdin.write(creds.to_pem())
-                proc.stdin.close()
+                proc.stdin.write(creds.to_pem() + CREDENTIALS_END)
+                proc.stdin.flush()
             except OSError:
                 pass  # it died at once; address() reports how
             # Boot noise is shown when asked for, or when boots keep failing.
