@@ -192,13 +192,22 @@ _lifelines: weakref.WeakSet[_LocalHandle] = weakref.WeakSet()
 
 
 def _close_lifelines_in_child() -> None:
-    # A forked child must not hold its parent's machines alive after the parent is gone.
-    for h in list(_lifelines):
-        try:
-            if h.proc.stdin is not None:
-                os.close(h.proc.stdin.fileno())
-        except (OSError, ValueError):
-            pass
+    # A forked child must not hold its parent's machines alive after the parent is gone. The
+    # descriptor is pointed at /dev/null rather than closed: the pipe's file object still owns
+    # it and will close it some day, which must not hit a descriptor reused meanwhile.
+    try:
+        null = os.open(os.devnull, os.O_WRONLY)
+    except OSError:
+        return
+    try:
+        for h in list(_lifelines):
+            try:
+                if h.proc.stdin is not None and not h.proc.stdin.closed:
+                    os.dup2(null, h.proc.stdin.fileno())
+            except (OSError, ValueError):
+                pass
+    finally:
+        os.close(null)
 
 
 os.register_at_fork(after_in_child=_close_lifelines_in_child)
