@@ -203,7 +203,7 @@ def _close_lifelines_in_child() -> None:
         for h in list(_lifelines):
             try:
                 if h.proc.stdin is not None and not h.proc.stdin.closed:
-                    os.dup2(null, h.proc.stdin.fileno())
+                    os.dup2(null, h.proc.stdin.fileno(), inheritable=False)
             except (OSError, ValueError):
                 pass
     finally:
