@@ -86,7 +86,7 @@ def _close(stream: Any) -> None:
 class Task:
     """One function call and the future that receives its outcome."""
 
-    __slots__ = ("fn", "args", "kwargs", "future", "crashes", "started")
+    __slots__ = ("fn", "args", "kwargs", "future", "crashes", "started", "suspect")
 
     def __init__(self, fn: Callable[..., Any], args: tuple, kwargs: dict,
                  future: Future | None = None) -> None:
@@ -96,6 +96,7 @@ class Task:
         self.future: Future = future if future is not None else _TaskFuture()
         self.crashes: list[str] = []
         self.started = False
+        self.suspect = False  # was in a batch that killed its machine: runs alone from now on
 
     def describe(self) -> str:
         name = getattr(self.fn, "__qualname__", None) or repr(self.fn)
@@ -476,8 +477,8 @@ class Scheduler:
         # batch, and tasks meant to run side by side run one after another on it.
         slots = max(sum(s.slots for s in self._machines if s.started and not s.dead),
                     self._size, 1)
-        if self._avg_seconds is None:
-            n = 1  # measure before batching
+        if self._avg_seconds is None or q[0].suspect:
+            n = 1  # measure before batching; a suspect runs alone
         else:
             n = int(_BATCH_SECONDS / max(self._avg_seconds, 1e-7))
         n = max(1, min(n, _MAX_BATCH, math.ceil(len(q) / slots)))
@@ -485,6 +486,8 @@ class Scheduler:
             n = min(n, self._maxtasks - st.dispatched)
         batch: list[Task] = []
         while q and len(batch) < n:
+            if batch and q[0].suspect:
+                break
             t = q.popleft()
             if not t.started:
                 if not t.future.set_running_or_notify_cancel():
@@ -563,19 +566,17 @@ class Scheduler:
         finished = [False] * len(batch)
         try:
             for frame in stream:
-                if type(frame) is tuple:  # run_one's reply, decoded already
-                    index, outcome, seconds, value = frame
-                else:
-                    index, outcome, seconds, value = decode_frame(frame)
-                    if outcome == OK:
+                records = [frame] if type(frame) is tuple else decode_frame(frame)
+                for index, outcome, seconds, value in records:
+                    if outcome == OK and type(frame) is not tuple:
                         try:
                             value = codec.loads(value)
                         except codec.DecodeError as exc:  # fails this task, not the batch
                             outcome, value = FAILED, exc
-                finished[index] = True
-                self._complete(batch[index], outcome, value)
-                a = self._avg_seconds
-                self._avg_seconds = seconds if a is None else 0.8 * a + 0.2 * seconds
+                    finished[index] = True
+                    self._complete(batch[index], outcome, value)
+                    a = self._avg_seconds
+                    self._avg_seconds = seconds if a is None else 0.8 * a + 0.2 * seconds
         except (MachineStopped, NetworkError) as exc:
             _close(stream)
             self._lost(st, [t for t, f in zip(batch, finished, strict=True) if not f], exc)
@@ -660,8 +661,14 @@ class Scheduler:
             elif self._broken is not None:
                 doomed = [(t, self._broken) for t in tasks]
                 tasks = []
+            elif charge is not None and len(tasks) > 1:
+                # Any unfinished task may have been running: the machine sends the results of
+                # quick tasks together, so the last ones may have finished unseen. Run each
+                # alone from now on, so that the next death names its task.
+                self.crashes += 1
+                for t in tasks:
+                    t.suspect = True
             elif charge is not None:
-                # tasks in a batch run in order: the first unfinished one was running
                 first = tasks[0]
                 first.crashes.append(charge)
                 self.crashes += 1

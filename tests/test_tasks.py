@@ -91,3 +91,64 @@ def test_executor_sees_mutable_globals_as_of_each_submit():
         assert ex.submit(reads, 5).result(timeout=30) == 50
         assert ex.submit(p, 4).result(timeout=30) == 6.0
         assert ex.submit(p, 9).result(timeout=30) == 9.0  # the cached pickle, run again
+
+
+# --- how a batch's results leave the machine ------------------------------------------------
+
+
+def _records(frames):
+    from bigexec.rpc import codec
+    from bigexec.tasks import decode_frame
+
+    out = []
+    for frame in frames:
+        for index, outcome, _seconds, payload in decode_frame(frame):
+            out.append((index, outcome, codec.loads(payload)))
+    return out
+
+
+def test_quick_results_share_frames_and_never_wait_for_a_slow_task():
+    import time
+
+    from bigexec.tasks import OK, TaskRunner
+
+    runner = TaskRunner()
+    batch = [(abs, (-i,), {}) for i in range(200)] + [(time.sleep, (0.6,), {})]
+    t0 = time.monotonic()
+    frames = []
+    quick_done_at = None
+    for frame in runner.run(batch, None):
+        frames.append(frame)
+        if quick_done_at is None and len(_records(frames)) >= 200:
+            quick_done_at = time.monotonic() - t0
+        if len(frames) == 1:
+            time.sleep(0.1)  # records that arrive meanwhile wait, then leave together
+    got = _records(frames)
+    assert [g[0] for g in got] == list(range(201))
+    assert all(outcome == OK for _, outcome, _ in got)
+    assert [value for _, _, value in got[:200]] == list(range(200))
+    assert len(frames) < 100, f"{len(frames)} frames for 201 results: nothing was joined"
+    # the slow task's 0.6 s did not hold back the results before it
+    assert quick_done_at is not None and quick_done_at < 0.55, quick_done_at
+
+
+def test_closing_a_batch_early_runs_no_more_tasks():
+    import time
+
+    from bigexec.tasks import TaskRunner
+
+    ran = []
+
+    def note(i):
+        ran.append(i)
+        time.sleep(0.01)
+        return i
+
+    runner = TaskRunner()
+    stream = runner.run([(note, (i,), {}) for i in range(100)], None)
+    next(stream)
+    stream.close()  # as the server does when the driver goes away
+    time.sleep(0.1)
+    count = len(ran)
+    time.sleep(0.2)
+    assert len(ran) == count < 100, "tasks kept running after the batch was closed"
