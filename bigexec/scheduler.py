@@ -9,6 +9,9 @@
                                         └ the machine died: the task it was running is charged
                                           one crash, the rest of the batch goes back to the
                                           front of the queue, and a replacement machine starts
+                                          (several unfinished: any may have been running, as
+                                          results leave in groups; none is charged, and each
+                                          runs alone next, so that the next death names it)
 
     submit(task), queue empty and a slot idle ──> the submitting thread sends "<service>.run_one"
         itself (a "direct" call); the reply is read by whoever claims it first: the thread
