@@ -133,20 +133,21 @@ class _TaskFuture(Future):
             return
         d.scheduler._run_direct(d)
 
+    def _read_first(self, timeout: float | None) -> float | None:
+        """Read a direct call's reply here if this thread can; return what is left of
+        ``timeout``."""
+        t0 = time.monotonic()
+        self._read_here(timeout)
+        return None if timeout is None else max(0.0, timeout - (time.monotonic() - t0))
+
     def result(self, timeout: float | None = None) -> Any:
         if self._direct is not None:
-            t0 = time.monotonic()
-            self._read_here(timeout)
-            if timeout is not None:
-                timeout = max(0.0, timeout - (time.monotonic() - t0))
+            timeout = self._read_first(timeout)
         return super().result(timeout)
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
         if self._direct is not None:
-            t0 = time.monotonic()
-            self._read_here(timeout)
-            if timeout is not None:
-                timeout = max(0.0, timeout - (time.monotonic() - t0))
+            timeout = self._read_first(timeout)
         return super().exception(timeout)
 
 
@@ -191,11 +192,12 @@ class _Direct:
         pending = getattr(conn.sock, "pending", None)  # bytes TLS has decrypted already
         if pending is not None and pending():
             return True
+        poller = select.poll()  # not select(): descriptors past 1024 are common with many machines
         try:
-            readable, _, _ = select.select([conn.sock], [], [], max(0.0, timeout))
+            poller.register(conn.sock, select.POLLIN)
+            return bool(poller.poll(max(0.0, timeout) * 1000))
         except (OSError, ValueError):  # closed under us: reading will tell what happened
             return True
-        return bool(readable)
 
     def finish(self) -> Any:
         if self.error is not None:
