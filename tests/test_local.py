@@ -503,3 +503,27 @@ def test_no_worker_outlives_a_normal_session_exit():
     for m in ms:
         assert m.state == bigexec.STOPPED and m.err is None
 
+
+
+def test_machines_boot_and_answer_with_descriptors_past_1024():
+    """select() cannot wait on a descriptor numbered 1024 or more; a driver with many
+    machines (or files) open gets there. Boot and a timed result() must still work."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = 1400
+    if soft < want:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(want, hard), hard))
+    filler = []
+    try:
+        while len(filler) < 1100:
+            filler.append(os.open(os.devnull, os.O_RDONLY))
+        assert max(filler) >= 1024
+        with bigexec.Executor(1, system="local") as ex:
+            assert ex.submit(abs, -2).result(timeout=60) == 2  # boot: the address pipe
+            assert ex.submit(abs, -3).result(timeout=60) == 3  # a direct call, timed
+    finally:
+        for fd in filler:
+            os.close(fd)
+        if soft < want:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

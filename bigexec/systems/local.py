@@ -103,8 +103,9 @@ class _LocalHandle(MachineHandle):
                     self.kill()
                     raise BootError(f"worker pid {self.proc.pid} did not listen within {timeout}s"
                                     + self._noise_tail())
-                ready, _, _ = select.select([self._addr_fd], [], [], left)
-                if not ready:
+                poller = select.poll()  # select() fails on descriptors past 1024
+                poller.register(self._addr_fd, select.POLLIN)
+                if not poller.poll(left * 1000):
                     continue
                 chunk = os.read(self._addr_fd, 64)
                 if not chunk:
