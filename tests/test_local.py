@@ -512,8 +512,10 @@ def test_machines_boot_and_answer_with_descriptors_past_1024():
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     want = 1400
-    if soft < want:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (min(want, hard), hard))
+    if hard != resource.RLIM_INFINITY and hard < want:
+        pytest.skip(f"this host allows {hard} open descriptors per process: too few to test")
+    if soft != resource.RLIM_INFINITY and soft < want:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
     filler = []
     try:
         while len(filler) < 1100:
@@ -525,5 +527,5 @@ def test_machines_boot_and_answer_with_descriptors_past_1024():
     finally:
         for fd in filler:
             os.close(fd)
-        if soft < want:
+        if soft != resource.RLIM_INFINITY and soft < want:
             resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
