@@ -73,15 +73,21 @@ def _serve_forever(listener: socket.socket, handle: Any) -> None:
             sock.close()
 
 
+def _recv_framed(sock: socket.socket, size: struct.Struct) -> tuple[bytes, bytearray] | None:
+    """A length (packed as ``size``) and that many bytes; None at the end of the connection."""
+    head = _recv_exact(sock, size.size)
+    if head is None:
+        return None
+    body = _recv_exact(sock, size.unpack(head)[0])
+    return None if body is None else (bytes(head), body)
+
+
 def _raw_handle(sock: socket.socket) -> None:
     while True:
-        head = _recv_exact(sock, _LEN.size)
-        if head is None:
+        got = _recv_framed(sock, _LEN)
+        if got is None:
             return
-        body = _recv_exact(sock, _LEN.unpack(head)[0])
-        if body is None:
-            return
-        name, args, kwargs = pickle.loads(body)
+        name, args, kwargs = pickle.loads(got[1])
         reply = pickle.dumps(None, protocol=5)
         sock.sendall(_LEN.pack(len(reply)) + reply)
 
@@ -91,14 +97,11 @@ def _echo_handle_factory(ssl_ctx: Any) -> Any:
         if ssl_ctx is not None:
             sock = ssl_ctx.wrap_socket(sock, server_side=True)
         while True:
-            head = _recv_exact(sock, _SIZE.size)
-            if head is None:
+            got = _recv_framed(sock, _SIZE)
+            if got is None:
                 return
-            body = _recv_exact(sock, _SIZE.unpack(head)[0])
-            if body is None:
-                return
-            sock.sendall(head)
-            sock.sendall(body)
+            sock.sendall(got[0])
+            sock.sendall(got[1])
     return handle
 
 
@@ -167,17 +170,25 @@ def _server_main(kind: str, creds: Any, conn: Any) -> None:
 
 # --- clients ---------------------------------------------------------------------------
 
+def _connect(port: int, ssl_ctx: Any) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if ssl_ctx is not None:
+        sock = ssl_ctx.wrap_socket(sock, server_hostname="127.0.0.1")
+    return sock
+
+
 class _RawClient:
     def __init__(self, port: int) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port))
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sock = _connect(port, None)
 
     def call(self) -> Any:
         body = pickle.dumps(REQUEST, protocol=5)
         self.sock.sendall(_LEN.pack(len(body)) + body)
-        head = _recv_exact(self.sock, _LEN.size)
-        reply = _recv_exact(self.sock, _LEN.unpack(head)[0])
-        return pickle.loads(reply)
+        got = _recv_framed(self.sock, _LEN)
+        if got is None:
+            raise ConnectionError("the raw floor server closed the connection")
+        return pickle.loads(got[1])
 
     def close(self) -> None:
         self.sock.close()
@@ -185,20 +196,15 @@ class _RawClient:
 
 class _EchoClient:
     def __init__(self, port: int, ssl_ctx: Any) -> None:
-        sock = socket.create_connection(("127.0.0.1", port))
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if ssl_ctx is not None:
-            sock = ssl_ctx.wrap_socket(sock, server_hostname="127.0.0.1")
-        self.sock = sock
+        self.sock = _connect(port, ssl_ctx)
 
     def call(self, data: bytes) -> bytearray:
         self.sock.sendall(_SIZE.pack(len(data)))
         self.sock.sendall(data)
-        head = _recv_exact(self.sock, _SIZE.size)
-        body = _recv_exact(self.sock, _SIZE.unpack(head)[0]) if head is not None else None
-        if body is None:
+        got = _recv_framed(self.sock, _SIZE)
+        if got is None:
             raise ConnectionError("the echo floor server closed the connection")
-        return body
+        return got[1]
 
     def close(self) -> None:
         self.sock.close()
@@ -206,12 +212,8 @@ class _EchoClient:
 
 class _HttpClient:
     def __init__(self, port: int, ssl_ctx: Any) -> None:
-        sock = socket.create_connection(("127.0.0.1", port))
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if ssl_ctx is not None:
-            sock = ssl_ctx.wrap_socket(sock, server_hostname="127.0.0.1")
-        self.sock = sock
-        self.rfile = sock.makefile("rb", buffering=65536)
+        self.sock = _connect(port, ssl_ctx)
+        self.rfile = self.sock.makefile("rb", buffering=65536)
 
     def call(self) -> Any:
         body = pickle.dumps(REQUEST, protocol=5)
