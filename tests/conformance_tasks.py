@@ -81,3 +81,44 @@ def skip_for(impl, skip):
     name, reason = skip
     if impl == name:
         pytest.skip(reason)
+
+
+# --- helpers both suites use -----------------------------------------------------------------
+
+MARKS = [
+    pytest.mark.timeout(60),
+    # an exception nobody sees (in __del__, in a background thread) is a bug here too
+    pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning"),
+    pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning"),
+]
+
+
+def bigexec_maker(cls_name, system):
+    """A constructor of ``bigexec.<cls_name>`` on ``system``, like the stdlib's classes."""
+
+    def make(*args, **kwargs):
+        import bigexec  # lazily: the stdlib params run without it
+
+        return getattr(bigexec, cls_name)(*args, system=system, **kwargs)
+
+    return make
+
+
+def within(what, fn, timeout=20.0):
+    """Call ``fn()``, bounded: returns what went wrong, or None."""
+    errors = []
+
+    def run():
+        try:
+            fn()
+        except BaseException as e:  # reported below
+            errors.append(e)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(timeout)
+    if t.is_alive():
+        return f"{what} did not return within {timeout} s"
+    if errors:
+        return f"{what} raised {errors[0]!r}"
+    return None

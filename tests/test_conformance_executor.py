@@ -32,6 +32,7 @@ import sys
 import threading
 import time
 import uuid
+from functools import partial
 
 import conformance_tasks
 import pytest
@@ -40,6 +41,7 @@ from conformance_tasks import (
     FORK,
     ConformanceError,
     add,
+    bigexec_maker,
     capture,
     get_init_value,
     identity,
@@ -51,14 +53,10 @@ from conformance_tasks import (
     skip_for,
     square,
     touch,
+    within,
 )
 
-pytestmark = [
-    pytest.mark.timeout(60),
-    # an exception nobody sees (in __del__, in a background thread) is a bug here too
-    pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning"),
-    pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning"),
-]
+pytestmark = conformance_tasks.MARKS
 
 HAS_BUFFERSIZE = sys.version_info >= (3, 14)  # Executor.map(buffersize=) is new in 3.14
 
@@ -126,20 +124,11 @@ def _process_executor(*args, **kwargs):
     return cf.ProcessPoolExecutor(*args, mp_context=FORK, **kwargs)
 
 
-def _bigexec_executor(system):
-    def make(*args, **kwargs):
-        from bigexec import Executor  # lazily: the stdlib params run without it
-
-        return Executor(*args, system=system, **kwargs)
-
-    return make
-
-
 IMPLS = {
     "stdlib-thread": _thread_executor,
     "stdlib-process": _process_executor,
-    "bigexec-threads": _bigexec_executor("threads"),
-    "bigexec-local": _bigexec_executor("local"),
+    "bigexec-threads": bigexec_maker("Executor", "threads"),
+    "bigexec-local": bigexec_maker("Executor", "local"),
 }
 
 # the stdlib variant that cannot take part in a test, and why
@@ -159,24 +148,9 @@ def needs_buffersize(impl):
                     f"{sys.version_info.major}.{sys.version_info.minor}")
 
 
-def _shutdown_within(ex, timeout=20.0, **kwargs):
+def _shutdown_within(ex, **kwargs):
     """``ex.shutdown(**kwargs)``, bounded: returns what went wrong, or None."""
-    errors = []
-
-    def run():
-        try:
-            ex.shutdown(**kwargs)
-        except BaseException as e:  # reported below
-            errors.append(e)
-
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    t.join(timeout)
-    if t.is_alive():
-        return f"{ex!r}.shutdown({kwargs}) did not return within {timeout} s"
-    if errors:
-        return f"{ex!r}.shutdown({kwargs}) raised {errors[0]!r}"
-    return None
+    return within(f"{ex!r}.shutdown({kwargs})", partial(ex.shutdown, **kwargs))
 
 
 def shutdown(ex, **kwargs):

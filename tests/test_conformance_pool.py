@@ -34,6 +34,7 @@ from conformance_tasks import (
     FORK,
     ConformanceError,
     add,
+    bigexec_maker,
     capture,
     get_init_value,
     identity,
@@ -45,14 +46,10 @@ from conformance_tasks import (
     skip_for,
     square,
     touch,
+    within,
 )
 
-pytestmark = [
-    pytest.mark.timeout(60),
-    # an exception nobody sees (in __del__, in a background thread) is a bug here too
-    pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning"),
-    pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning"),
-]
+pytestmark = conformance_tasks.MARKS
 
 
 # --- tasks (module level, so that the stdlib pool can pickle them) ---------------------------
@@ -96,45 +93,16 @@ def _stdlib_pool(*args, **kwargs):
     return multiprocessing.pool.Pool(*args, context=FORK, **kwargs)
 
 
-def _bigexec_pool(system):
-    def make(*args, **kwargs):
-        from bigexec import Pool  # lazily: the stdlib param runs without it
-
-        return Pool(*args, system=system, **kwargs)
-
-    return make
-
-
 IMPLS = {
     "stdlib-pool": _stdlib_pool,
-    "bigexec-threads": _bigexec_pool("threads"),
-    "bigexec-local": _bigexec_pool("local"),
+    "bigexec-threads": bigexec_maker("Pool", "threads"),
+    "bigexec-local": bigexec_maker("Pool", "local"),
 }
 
 NO_LAMBDAS = ("stdlib-pool", "multiprocessing.pool.Pool pickles with pickle, which cannot pickle "
               "lambdas or closures; bigexec ships them with cloudpickle")
 SHARED_PID = ("bigexec-threads", "machines of the threads system share the driver's pid, so a "
               "replaced machine cannot be told apart by os.getpid()")
-
-
-def _within(what, fn, timeout=20.0):
-    """Call ``fn()``, bounded: returns what went wrong, or None."""
-    errors = []
-
-    def run():
-        try:
-            fn()
-        except BaseException as e:  # reported below
-            errors.append(e)
-
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    t.join(timeout)
-    if t.is_alive():
-        return f"{what} did not return within {timeout} s"
-    if errors:
-        return f"{what} raised {errors[0]!r}"
-    return None
 
 
 def _terminate_and_join(pool):
@@ -144,7 +112,7 @@ def _terminate_and_join(pool):
 
 def join(pool):
     """``pool.join()`` in a test: a hang fails the test in seconds, not at its timeout."""
-    problem = _within(f"{pool!r}.join()", pool.join)
+    problem = within(f"{pool!r}.join()", pool.join)
     if problem:
         pytest.fail(problem)
 
@@ -165,7 +133,7 @@ def make_pool(impl):
         return p
 
     yield make
-    outcomes = [_within(f"{p!r}.terminate(); join()", partial(_terminate_and_join, p))
+    outcomes = [within(f"{p!r}.terminate(); join()", partial(_terminate_and_join, p))
                 for p in made]
     problems = [o for o in outcomes if o]
     if problems:
@@ -570,7 +538,7 @@ def test_terminate_stops_outstanding_work(pool):
     pool.map_async(sleep_echo, [1.0] * 10, chunksize=1)
     time.sleep(0.1)
     start = time.monotonic()
-    problem = _within("terminate(); join()", partial(_terminate_and_join, pool))
+    problem = within("terminate(); join()", partial(_terminate_and_join, pool))
     assert problem is None, problem
     assert time.monotonic() - start < 2.5  # 10 s of work queued on 2 workers
     with pytest.raises(ValueError, match=NOT_RUNNING):
