@@ -65,6 +65,22 @@ def _p99(xs: list[float]) -> float:
     return s[min(len(s) - 1, int(round(0.99 * (len(s) - 1))))]
 
 
+def _add_latencies(rec: Recorder, prefix: str, lat: list[float]) -> None:
+    """Median and p99 of latencies in seconds, recorded in microseconds."""
+    rec.add(f"{prefix}_median_us", statistics.median(lat) * 1e6, "us", "lower")
+    rec.add(f"{prefix}_p99_us", _p99(lat) * 1e6, "us", "lower")
+
+
+def _bench_machine(b: Any, timeout: float) -> Any:
+    """One RUNNING machine of session ``b`` with the ``Bench`` service."""
+    import bigexec
+
+    m = b.start(1, services={"Bench": tasks.BenchService()})[0]
+    if not m.wait(bigexec.RUNNING, timeout) or m.err is not None:
+        raise RuntimeError(f"machine did not start: {m.err}")
+    return m
+
+
 class _peer:
     """Context manager: a started peer, shut down however the block ends."""
 
@@ -148,23 +164,17 @@ def w_roundtrip(peer: str, p: dict, rec: Recorder) -> None:
         _latencies(call, p["warmup"])
         for _ in range(p["repeat"]):
             gc.collect()
-            lat = _latencies(call, n)
-            rec.add("rt_median_us", statistics.median(lat) * 1e6, "us", "lower")
-            rec.add("rt_p99_us", _p99(lat) * 1e6, "us", "lower")
+            _add_latencies(rec, "rt", _latencies(call, n))
     if peer.startswith("bigexec-"):  # the primitive under the executor: Machine.call
         import bigexec
 
         with bigexec.start(peer.split("-", 1)[1]) as b:
-            m = b.start(1, services={"Bench": tasks.BenchService()})[0]
-            if not m.wait(bigexec.RUNNING, timeout) or m.err is not None:
-                raise RuntimeError(f"machine did not start: {m.err}")
+            m = _bench_machine(b, timeout)
             call = lambda: m.call("Bench.noop", 0)  # noqa: E731
             _latencies(call, p["warmup"])
             for _ in range(p["repeat"]):
                 gc.collect()
-                lat = _latencies(call, n)
-                rec.add("call_median_us", statistics.median(lat) * 1e6, "us", "lower")
-                rec.add("call_p99_us", _p99(lat) * 1e6, "us", "lower")
+                _add_latencies(rec, "call", _latencies(call, n))
 
 
 PAIRED = ["floor", "call", "submit", "mp-pool", "ppe-fork"]
@@ -197,9 +207,7 @@ def w_paired(peer: str, p: dict, rec: Recorder) -> None:
         ex = bigexec.Executor(2, system=peer.split("-", 1)[1])
         _all_running(ex, 2, timeout)
         b = bigexec.start(peer.split("-", 1)[1])
-        m = b.start(1, services={"Bench": tasks.BenchService()})[0]
-        if not m.wait(bigexec.RUNNING, timeout) or m.err is not None:
-            raise RuntimeError(f"machine did not start: {m.err}")
+        m = _bench_machine(b, timeout)
         callers = {
             "floor": fl.call,
             "call": lambda: m.call("Bench.noop", 0),
@@ -227,8 +235,7 @@ def w_paired(peer: str, p: dict, rec: Recorder) -> None:
                     ratios[(a, c)].append(med[a] / med[c])
                 fast.append(med["floor"] < FAST_FLOOR)
             for name, xs in lat.items():
-                rec.add(f"{name}_median_us", statistics.median(xs) * 1e6, "us", "lower")
-                rec.add(f"{name}_p99_us", _p99(xs) * 1e6, "us", "lower")
+                _add_latencies(rec, name, xs)
             for (a, c), rs in ratios.items():
                 rec.add(f"{a}_over_{c}", statistics.median(rs), "x", "lower")
                 # the same ratio within each regime of the host (see the docstring)
@@ -282,9 +289,7 @@ def w_echo(peer: str, p: dict, rec: Recorder) -> None:
         import bigexec
 
         with bigexec.start(peer.split("-", 1)[1]) as b:
-            m = b.start(1, services={"Bench": tasks.BenchService()})[0]
-            if not m.wait(bigexec.RUNNING, timeout) or m.err is not None:
-                raise RuntimeError(f"machine did not start: {m.err}")
+            m = _bench_machine(b, timeout)
             measure(lambda data: m.call("Bench.echo", data, timeout=timeout), "call_")
 
 
@@ -386,9 +391,7 @@ def w_stream(peer: str, p: dict, rec: Recorder) -> None:
             left -= MiB
 
     with bigexec.start(peer.split("-", 1)[1]) as b:
-        m = b.start(1, services={"Bench": tasks.BenchService()})[0]
-        if not m.wait(bigexec.RUNNING, p["timeout"]) or m.err is not None:
-            raise RuntimeError(f"machine did not start: {m.err}")
+        m = _bench_machine(b, p["timeout"])
         wpid = m.call("Bench.pid")
         if wpid == os.getpid():
             raise RuntimeError("the stream workload needs a machine in another process")
@@ -549,9 +552,8 @@ def w_idle(peer: str, p: dict, rec: Recorder) -> None:
 def w_floor(kind: str, p: dict, rec: Recorder) -> None:
     for _ in range(p["repeat"]):
         gc.collect()
-        lat = floor.measure(kind, p["n"], p["warmup"], timeout=p["timeout"])
-        rec.add("rt_median_us", statistics.median(lat) * 1e6, "us", "lower")
-        rec.add("rt_p99_us", _p99(lat) * 1e6, "us", "lower")
+        _add_latencies(rec, "rt", floor.measure(kind, p["n"], p["warmup"],
+                                                 timeout=p["timeout"]))
 
 
 WORKLOADS = {
