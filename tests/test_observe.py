@@ -41,12 +41,18 @@ def _fetch(url: str, timeout: float = 60) -> tuple[int, str, bytes]:
         return e.code, e.headers.get("Content-Type", ""), e.read()
 
 
+def _start_two(b, name, service):
+    """Two RUNNING machines of ``b`` serving ``service`` as ``name``."""
+    ms = b.start(2, services={name: service})
+    for m in ms:
+        assert m.wait(bigexec.RUNNING, 30) and m.err is None
+    return ms
+
+
 @pytest.fixture
 def cluster():
     with bigexec.start("local") as b:
-        ms = b.start(2, services={"Work": Work()})
-        for m in ms:
-            assert m.wait(bigexec.RUNNING, 30) and m.err is None
+        ms = _start_two(b, "Work", Work())
         yield b, ms
 
 
@@ -263,9 +269,7 @@ def test_merged_profile_has_samples_from_both_machines():
     import pstats as _pstats
 
     with bigexec.start("local") as b:
-        ms = b.start(2, services={"Tagged": Tagged()})
-        for m in ms:
-            assert m.wait(bigexec.RUNNING, 30) and m.err is None
+        ms = _start_two(b, "Tagged", Tagged())
         futs = [m.submit("Tagged.spin", 4.0) for m in ms]
         for m in ms:
             _wait_running(m, "Tagged.spin")
@@ -283,9 +287,7 @@ def test_profile_formats_over_http():
     from bigexec import profiling
 
     with bigexec.start("local") as b:
-        ms = b.start(2, services={"Work": Work()})
-        for m in ms:
-            assert m.wait(bigexec.RUNNING, 30) and m.err is None
+        ms = _start_two(b, "Work", Work())
         futs = [m.submit("Work.spin", 6.0) for m in ms]
         server = b.serve_debug(port=0)
         status, ctype, body = _fetch(server.url + "profile?seconds=0.5")
@@ -323,9 +325,7 @@ def test_bigpi_lock_lesson_shows_in_the_merged_profile(monkeypatch):
     results = {}
     for label, service in (("locked", bigpi.GlobalRandPI()), ("fixed", bigpi.CirclePI())):
         with bigexec.start("local") as b:
-            ms = b.start(2, services={"PI": service})
-            for m in ms:
-                assert m.wait(bigexec.RUNNING, 30) and m.err is None
+            ms = _start_two(b, "PI", service)
             futs = [m.submit("PI.sample", 10**8) for m in ms for _ in range(4)]
             for m in ms:
                 _wait_running(m, "PI.sample")
