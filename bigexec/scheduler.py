@@ -41,7 +41,7 @@ import select
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, InvalidStateError
 from typing import Any
 
@@ -205,6 +205,20 @@ class _Direct:
         return self.st.machine._finish(self.pending)
 
 
+def _records(frame: Any) -> Iterator[tuple[int, int, float, Any]]:
+    """The (index, outcome, seconds, result or encoded error) of each task in a reply frame."""
+    if type(frame) is tuple:  # run_one's reply, decoded already
+        yield frame
+        return
+    for index, outcome, seconds, value in decode_frame(frame):
+        if outcome == OK:
+            try:
+                value = codec.loads(value)
+            except codec.DecodeError as exc:  # fails this task, not the batch
+                outcome, value = FAILED, exc
+        yield index, outcome, seconds, value
+
+
 def _settle(fut: Future, *, result: Any = None, error: BaseException | None = None) -> None:
     try:
         if error is None:
@@ -233,6 +247,16 @@ class _MachineSlots:
         self.dead = False
         self.started = False
         self.busy = 0  # batches and direct calls in flight
+
+    # The caller holds the scheduler's lock, which ``cond`` shares.
+    def wake_one(self) -> None:
+        if self.waiting:
+            self.waiting -= 1
+            self.cond.notify()
+
+    def wake_all(self) -> None:
+        self.waiting = 0
+        self.cond.notify_all()
 
 
 class Scheduler:
@@ -265,7 +289,6 @@ class Scheduler:
         # ``_idle`` for the end of it. A profile of submit().result() showed every completion
         # waking every idle slot thread when they all shared one condition.
         self._lock = threading.RLock()
-        self._cond = threading.Condition(self._lock)  # for the lock only: nobody waits on it
         self._idle = threading.Condition(self._lock)
         self._queue: deque[Task] = deque()
         self._inflight = 0
@@ -293,7 +316,7 @@ class Scheduler:
             self._start_machines(count)
 
     def _metrics(self) -> dict[str, Any]:
-        with self._cond:
+        with self._lock:
             return {"queued": len(self._queue), "running": self._inflight,
                     "completed": self.tasks_completed, "crashes": self.crashes,
                     "replacements": self.replacements,
@@ -308,14 +331,14 @@ class Scheduler:
         except Exception as exc:  # the session is closed, the system cannot start more
             self._machine_unavailable(exc)
             return
-        with self._cond:
+        with self._lock:
             self._started_machines.extend(ms)
         for m in ms:
             self._adopt(m, register=False)
 
     def _adopt(self, m: Machine, register: bool) -> None:
         st = _MachineSlots(m, register, self._lock)
-        with self._cond:
+        with self._lock:
             self._machines.append(st)
         threading.Thread(target=self._machine_main, args=(st,), daemon=True,
                          name=f"bigexec-sched-{m.addr or 'boot'}").start()
@@ -339,7 +362,7 @@ class Scheduler:
         if err is not None:
             self._boot_failed(st, err)
             return
-        with self._cond:
+        with self._lock:
             self._boot_failures = 0
             st.started = True
             st.slots = m.maxprocs
@@ -350,7 +373,7 @@ class Scheduler:
         self._slot_main(st)
 
     def _boot_failed(self, st: _MachineSlots, err: BaseException) -> None:
-        with self._cond:
+        with self._lock:
             if st in self._machines:
                 self._machines.remove(st)
             if self._stopped or self._broken is not None:
@@ -370,7 +393,7 @@ class Scheduler:
             self._machine_unavailable(err)
 
     def _machine_unavailable(self, err: BaseException) -> None:
-        with self._cond:
+        with self._lock:
             live = any(not s.dead for s in self._machines)
             if live or self._broken is not None or self._stopped:
                 return
@@ -378,7 +401,7 @@ class Scheduler:
 
     def _machine_gone(self, st: _MachineSlots, why: BaseException | None) -> None:
         """A machine died or retired: replace it to keep the size, unless we are done."""
-        with self._cond:
+        with self._lock:
             if st in self._machines:
                 self._machines.remove(st)
             replace = (not self._stopped and self._broken is None and self._can_replace
@@ -404,27 +427,25 @@ class Scheduler:
                 try:
                     self._run(st, work)
                 finally:
-                    with self._cond:
+                    with self._lock:
                         st.busy -= 1
                 if st.dead:
                     break
         except BaseException:  # a bug here must not strand futures: fail loudly instead
             log.exception("bigexec scheduler slot failed")
-            with self._cond:
+            with self._lock:
                 self._break(BrokenCluster("internal scheduler error; see the log"))
         finally:
             self._slot_done(st)
 
     def _wake(self, st: _MachineSlots) -> None:
-        with self._cond:
-            st.waiting = 0
-            st.cond.notify_all()
+        with self._lock:
+            st.wake_all()
 
     def _notify_everyone(self) -> None:
         """The state changed for all (stop, break, requeue): wake slots and idle waiters."""
         for st in self._machines:
-            st.waiting = 0
-            st.cond.notify_all()
+            st.wake_all()
         self._idle.notify_all()
 
     def _wake_slots(self, n: int) -> None:
@@ -440,14 +461,14 @@ class Scheduler:
 
     def _slot_done(self, st: _MachineSlots) -> None:
         m = st.machine
-        with self._cond:
+        with self._lock:
             st.slots -= 1
             # direct calls left to this machine: read them here (it is leaving, they fail fast)
             orphans, st.direct = list(st.direct), deque()
         for d in orphans:
             if d.claim():
                 self._run_direct(d)
-        with self._cond:
+        with self._lock:
             if st.slots > 0 or st.dead:
                 return
             st.dead = True
@@ -459,7 +480,7 @@ class Scheduler:
             self._machine_gone(st, m.err or MachineStopped(m.addr))
 
     def _take(self, st: _MachineSlots) -> list[Task] | _Direct | None:
-        with self._cond:
+        with self._lock:
             while True:
                 if st.direct:
                     return st.direct.popleft()
@@ -522,13 +543,11 @@ class Scheduler:
     def _hand_back(self, d: _Direct) -> None:
         """A waiter claimed ``d`` but timed out before its reply: a slot thread reads it."""
         st = d.st
-        with self._cond:
+        with self._lock:
             if st.slots > 0:
                 d.unclaim()
                 st.direct.append(d)
-                if st.waiting:
-                    st.waiting -= 1
-                    st.cond.notify()
+                st.wake_one()
                 return
         self._run_direct(d)  # its slot threads have all left: read it here
 
@@ -544,11 +563,10 @@ class Scheduler:
                 self._requeue([d.task], charge=None)
             raise
         finally:
-            with self._cond:
+            with self._lock:
                 st.busy -= 1
-                if self._queue and st.waiting and st.busy < st.slots:
-                    st.waiting -= 1
-                    st.cond.notify()
+                if self._queue and st.busy < st.slots:
+                    st.wake_one()
 
     def _run(self, st: _MachineSlots, batch: list[Task], direct: _Direct | None = None) -> None:
         m = st.machine
@@ -571,13 +589,7 @@ class Scheduler:
         finished = [False] * len(batch)
         try:
             for frame in stream:
-                records = [frame] if type(frame) is tuple else decode_frame(frame)
-                for index, outcome, seconds, value in records:
-                    if outcome == OK and type(frame) is not tuple:
-                        try:
-                            value = codec.loads(value)
-                        except codec.DecodeError as exc:  # fails this task, not the batch
-                            outcome, value = FAILED, exc
+                for index, outcome, seconds, value in _records(frame):
                     finished[index] = True
                     self._complete(batch[index], outcome, value)
                     a = self._avg_seconds
@@ -605,7 +617,7 @@ class Scheduler:
             if outcome == UNPICKLABLE_RESULT and self._unpicklable_result is not None:
                 exc = self._unpicklable_result(exc)
             _settle(task.future, error=exc)
-        with self._cond:
+        with self._lock:
             self._inflight -= 1
             self.tasks_completed += 1
             if self._inflight == 0 and not self._queue:
@@ -614,7 +626,7 @@ class Scheduler:
     def _fail(self, tasks: list[Task], exc: BaseException) -> None:
         for t in tasks:
             _settle(t.future, error=exc)
-        with self._cond:
+        with self._lock:
             self._inflight -= len(tasks)
             self._idle.notify_all()
 
@@ -643,11 +655,10 @@ class Scheduler:
             # that was running, so that a task that always breaks the transport ends
             self._requeue(unfinished, charge=f"transport failure on {m.addr}: {exc}")
             return
-        with self._cond:
+        with self._lock:
             first_time = not st.dead
             st.dead = True
-            st.waiting = 0
-            st.cond.notify_all()  # its idle slot threads leave (and read its direct calls)
+            st.wake_all()  # its idle slot threads leave (and read its direct calls)
         self._requeue(unfinished, charge=str(why or exc))
         if first_time:
             if m.state != STOPPED:
@@ -658,7 +669,7 @@ class Scheduler:
         if not tasks:
             return
         doomed: list[tuple[Task, BaseException]] = []
-        with self._cond:
+        with self._lock:
             self._inflight -= len(tasks)
             if self._cancel_running is not None:
                 doomed = [(t, self._cancel_running) for t in tasks]
@@ -708,7 +719,7 @@ class Scheduler:
     def submit_many(self, tasks: list[Task]) -> None:
         if len(tasks) == 1 and self._maxtasks is None and self._send_direct(tasks[0]):
             return
-        with self._cond:
+        with self._lock:
             if self._broken is not None:
                 raise self._broken
             if self._closing:
@@ -742,7 +753,7 @@ class Scheduler:
             return False  # the queue's path fails it as it should
         if wire.body_length(prepared[1]) > _DIRECT_MAX_BYTES:
             return False  # submit must not block on a large send
-        with self._cond:
+        with self._lock:
             st = self._direct_slot()
             if st is None:
                 return False
@@ -760,20 +771,18 @@ class Scheduler:
                                           new_call_id(), CallHandle())
         except BaseException as exc:  # the reader handles it, as a failed call
             d.error = exc
-        with self._cond:
+        with self._lock:
             gone = st.slots <= 0  # its slot threads have all left: nobody else will read it
             if not gone:
                 st.direct.append(d)
-                if st.waiting:
-                    st.waiting -= 1
-                    st.cond.notify()
+                st.wake_one()
         if gone and d.claim():
             self._run_direct(d)
         return True
 
     def cancel_pending(self) -> None:
         """Cancel every queued task that has not started (as ``cancel_futures=True``)."""
-        with self._cond:
+        with self._lock:
             keep = deque()
             for t in self._queue:
                 if t.started or not t.future.cancel():
@@ -785,7 +794,7 @@ class Scheduler:
 
         Python cannot interrupt a running function, so the machines running them are killed.
         """
-        with self._cond:
+        with self._lock:
             self._cancel_running = reason
             queued, self._queue = list(self._queue), deque()
             busy = [s.machine for s in self._machines if s.busy]
@@ -811,7 +820,7 @@ class Scheduler:
 
     def close(self) -> None:
         """Refuse new tasks; queued and running ones go on."""
-        with self._cond:
+        with self._lock:
             self._closing = True
 
     def shutdown(self, wait: bool = True) -> None:
@@ -828,7 +837,7 @@ class Scheduler:
             threading.Thread(target=finish, name="bigexec-shutdown", daemon=True).start()
 
     def _release(self) -> None:
-        with self._cond:
+        with self._lock:
             if self._stopped:
                 return
             self._stopped = True
@@ -846,5 +855,5 @@ class Scheduler:
                 m.shutdown()
 
     def machines(self) -> list[Machine]:
-        with self._cond:
+        with self._lock:
             return [s.machine for s in self._machines if not s.dead]
