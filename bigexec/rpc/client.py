@@ -286,23 +286,22 @@ class Client:
                 p.conn = conn
                 return
             except TimeoutError:
-                conn.kill()
-                if handle is not None:
-                    handle._detach()
-                    if handle.aborted is not None:
-                        raise handle.aborted from None
+                _abandon(conn, handle, detach=True)
                 raise TimeoutError(f"{method} on {addr} timed out after {p.timeout}s") from None
             except (OSError, ProtocolError) as exc:
-                conn.kill()
-                if handle is not None:
-                    handle._detach()
-                    if handle.aborted is not None:
-                        raise handle.aborted from None
-                if conn.reused and not p.fresh and source is None:
-                    self.reset(addr)  # its siblings are likely stale too
-                    p.fresh = True
-                    continue
-                raise NetworkError(f"{method} on {addr}: {exc}") from exc
+                _abandon(conn, handle, detach=True)
+                if not self._retry_fresh(p, conn):
+                    raise NetworkError(f"{method} on {addr}: {exc}") from exc
+
+    def _retry_fresh(self, p: PendingCall, conn: _Conn) -> bool:
+        """Whether ``p`` may be sent again on a fresh connection after ``conn`` failed: a
+        stale pooled connection, whose server never read the request (a stream cannot be
+        sent twice). Resets the pool for ``p``'s address when so."""
+        if not conn.reused or p.fresh or p.prepared[0] is not None:
+            return False
+        self.reset(p.addr)  # its siblings are likely stale too
+        p.fresh = True
+        return True
 
     def _receive(self, p: PendingCall) -> Any:
         addr, method, handle = p.addr, p.method, p.handle
@@ -328,22 +327,14 @@ class Client:
             except _LateReply:
                 raise TimeoutError(f"{method} on {addr} timed out after {p.timeout}s") from None
             except TimeoutError:
-                conn.kill()
-                if handle is not None and handle.aborted is not None:
-                    raise handle.aborted from None
+                _abandon(conn, handle, detach=False)
                 raise TimeoutError(f"{method} on {addr} timed out after {p.timeout}s") from None
             except (OSError, ProtocolError) as exc:
-                conn.kill()
-                if handle is not None and handle.aborted is not None:
-                    raise handle.aborted from None
+                _abandon(conn, handle, detach=False)
                 if isinstance(exc, ProtocolError) and got_reply:
                     raise
-                if not (conn.reused and not got_reply and not p.fresh
-                        and p.prepared[0] is None):
+                if got_reply or not self._retry_fresh(p, conn):
                     raise NetworkError(f"{method} on {addr}: {exc}") from exc
-                # a stale pooled connection: the server never read the request; send it again
-                self.reset(addr)  # its siblings are likely stale too
-                p.fresh = True
             finally:
                 if handle is not None and not streaming:  # a stream detaches when it ends
                     handle._detach()
@@ -403,13 +394,12 @@ class Client:
 class PendingCall:
     """A call whose request is sent and whose reply is yet to be read (``Client.begin``)."""
 
-    __slots__ = ("client", "addr", "method", "prepared", "length", "timeout", "deadline",
-                 "call_id", "handle", "ep", "conn", "fresh", "source_error", "t0")
+    __slots__ = ("addr", "method", "prepared", "length", "timeout", "deadline", "call_id",
+                 "handle", "ep", "conn", "fresh", "source_error", "t0")
 
     def __init__(self, client: Client, addr: str, method: str,
                  prepared: tuple[Any, list[Any]], timeout: float | None, call_id: str,
                  handle: CallHandle | None) -> None:
-        self.client = client
         self.addr = addr
         self.method = method
         self.prepared = prepared
@@ -423,6 +413,16 @@ class PendingCall:
         self.conn: _Conn | None = None
         self.fresh = False
         self.source_error: BaseException | None = None
+
+
+def _abandon(conn: _Conn, handle: CallHandle | None, detach: bool) -> None:
+    """Kill a failed call's connection; raise why another thread aborted it, if one did."""
+    conn.kill()
+    if handle is not None:
+        if detach:
+            handle._detach()
+        if handle.aborted is not None:
+            raise handle.aborted from None
 
 
 class _LateReply(Exception):
