@@ -268,13 +268,20 @@ if sys.implementation.name == "cpython":
         pass
 
 
-def _read_into(readinto: Callable[[memoryview], int | None], view: memoryview) -> None:
+def read_into(readinto: Callable[[memoryview], int | None], view: memoryview) -> None:
+    """Fill ``view`` with ``readinto`` (a file's); ``EOFError`` if the data ends first."""
     got, n = 0, len(view)
     while got < n:
         k = readinto(view[got:])
         if not k:
             raise EOFError(f"connection closed after {got} of {n} bytes")
         got += k
+
+
+def _read_new(readinto: Callable[[memoryview], int | None], n: int) -> bytearray:
+    buf = bytearray(n)
+    read_into(readinto, memoryview(buf))
+    return buf
 
 
 def read(readinto: Callable[[memoryview], int | None], length: int) -> bytearray | Message:
@@ -284,29 +291,22 @@ def read(readinto: Callable[[memoryview], int | None], length: int) -> bytearray
     does not add up (the connection is then out of step and must be closed).
     """
     if length < _OOB_MIN:  # one buffer: no large buffers to place
-        buf = bytearray(length)
-        _read_into(readinto, memoryview(buf))
-        return buf
-    head = bytearray(4)
-    _read_into(readinto, memoryview(head))
-    (n,) = _U32.unpack(head)
+        return _read_new(readinto, length)
+    (n,) = _U32.unpack(_read_new(readinto, 4))
     if 4 + 8 * (n + 1) > length:
         raise DecodeError(f"a message of {length} bytes cannot hold {n} buffers")
-    lens_raw = bytearray(8 * (n + 1))
-    _read_into(readinto, memoryview(lens_raw))
+    lens_raw = _read_new(readinto, 8 * (n + 1))
     lens = [_U64.unpack_from(lens_raw, 8 * i)[0] for i in range(n + 1)]
     if 4 + len(lens_raw) + sum(ln & ~_BYTES_FLAG for ln in lens) != length:
         raise DecodeError(f"message length {length} does not match its header")
-    body = bytearray(lens[0])
-    _read_into(readinto, memoryview(body))
+    body = _read_new(readinto, lens[0])
     buffers: list[Any] = []
     for ln in lens[1:]:
         if ln & _BYTES_FLAG:
             obj, view = _new_bytes(ln & ~_BYTES_FLAG)
-        else:
-            obj = bytearray(ln)  # writable, as the sender's buffer was (a NumPy array's)
-            view = memoryview(obj)
-        _read_into(readinto, view)
+            read_into(readinto, view)
+        else:  # writable, as the sender's buffer was (a NumPy array's)
+            obj = _read_new(readinto, ln)
         buffers.append(obj)
     return Message(body, buffers, length)
 

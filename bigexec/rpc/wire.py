@@ -75,13 +75,10 @@ def read_head(rfile: Any) -> tuple[list[str], dict[str, str]] | None:
 def read_exact(rfile: Any, n: int) -> bytearray:
     """Read exactly ``n`` body bytes into a fresh buffer (no intermediate copies)."""
     buf = bytearray(n)
-    view = memoryview(buf)
-    got = 0
-    while got < n:
-        k = rfile.readinto(view[got:])
-        if not k:
-            raise NetworkError(f"connection closed after {got} of {n} body bytes")
-        got += k
+    try:
+        codec.read_into(rfile.readinto, memoryview(buf))
+    except EOFError as exc:
+        raise NetworkError(str(exc)) from None
     return buf
 
 
