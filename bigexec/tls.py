@@ -10,7 +10,10 @@ import os
 import ssl
 import tempfile
 
-__all__ = ["Credentials", "server_context", "client_context"]
+__all__ = ["CREDENTIALS_END", "Credentials", "server_context", "client_context"]
+
+#: Ends the credentials a driver writes on a worker's stdin (which then stays open).
+CREDENTIALS_END = b"-----END BIGEXEC CREDENTIALS-----\n"
 
 
 class Credentials:

@@ -28,6 +28,7 @@ from collections.abc import Callable, Mapping
 
 from .rpc.server import Server
 from .service import ServiceRegistry
+from .tls import CREDENTIALS_END
 
 __all__ = ["MachineRuntime", "main"]
 
@@ -149,9 +150,6 @@ def _exit_process(code: int) -> None:
     os._exit(code)
 
 
-_CREDENTIALS_END = b"-----END BIGEXEC CREDENTIALS-----\n"  # systems.local.CREDENTIALS_END
-
-
 def _read_credentials(fd: int) -> bytes:
     """The PEM bundle on stdin, up to its end line; stdin itself stays open (the lifeline).
 
@@ -160,12 +158,12 @@ def _read_credentials(fd: int) -> bytes:
     interpreter abort at exit.
     """
     data = b""
-    while not data.endswith(_CREDENTIALS_END):
+    while not data.endswith(CREDENTIALS_END):
         chunk = os.read(fd, 65536)
         if not chunk:
             break  # the driver died, or wrote no end line: Credentials.from_pem says what
         data += chunk
-    return data[: -len(_CREDENTIALS_END)] if data.endswith(_CREDENTIALS_END) else data
+    return data[: -len(CREDENTIALS_END)] if data.endswith(CREDENTIALS_END) else data
 
 
 def _watch_lifeline(fd: int, runtime: MachineRuntime) -> None:

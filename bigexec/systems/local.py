@@ -186,9 +186,6 @@ class _LocalHandle(MachineHandle):
         return not self._pump.is_alive()
 
 
-#: What ends the credentials on a worker's stdin (which then stays open: the lifeline).
-CREDENTIALS_END = b"-----END BIGEXEC CREDENTIALS-----\n"
-
 _lifelines: weakref.WeakSet[_LocalHandle] = weakref.WeakSet()
 
 
@@ -277,7 +274,7 @@ class LocalSystem(System):
                 os.close(w)
             assert proc.stdin is not None
             try:
-                proc.stdin.write(creds.to_pem() + CREDENTIALS_END)
+                proc.stdin.write(creds.to_pem() + tls.CREDENTIALS_END)
                 proc.stdin.flush()
             except OSError:
                 pass  # it died at once; address() reports how
