@@ -26,9 +26,9 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 
+from . import tls
 from .rpc.server import Server
 from .service import ServiceRegistry
-from .tls import CREDENTIALS_END
 
 __all__ = ["MachineRuntime", "main"]
 
@@ -114,17 +114,20 @@ class MachineRuntime:
     def wait(self, timeout: float | None = None) -> bool:
         return self._stopped.wait(timeout)
 
+    def abandon(self, why: str) -> None:
+        """The driver is gone: say why (if anyone still reads our stderr) and exit 1."""
+        try:
+            print(f"bigexec: {why}; exiting", file=sys.stderr, flush=True)
+        except (OSError, ValueError):
+            pass
+        self.exit(1)
+
     def _watchdog(self) -> None:
         next_health = 0.0
         while not self._stopped.is_set():
             left = self.lease_remaining()
             if left <= 0:
-                try:  # the driver, and so the other end of our stderr, may be gone
-                    print(f"bigexec: lease expired {-left:.1f}s ago: the driver is gone; "
-                          f"exiting", file=sys.stderr, flush=True)
-                except (OSError, ValueError):
-                    pass
-                self.exit(1)
+                self.abandon(f"lease expired {-left:.1f}s ago: the driver is gone")
                 return
             now = time.monotonic()
             if now >= next_health:
@@ -158,12 +161,13 @@ def _read_credentials(fd: int) -> bytes:
     interpreter abort at exit.
     """
     data = b""
-    while not data.endswith(CREDENTIALS_END):
+    while not data.endswith(tls.CREDENTIALS_END):
         chunk = os.read(fd, 65536)
         if not chunk:
             break  # the driver died, or wrote no end line: Credentials.from_pem says what
         data += chunk
-    return data[: -len(CREDENTIALS_END)] if data.endswith(CREDENTIALS_END) else data
+    end = tls.CREDENTIALS_END
+    return data[: -len(end)] if data.endswith(end) else data
 
 
 def _watch_lifeline(fd: int, runtime: MachineRuntime) -> None:
@@ -173,26 +177,18 @@ def _watch_lifeline(fd: int, runtime: MachineRuntime) -> None:
             pass
     except OSError:
         pass
-    if runtime.stopped:
-        return
-    try:  # the other end of our stderr went with the driver, most likely
-        print("bigexec: the driver is gone (stdin closed); exiting", file=sys.stderr, flush=True)
-    except (OSError, ValueError):
-        pass
-    runtime.exit(1)
+    if not runtime.stopped:
+        runtime.abandon("the driver is gone (stdin closed)")
 
 
 def main() -> None:
     """Entry point of a ``local`` (and later ``ec2``) machine process."""
-    from . import tls
-    from .tls import Credentials
-
     if os.environ.get("BIGEXEC_WORKER") != "1":
         sys.exit("bigexec.worker is started by a bigexec driver, not by hand")
     logging.basicConfig(level=os.environ.get("BIGEXEC_LOG_LEVEL", "WARNING"),
                         format="%(levelname)s %(name)s: %(message)s")
     stdin = sys.stdin.fileno()
-    creds = Credentials.from_pem(_read_credentials(stdin))
+    creds = tls.Credentials.from_pem(_read_credentials(stdin))
     runtime = MachineRuntime(
         system_name=os.environ.get("BIGEXEC_SYSTEM", "local"),
         exit=_exit_process,
