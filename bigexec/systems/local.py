@@ -13,8 +13,9 @@ stays open for as long as the driver holds the machine: when the driver dies, ho
 dies, the worker reads EOF and exits at once, without waiting for its lease to lapse (the
 lease still ends a worker whose driver hangs). Forked children of the driver let go of
 their copies, so they do not keep it alive. It gets the driver's ``sys.path`` (through
-``PYTHONPATH``) so the user's modules import, and the driver's working directory. It never re-runs the user's ``__main__``. Credentials travel on stdin, so
-no key touches the disk except for the instant ``ssl`` needs a file to load it from.
+``PYTHONPATH``) so the user's modules import, and the driver's working directory. It never
+re-runs the user's ``__main__``. Credentials travel on stdin, so no key touches the disk
+except for the instant ``ssl`` needs a file to load it from.
 Lines the worker prints before it listens (interpreter start-up) are boot noise: they are held
 back, and shown only if the machine fails to boot or ``boot_logs=True``.
 """
