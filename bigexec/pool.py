@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import collections
 import itertools
+import logging
 import multiprocessing
 import os
 import queue
 import threading
+import time
 import warnings
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future
@@ -35,7 +37,11 @@ from .tasks import run_chunk, run_star_chunk
 
 __all__ = ["Pool", "AsyncResult", "ApplyResult", "MapResult", "IMapIterator"]
 
+log = logging.getLogger("bigexec.pool")
+
 RUN, CLOSE, TERMINATE = "RUN", "CLOSE", "TERMINATE"
+# How an imap feeder reads its input: as results are consumed, all of it now, or no more.
+_WINDOW, _ALL, _STOP = "window", "all", "stop"
 _IMAP_WINDOW_PER_PROCESS = 8  # chunks in flight or unread per process, for imap
 
 
@@ -154,6 +160,7 @@ class IMapIterator:
         self._length: int | None = None
         self._items: collections.deque[Any] = collections.deque()
         self._consumed = 0
+        self._feed = _WINDOW  # how the feeder reads the input: see _wait_for_room
 
     def __iter__(self) -> IMapIterator:
         return self
@@ -161,6 +168,7 @@ class IMapIterator:
     def next(self, timeout: float | None = None) -> Any:
         if self._items:
             return self._items.popleft()
+        deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
             while True:
                 if self._ordered and self._next_index in self._done:
@@ -171,8 +179,12 @@ class IMapIterator:
                     break
                 if self._length is not None and self._consumed >= self._length:
                     raise StopIteration
-                if not self._cond.wait(timeout):
+                # one deadline for the whole call: a notify for another index must not
+                # restart the wait
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
                     raise multiprocessing.TimeoutError
+                self._cond.wait(left)
             self._next_index += 1
             self._consumed += 1
             self._cond.notify_all()  # the feeder may send more
@@ -181,7 +193,8 @@ class IMapIterator:
         if isinstance(value, _Chunk):
             self._items.extend(value.items)
             if not self._items:
-                return self.next(timeout)
+                left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                return self.next(left)
             return self._items.popleft()
         return value
 
@@ -198,10 +211,24 @@ class IMapIterator:
             self._length = length
             self._cond.notify_all()
 
-    def _wait_for_room(self, submitted: int, window: int) -> None:
+    def _wait_for_room(self, submitted: int, window: int) -> bool:
+        """Wait until the consumer has made room for one more task; False: stop feeding (the
+        pool was terminated). Once the pool is closed and joined, there is always room: the
+        rest of the input is submitted at once, as the standard library does, so that
+        ``join()`` never waits for a consumer that may not come."""
         with self._cond:
-            while submitted - self._consumed >= window:
+            while True:
+                if self._feed == _STOP:
+                    return False
+                if self._feed == _ALL or submitted - self._consumed < window:
+                    return True
                 self._cond.wait()
+
+    def _set_feed(self, mode: str) -> None:
+        with self._cond:
+            if self._feed != _STOP:
+                self._feed = mode
+            self._cond.notify_all()
 
 
 class _Chunk:
@@ -255,7 +282,9 @@ class Pool(ClusterViews):
             initializer=initializer, initargs=tuple(initargs), max_crashes=max_crashes,
             maxtasksperchild=maxtasksperchild, unpicklable_result=_unpicklable_result,
         )
-        self._feeders: list[threading.Thread] = []
+        # imap feeders still reading their input, by iterator (each removes itself when done)
+        self._feeders: dict[IMapIterator, threading.Thread] = {}
+        self._feeders_lock = threading.Lock()
         self._state = RUN
 
     # --- plumbing ------------------------------------------------------------------------
@@ -268,9 +297,9 @@ class Pool(ClusterViews):
             try:
                 job()
             except BaseException:  # the jobs catch their callbacks' errors; this is a bug
-                import logging
-
-                logging.getLogger("bigexec.pool").exception("pool result handler failed")
+                log.exception("pool result handler failed")
+            # the job holds its future and result: do not keep them alive while waiting
+            job = None  # type: ignore[assignment]
 
     def _post(self, fn: Callable[[], None]) -> None:
         self._results.put(fn)
@@ -379,36 +408,44 @@ class Pool(ClusterViews):
         def feed() -> None:
             source = iter(iterable)
             index = 0
-            while True:
-                it._wait_for_room(index, window)
-                try:
-                    if chunksize == 1:
-                        item = next(source)
-                        task = Task(func, (item,), {})
-                    else:
-                        chunk = list(itertools.islice(source, chunksize))
-                        if not chunk:
-                            break
-                        task = Task(run_star_chunk, (func, chunk), {})
-                except StopIteration:
-                    break
-                except BaseException as exc:  # the input failed: that is the result here
-                    it._set(index, False, exc)
+            try:
+                while True:
+                    if not it._wait_for_room(index, window):  # terminated: say so, and end
+                        it._set(index, False, RuntimeError("the pool was terminated"))
+                        index += 1
+                        break
+                    try:
+                        if chunksize == 1:
+                            task = Task(func, (next(source),), {})
+                        else:
+                            chunk = list(itertools.islice(source, chunksize))
+                            if not chunk:
+                                break
+                            task = Task(run_star_chunk, (func, chunk), {})
+                    except StopIteration:
+                        break
+                    except BaseException as exc:  # the input failed: that is the result here
+                        it._set(index, False, exc)
+                        index += 1
+                        break
+                    task.future.add_done_callback(
+                        lambda f, index=index: self._post(lambda: done(index, f)))
+                    try:
+                        self._submit([task])
+                    except BaseException as exc:
+                        it._set(index, False, exc)
+                        index += 1
+                        break
+                    del task
                     index += 1
-                    break
-                task.future.add_done_callback(
-                    lambda f, index=index: self._post(lambda: done(index, f)))
-                try:
-                    self._submit([task])
-                except BaseException as exc:
-                    it._set(index, False, exc)
-                    index += 1
-                    break
-                index += 1
-            it._set_length(index)
+                it._set_length(index)
+            finally:
+                with self._feeders_lock:
+                    self._feeders.pop(it, None)
 
         feeder = threading.Thread(target=feed, daemon=True, name="bigexec-pool-feeder")
-        self._feeders.append(feeder)
+        with self._feeders_lock:
+            self._feeders[it] = feeder
         feeder.start()
         return it
 
@@ -430,20 +467,37 @@ class Pool(ClusterViews):
             self._state = CLOSE
 
     def terminate(self) -> None:
-        """Stop now: running tasks are stopped, unfinished jobs fail, machines shut down."""
+        """Stop now: running tasks are stopped, unfinished jobs fail, machines shut down.
+
+        imap feeders stop reading their input; an imap iterator yields what finished, then
+        raises ``RuntimeError("the pool was terminated")``.
+        """
         self._state = TERMINATE
+        for it in self._live_feeders():
+            it._set_feed(_STOP)
         self._scheduler.stop_running(RuntimeError("the pool was terminated"))
         self._scheduler.shutdown(wait=True)
         self._stop_handler()
 
     def join(self) -> None:
-        """Wait for the work to finish and the machines to stop (after close or terminate)."""
+        """Wait for the work to finish and the machines to stop (after close or terminate).
+
+        After ``close()``, unread ``imap`` input is submitted at once (as the standard library
+        reads it eagerly) and its results wait in the iterator; after ``terminate()`` nothing
+        waits for the feeders, which may be blocked in the user's input iterator.
+        """
         if self._state == RUN:
             raise ValueError("Pool is still running")
-        for f in self._feeders:
-            f.join()
+        if self._state == CLOSE:
+            for it, feeder in self._live_feeders().items():
+                it._set_feed(_ALL)
+                feeder.join()
         self._scheduler.shutdown(wait=True)
         self._stop_handler()
+
+    def _live_feeders(self) -> dict[IMapIterator, threading.Thread]:
+        with self._feeders_lock:
+            return dict(self._feeders)
 
     def _stop_handler(self) -> None:
         if self._handler.is_alive():

@@ -397,6 +397,8 @@ class Scheduler:
             live = any(not s.dead for s in self._machines)
             if live or self._broken is not None or self._stopped:
                 return
+            if self._cancel_running is not None:
+                return  # the machines were killed on purpose, with the work: nothing is broken
             self._break(BrokenCluster(f"no machine can be had to run tasks: {err}"), cause=err)
 
     def _machine_gone(self, st: _MachineSlots, why: BaseException | None) -> None:
@@ -670,7 +672,6 @@ class Scheduler:
             return
         doomed: list[tuple[Task, BaseException]] = []
         with self._lock:
-            self._inflight -= len(tasks)
             if self._cancel_running is not None:
                 doomed = [(t, self._cancel_running) for t in tasks]
                 tasks = []
@@ -691,10 +692,17 @@ class Scheduler:
                 if len(first.crashes) >= self._max_crashes:
                     doomed.append((first, WorkerLostError(first.describe(), first.crashes)))
                     tasks = tasks[1:]
+            self._inflight -= len(tasks)
             self._queue.extendleft(reversed(tasks))
             self._notify_everyone()
+        # The doomed stay in flight until settled: else wait_idle could return (and a Pool
+        # stop its result thread) before their futures' callbacks have run.
         for t, err in doomed:
             _settle(t.future, error=err)
+        if doomed:
+            with self._lock:
+                self._inflight -= len(doomed)
+                self._idle.notify_all()
 
     # --- the public side -----------------------------------------------------------------
 
@@ -796,6 +804,7 @@ class Scheduler:
         """
         with self._lock:
             self._cancel_running = reason
+            self._closing = True  # nothing submitted from now on could run
             queued, self._queue = list(self._queue), deque()
             busy = [s.machine for s in self._machines if s.busy]
             self._notify_everyone()

@@ -439,6 +439,18 @@ def test_imap_next_timeout_raises_multiprocessing_timeout_error(pool):
             it.next(timeout=BOOT)
 
 
+def test_imap_next_timeout_is_one_deadline_while_other_results_arrive(pool, tmp_path):
+    # item 0 is slow; the others finish one by one meanwhile, each an arrival that must not
+    # restart next()'s wait
+    warm_up(pool, tmp_path)
+    it = pool.imap(sleep_echo, [5.0] + [0.2] * 15)
+    time.sleep(0.3)  # the quick items are arriving
+    start = time.monotonic()
+    with pytest.raises(multiprocessing.TimeoutError):
+        it.next(timeout=0.5)
+    assert time.monotonic() - start < 2.0
+
+
 def test_imap_raises_at_the_failing_item_and_goes_on(pool):
     assert drain(pool.imap(fail_at_3, range(6))) == [0, 1, 2, ("raised", "ValueError('boom 3')"),
                                                      4, 5]
@@ -543,6 +555,52 @@ def test_terminate_stops_outstanding_work(pool):
     assert time.monotonic() - start < 2.5  # 10 s of work queued on 2 workers
     with pytest.raises(ValueError, match=NOT_RUNNING):
         pool.apply_async(square, (1,))
+
+
+@pytest.mark.parametrize("method", ["imap", "imap_unordered"])
+def test_leaving_with_after_breaking_out_of_imap_returns(make_pool, method):
+    p = make_pool(2)
+
+    def leave_early():
+        with p:
+            for x in getattr(p, method)(identity, range(100_000)):
+                if x >= 2:
+                    break
+
+    problem = within("leaving the with block", leave_early)
+    assert problem is None, problem
+    join(p)
+
+
+@pytest.mark.parametrize("method", ["imap", "imap_unordered"])
+def test_leaving_with_on_a_task_error_in_imap_returns(make_pool, method):
+    p = make_pool(2)
+
+    def leave_on_error():
+        with pytest.raises(ValueError, match="boom 3"), p:
+            for _ in getattr(p, method)(fail_at_3, range(100_000)):
+                pass
+
+    problem = within("leaving the with block on an error", leave_on_error)
+    assert problem is None, problem
+    join(p)
+
+
+@pytest.mark.parametrize("method", ["imap", "imap_unordered"])
+def test_terminate_after_reading_part_of_imap_returns_and_join_too(pool, method):
+    it = getattr(pool, method)(identity, range(100_000))
+    assert it.next(timeout=BOOT) is not None
+    assert it.next(timeout=BOOT) is not None
+    problem = within("terminate(); join()", partial(_terminate_and_join, pool))
+    assert problem is None, problem
+
+
+@pytest.mark.parametrize("method", ["imap", "imap_unordered"])
+def test_close_then_join_with_an_unread_imap_returns_and_keeps_its_results(pool, method):
+    it = getattr(pool, method)(square, range(200))
+    pool.close()
+    join(pool)
+    assert sorted(it) == [i * i for i in range(200)]
 
 
 def test_context_manager_terminates_on_exit(make_pool):
