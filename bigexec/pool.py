@@ -19,6 +19,7 @@ import collections
 import itertools
 import logging
 import multiprocessing
+import multiprocessing.pool
 import os
 import queue
 import threading
@@ -29,6 +30,7 @@ from concurrent.futures import Future
 from multiprocessing.pool import MaybeEncodingError
 from typing import Any
 
+from .errors import RemoteTraceback
 from .machine import Machine
 from .observe import ClusterViews
 from .scheduler import Scheduler, Task, session_for
@@ -52,7 +54,11 @@ def _unpicklable_result(exc: BaseException) -> BaseException:
 def _error_of(fut: Future) -> BaseException | None:
     if fut.cancelled():  # only terminate() cancels a pool's tasks
         return RuntimeError("the pool was terminated before the task ran")
-    return fut.exception()
+    exc = fut.exception()
+    if exc is not None and isinstance(exc.__cause__, RemoteTraceback):
+        # the standard library's pool gives a task's exception its own class of cause
+        exc.__cause__ = multiprocessing.pool.RemoteTraceback(exc.__cause__.tb)
+    return exc
 
 
 class ApplyResult:

@@ -639,7 +639,8 @@ class Scheduler:
             try:
                 codec.dumps((t.fn, t.args, t.kwargs))
             except codec.EncodeError as exc:
-                self._fail([t], exc)
+                # what pickling raised, as the standard library's pools report it
+                self._fail([t], exc.__cause__ or exc)
             else:
                 good.append(t)
         return good

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import pickle
 import threading
 import time
 import uuid
@@ -17,6 +18,25 @@ BOOT = 30.0  # upper bound for anything that may wait for machines to boot
 
 class ConformanceError(Exception):
     """An exception class of this module: must come back with its own type."""
+
+
+class RefusesToPickle:
+    """An argument or result whose pickling raises ``error`` (an exception instance)."""
+
+    def __init__(self, error):
+        self.error = error
+
+    def __reduce__(self):
+        raise self.error
+
+
+def refusing_result(error):
+    return RefusesToPickle(error)
+
+
+# what pickling may raise; the standard library's pools report it as it is
+PICKLING_ERRORS = [RuntimeError("refuses to be pickled"),
+                   pickle.PicklingError("refuses to be pickled")]
 
 
 def square(x):

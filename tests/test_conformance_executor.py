@@ -387,6 +387,18 @@ def test_unpicklable_argument_fails_only_that_future(impl, executor):
     assert executor.submit(square, 6).result(timeout=BOOT) == 36
 
 
+@pytest.mark.parametrize("error", conformance_tasks.PICKLING_ERRORS, ids=lambda e: type(e).__name__)
+def test_an_argument_or_result_that_fails_to_pickle_raises_what_pickling_raised(impl, executor,
+                                                                                error):
+    skip_for(impl, NO_PICKLING)
+    bad = executor.submit(identity, conformance_tasks.RefusesToPickle(error))
+    e = bad.exception(timeout=BOOT)
+    assert type(e) is type(error) and str(e) == "refuses to be pickled"
+    e = executor.submit(conformance_tasks.refusing_result, error).exception(timeout=BOOT)
+    assert type(e) is type(error) and str(e) == "refuses to be pickled"
+    assert executor.submit(square, 6).result(timeout=BOOT) == 36
+
+
 def test_unpicklable_result_fails_only_that_task(impl, executor):
     skip_for(impl, NO_PICKLING)
     bad = executor.submit(make_lock)
@@ -690,6 +702,15 @@ def test_shutdown_cancel_futures_cancels_only_pending_ones(executor):
     for i, f in enumerate(pending):
         if not f.cancelled():
             assert f.result() == i * i
+
+
+def test_submit_after_shutdown_cancel_futures_with_running_tasks_says_shutdown(executor):
+    blockers = [executor.submit(sleep_echo, 0.3, "blocker") for _ in range(2)]
+    for b in blockers:
+        wait_running(b)
+    shutdown(executor, wait=True, cancel_futures=True)
+    with pytest.raises(RuntimeError, match="^cannot schedule new futures after shutdown$"):
+        executor.submit(square, 2)
 
 
 def test_context_manager_shuts_down_and_waits(make_executor):

@@ -502,6 +502,28 @@ def test_unpicklable_argument_fails_only_that_task(pool):
     assert pool.map(square, [1, 2]) == [1, 4]
 
 
+@pytest.mark.parametrize("error", conformance_tasks.PICKLING_ERRORS, ids=lambda e: type(e).__name__)
+def test_an_argument_that_fails_to_pickle_raises_what_pickling_raised(pool, error):
+    bad = conformance_tasks.RefusesToPickle(error)
+    with pytest.raises(type(error), match="^refuses to be pickled$"):
+        pool.apply(identity, (bad,))
+    with pytest.raises(type(error), match="^refuses to be pickled$"):
+        pool.map(identity, [1, bad], chunksize=1)
+    assert pool.map(square, [1, 2]) == [1, 4]
+
+
+def test_a_task_exception_has_a_multiprocessing_remote_traceback_cause(pool):
+    with pytest.raises(ValueError) as info:
+        pool.apply(raise_value_error, ("boom",))
+    assert type(info.value.__cause__) is multiprocessing.pool.RemoteTraceback
+    with pytest.raises(ValueError) as info:
+        pool.map(raise_value_error, ["boom"])
+    assert type(info.value.__cause__) is multiprocessing.pool.RemoteTraceback
+    with pytest.raises(ValueError) as info:
+        list(pool.imap(raise_value_error, ["boom"]))
+    assert type(info.value.__cause__) is multiprocessing.pool.RemoteTraceback
+
+
 def test_unpicklable_result_raises_maybe_encoding_error(pool):
     r = pool.apply_async(make_lock)
     with pytest.raises(multiprocessing.pool.MaybeEncodingError, match="^Error sending result: "):
