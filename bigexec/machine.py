@@ -219,11 +219,15 @@ class Machine:
             try:
                 self._call_raw("Supervisor.ping", (0,), {}, min(_PING_RPC_TIMEOUT, left))
                 return
-            except (NetworkError, TimeoutError):
+            except (NetworkError, TimeoutError) as exc:
                 if self._handle is not None:
                     died = self._handle.died()
                     if died is not None:
                         raise died from None
+                elif not self.owned and isinstance(exc, NetworkError):
+                    # a dialed address serves already, or never will (refused, unreachable):
+                    # fail now with the transport's word, rather than sit in STARTING
+                    raise MachineLost(f"cannot reach machine {self.addr}: {exc}") from exc
                 if self._stop_event.wait(min(wait, max(0.0, deadline - time.monotonic()))):
                     raise BootError(f"machine {self.addr} stopped while booting") from None
                 wait = min(wait * 2, 1.0)
@@ -288,18 +292,21 @@ class Machine:
 
     def _begin(self, method: str, prepared: Any, timeout: float | None, call_id: str,
                handle: CallHandle) -> PendingCall:
-        """Send a call's request; ``_finish`` reads the reply, maybe in another thread."""
+        """Send a call's request; ``_finish`` reads the reply, maybe in another thread.
+
+        ``timeout`` counts from now and covers waiting for a booting machine too."""
+        deadline = None if timeout is None else time.monotonic() + timeout
         if self._state < RUNNING:
             if not self.wait(RUNNING, timeout):
                 raise TimeoutError(f"{method}: machine {self.addr or '(booting)'} did not start "
-                                   f"within {timeout}s")
+                                   f"within the call's timeout of {timeout}s")
         with self._cond:
             if self._state == STOPPED:
                 raise MachineStopped(self.addr, self._err)
             self._inflight.add(handle)
         try:
             return self._b._client.begin(self.addr, method, prepared, timeout=timeout,
-                                         call_id=call_id, handle=handle)
+                                         call_id=call_id, handle=handle, deadline=deadline)
         except BaseException as exc:
             self._untrack(handle)
             err = self._failed(exc, call_id, handle)
@@ -329,7 +336,11 @@ class Machine:
 
     def _failed(self, exc: BaseException, call_id: str, handle: CallHandle) -> BaseException:
         """What a call that failed with ``exc`` raises: a lost machine's calls raise
-        ``MachineStopped``; a timed-out call is cancelled on the machine too."""
+        ``MachineStopped``; a timed-out call is cancelled on the machine too. What the remote
+        method raised (a nested call's ``NetworkError`` or ``TimeoutError``) is its outcome,
+        as it is: it says nothing of this machine."""
+        if hasattr(exc, "remote_traceback"):
+            return exc
         if isinstance(exc, TimeoutError):
             if handle.aborted is None:
                 self._remote_cancel(call_id)

@@ -233,13 +233,16 @@ class Client:
 
     def begin(self, addr: str, method: str, prepared: tuple[Any, list[Any]], *,
               timeout: float | None = None, call_id: str | None = None,
-              handle: CallHandle | None = None) -> PendingCall:
+              handle: CallHandle | None = None, deadline: float | None = None) -> PendingCall:
         """Send the request of a call (``prepare``'d arguments); ``finish`` reads its reply.
 
         The two halves may run in different threads: the executor sends from the thread that
-        submits, and whichever thread waits first reads the reply.
+        submits, and whichever thread waits first reads the reply. ``deadline`` (a
+        ``time.monotonic()`` value) is when the call's ``timeout``, counted by the caller from
+        an earlier start, runs out; by default ``timeout`` seconds from now.
         """
-        p = PendingCall(self, addr, method, prepared, timeout, call_id or new_call_id(), handle)
+        p = PendingCall(self, addr, method, prepared, timeout, call_id or new_call_id(), handle,
+                        deadline)
         try:
             self._send(p)
         except BaseException:
@@ -319,10 +322,14 @@ class Client:
                 # a reply that arrives after the deadline is a timeout all the same: the
                 # method saw its ctx expire at about the moment the caller gave up
                 late = p.deadline is not None and time.monotonic() > p.deadline
-                result = self._finish(addr, method, conn, reply, handle, p.source_error)
+                result = self._finish(addr, method, conn, reply, handle, p.source_error,
+                                      p.deadline)
                 streaming = isinstance(result, wire.Stream)
                 if late and not streaming:
                     raise _LateReply
+                if type(result) is _RemoteFailure:
+                    remote = result.error
+                    break  # raised below, past the handlers of this connection's own failures
                 return result
             except _LateReply:
                 raise TimeoutError(f"{method} on {addr} timed out after {p.timeout}s") from None
@@ -339,10 +346,13 @@ class Client:
                 if handle is not None and not streaming:  # a stream detaches when it ends
                     handle._detach()
             self._send(p)
+        # What the remote method raised: a remote TimeoutError or OSError is the method's
+        # outcome, not a failure of this call's connection.
+        raise remote
 
     def _finish(self, addr: str, method: str, conn: _Conn,
                 reply: tuple[list[str], dict[str, str]], handle: CallHandle | None,
-                source_error: BaseException | None) -> Any:
+                source_error: BaseException | None, deadline: float | None = None) -> Any:
         start, headers = reply
         try:
             status = int(start[1])
@@ -367,11 +377,14 @@ class Client:
         if length is None:
             conn.kill()
             raise ProtocolError(f"reply from {addr} without Content-Length (status {status})")
+        # With a deadline, a body that trickles in must not stretch the call past it
+        rfile: Any = conn.rfile if deadline is None else _DeadlineReader(conn, deadline, method,
+                                                                          addr)
         try:
             if status == 200:
-                body: Any = wire.read_message(conn.rfile, int(length))
+                body: Any = wire.read_message(rfile, int(length))
             else:
-                body = wire.read_exact(conn.rfile, int(length))
+                body = wire.read_exact(rfile, int(length))
         except codec.DecodeError:
             conn.kill()  # out of step with the stream: the connection is no good
             raise
@@ -384,7 +397,7 @@ class Client:
         if status == 200:
             return codec.loads(body)
         if status == wire.STATUS_APP_ERROR:
-            raise wire.decode_error(body)
+            return _RemoteFailure(wire.decode_error(body))
         text = bytes(body).decode("utf-8", "replace")
         if status == 404:
             raise UnknownMethodError(text)
@@ -399,14 +412,16 @@ class PendingCall:
 
     def __init__(self, client: Client, addr: str, method: str,
                  prepared: tuple[Any, list[Any]], timeout: float | None, call_id: str,
-                 handle: CallHandle | None) -> None:
+                 handle: CallHandle | None, deadline: float | None = None) -> None:
         self.addr = addr
         self.method = method
         self.prepared = prepared
         self.length = wire.body_length(prepared[1])
         self.timeout = timeout
         self.t0 = time.perf_counter()
-        self.deadline = None if timeout is None else time.monotonic() + timeout
+        if deadline is None and timeout is not None:
+            deadline = time.monotonic() + timeout
+        self.deadline = deadline
         self.call_id = call_id
         self.handle = handle
         self.ep = client._endpoint(addr)
@@ -427,6 +442,30 @@ def _abandon(conn: _Conn, handle: CallHandle | None, detach: bool) -> None:
 
 class _LateReply(Exception):
     pass
+
+
+class _RemoteFailure:
+    """What the remote method raised, carried past ``_receive``'s transport handlers."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+
+class _DeadlineReader:
+    """Reads a reply's body before an absolute deadline: a socket timeout counts per read,
+    so each read gets what is left of the deadline, and reads at most what one ``recv``
+    brings (``readinto1``) before the clock is looked at again."""
+
+    __slots__ = ("conn", "deadline", "method", "addr")
+
+    def __init__(self, conn: _Conn, deadline: float, method: str, addr: str) -> None:
+        self.conn, self.deadline, self.method, self.addr = conn, deadline, method, addr
+
+    def readinto(self, view: memoryview) -> int:
+        self.conn.settimeout(_remaining(self.deadline, self.method, self.addr))
+        return self.conn.rfile.readinto1(view)
 
 
 def _remaining(deadline: float | None, method: str, addr: str) -> float | None:
