@@ -42,6 +42,14 @@ def _result_or_cancel(fut: Future, timeout: float | None = None) -> Any:
         del fut  # do not keep the result alive in this frame
 
 
+def _items_of_chunks(chunks: Iterator[list[Any]]) -> Iterator[Any]:
+    """The items of each chunk, in order, holding none already yielded."""
+    for chunk in chunks:
+        chunk.reverse()
+        while chunk:
+            yield chunk.pop()
+
+
 def _batched(iterable: Iterable[Any], n: int) -> Iterator[tuple]:
     it = iter(iterable)
     while chunk := tuple(itertools.islice(it, n)):
@@ -150,11 +158,14 @@ class Executor(ClusterViews, _StdExecutor):
         results = self._results(fs, end_time, more)
         if chunksize == 1:
             return results
-        return (x for chunk in results for x in chunk)
+        return _items_of_chunks(results)
 
     @staticmethod
     def _results(fs: deque[Future], end_time: float | None,
                  more: tuple[Any, Iterator[Any], Callable[[Any], Task]] | None) -> Iterator[Any]:
+        # While paused at a yield, this generator holds no future, result or input item of
+        # its own: each is yielded straight from the expression that made it (as the
+        # standard library's map does).
         try:
             while fs:
                 if more is not None:
@@ -163,13 +174,11 @@ class Executor(ClusterViews, _StdExecutor):
                     nxt = next(calls, None) if executor is not None else None
                     if nxt is not None:
                         fs.append(executor.submit_task(make(nxt)))
-                    del executor
-                fut = fs.popleft()
+                    del executor, nxt
                 if end_time is None:
-                    yield _result_or_cancel(fut)
+                    yield _result_or_cancel(fs.popleft())
                 else:
-                    yield _result_or_cancel(fut, end_time - time.monotonic())
-                del fut
+                    yield _result_or_cancel(fs.popleft(), end_time - time.monotonic())
         finally:
             for fut in fs:
                 fut.cancel()

@@ -385,27 +385,33 @@ class Scheduler:
 
     def _slot_main(self, st: _MachineSlots) -> None:
         try:
-            while True:
-                work = self._take(st)
-                if work is None:
-                    break
-                if type(work) is _Direct:
-                    if work.claim():  # else its future's waiter reads the reply
-                        self._run_direct(work)
-                    continue
-                try:
-                    self._run(st, work)
-                finally:
-                    with self._lock:
-                        st.busy -= 1
-                if st.dead:
-                    break
+            while self._serve_once(st):
+                pass
         except BaseException:  # a bug here must not strand futures: fail loudly instead
             log.exception("bigexec scheduler slot failed")
             with self._lock:
                 self._break(BrokenCluster("internal scheduler error; see the log"))
         finally:
             self._slot_done(st)
+
+    def _serve_once(self, st: _MachineSlots) -> bool:
+        """Take one batch or direct call and run it; False when the slot should end.
+
+        A frame of its own per piece of work, so that an idle slot thread holds nothing of
+        the last one (its tasks, their arguments and results) while it waits for the next."""
+        work = self._take(st)
+        if work is None:
+            return False
+        if type(work) is _Direct:
+            if work.claim():  # else its future's waiter reads the reply
+                self._run_direct(work)
+            return True
+        try:
+            self._run(st, work)
+        finally:
+            with self._lock:
+                st.busy -= 1
+        return not st.dead
 
     def _wake(self, st: _MachineSlots) -> None:
         with self._lock:
