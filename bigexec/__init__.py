@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
@@ -30,6 +31,10 @@ from .machine import RUNNING, STARTING, STOPPED, UNSTARTED, Machine, State
 from .rpc.wire import Stream
 from .session import B, start
 from .systems import KeepaliveConfig, MachineHandle, System, register_system
+
+# A library leaves output to the application: without logging set up, bigexec's records go
+# nowhere rather than to logging's last-resort stderr handler.
+logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 if TYPE_CHECKING:
     from .executor import Executor

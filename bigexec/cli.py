@@ -12,6 +12,7 @@ with ``python -m bigexec.worker`` by their driver, never by hand.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Any
 
@@ -20,6 +21,19 @@ import requests
 __all__ = ["main"]
 
 _PREFIX = "/debug/bigexec"
+_BROKEN_PIPE_STATUS = 141  # what a shell reports for a command killed by SIGPIPE: 128 + 13
+
+# The help is plain text: argparse prints it as is, so it cannot reuse the reST docstring.
+_DESCRIPTION = "Look at a running bigexec driver through its debug server."
+_EPILOG = """\
+examples:
+  bigexec status http://127.0.0.1:3333
+  bigexec profile http://127.0.0.1:3333 --seconds 10 -o out.prof
+  bigexec top http://127.0.0.1:3333 --seconds 10
+
+URL is the driver's debug server. A driver starts one with b.serve_debug(), or when it runs
+with BIGEXEC_DEBUG_ADDR=127.0.0.1:3333 in its environment."""
+_URL_HELP = "the driver's debug server, e.g. http://127.0.0.1:3333"
 
 
 def _base(url: str) -> str:
@@ -91,34 +105,66 @@ def _top(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="bigexec", description=__doc__.splitlines()[0])
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bigexec", description=_DESCRIPTION, epilog=_EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("status", help="list the machines of a running driver")
-    p.add_argument("url", help="the driver's debug server, e.g. http://127.0.0.1:3333")
-    p.add_argument("--timeout", type=float, default=30.0)
+    about = "List the machines of a running driver, one row each."
+    p = sub.add_parser("status", help="list the machines of a running driver",
+                       description=about)
+    p.add_argument("url", help=_URL_HELP)
+    p.add_argument("--timeout", type=float, default=30.0,
+                   help="seconds to wait for the driver (default: 30)")
     p.set_defaults(fn=_status)
 
-    p = sub.add_parser("profile", help="fetch one CPU profile merged from all machines")
-    p.add_argument("url")
-    p.add_argument("--seconds", type=float, default=30.0)
+    about = ("Profile every machine (or one) for a while and fetch the profiles merged into "
+             "one.")
+    p = sub.add_parser("profile", help="fetch one CPU profile merged from all machines",
+                       description=about)
+    p.add_argument("url", help=_URL_HELP)
+    p.add_argument("--seconds", type=float, default=30.0,
+                   help="how long to profile (default: 30)")
     p.add_argument("--format", choices=("pstats", "callgrind", "collapsed", "text"),
-                   default="pstats")
+                   default="pstats", help="the profile's format (default: pstats)")
     p.add_argument("-o", "--output", help="file to write (default: stdout for text formats)")
     p.add_argument("--machine", help="profile this machine only (its address)")
     p.add_argument("--driver", action="store_true", help="include the driver process")
     p.set_defaults(fn=_profile)
 
-    p = sub.add_parser("top", help="the merged profile's top functions, as text")
-    p.add_argument("url")
-    p.add_argument("--seconds", type=float, default=10.0)
-    p.add_argument("--limit", type=int, default=25)
-    p.add_argument("--machine")
+    about = "Profile the machines for a while and print the merged profile's top functions."
+    p = sub.add_parser("top", help="the merged profile's top functions, as text",
+                       description=about)
+    p.add_argument("url", help=_URL_HELP)
+    p.add_argument("--seconds", type=float, default=10.0,
+                   help="how long to profile (default: 10)")
+    p.add_argument("--limit", type=int, default=25,
+                   help="how many functions to print (default: 25)")
+    p.add_argument("--machine", help="profile this machine only (its address)")
     p.set_defaults(fn=_top)
+    return parser
 
-    args = parser.parse_args(argv)
-    return int(args.fn(args))
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the ``bigexec`` command; its exit status.
+
+    Output piped into a reader that stops early (``bigexec status URL | head``) ends the
+    command quietly with status 141, as a tool killed by SIGPIPE would end.
+    """
+    args = _parser().parse_args(argv)
+    try:
+        code = int(args.fn(args))
+        sys.stdout.flush()  # here, not at exit: a reader that went away is handled below
+    except BrokenPipeError:
+        # Python would report the same error once more, flushing stdout at exit: point it at
+        # /dev/null first.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, sys.stdout.fileno())
+        finally:
+            os.close(devnull)
+        return _BROKEN_PIPE_STATUS
+    return code
 
 
 if __name__ == "__main__":

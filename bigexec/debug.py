@@ -14,9 +14,12 @@ standard library's threading HTTP server: this is a page for people, not a hot p
 
 from __future__ import annotations
 
+import errno
 import html
 import ipaddress
 import json
+import logging
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -28,7 +31,9 @@ from . import observe
 if TYPE_CHECKING:
     from .session import B
 
-__all__ = ["DebugServer", "parse_addr"]
+__all__ = ["DebugServer", "parse_addr", "serve_on_free_port"]
+
+log = logging.getLogger("bigexec.debug")
 
 PREFIX = "/debug/bigexec"
 _CONTENT_TYPES = {
@@ -38,6 +43,7 @@ _CONTENT_TYPES = {
     "text": "text/plain; charset=utf-8",
 }
 _MAX_PROFILE_SECONDS = 600.0
+_PORT_TRIES = 100  # ports tried from the one asked for, when it is taken
 
 
 def parse_addr(addr: str) -> tuple[str, int]:
@@ -48,9 +54,49 @@ def parse_addr(addr: str) -> tuple[str, int]:
         host, port = "", addr
     host = host.strip("[]") or "127.0.0.1"
     try:
-        return host, int(port)
+        number = int(port)
     except ValueError:
         raise ValueError(f"bad debug address {addr!r}: want host:port") from None
+    if not 0 <= number <= 65535:
+        raise ValueError(f"bad debug address {addr!r}: the port must be 0 to 65535")
+    return host, number
+
+
+def serve_on_free_port(b: B, host: str, port: int,
+                       tries: int = _PORT_TRIES) -> DebugServer | None:
+    """Serve ``b``'s debug server on ``port``, or on the next free port above it.
+
+    Several sessions in one process (an ``Executor`` inside ``with bigexec.start()``) each
+    get a debug server this way: the first takes ``port``, the next ``port + 1``, and so on.
+    Where it ended up is printed on stderr (the person who asked for it needs the URL, and
+    the library's logger may go nowhere) and logged. A debug server that cannot be had is
+    not worth failing the session for: that is logged and printed too, and None returned.
+    """
+    ports = [0] if port == 0 else range(port, min(port + tries, 65536))
+    for p in ports:
+        try:
+            server = b.serve_debug(p, host)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                continue
+            _tell(f"no bigexec debug server on {host}:{p}: {exc}")
+            return None
+        if p == port or port == 0:
+            _tell(f"bigexec debug server at {server.url}")
+        else:
+            _tell(f"bigexec debug server at {server.url} (port {port} was taken, "
+                  f"by another session perhaps)")
+        return server
+    _tell(f"no bigexec debug server: ports {port} to {ports[-1]} on {host} are all taken")
+    return None
+
+
+def _tell(message: str) -> None:
+    log.info("%s", message)
+    try:
+        print(message, file=sys.stderr, flush=True)
+    except (OSError, ValueError):  # no stderr to speak of
+        pass
 
 
 def _is_loopback(host: str) -> bool:

@@ -281,18 +281,22 @@ def start(system: str | System | None = None, **options: Any) -> B:
     Without one, ``BIGEXEC_SYSTEM`` names it, else ``"local"``. ``options`` go to the system:
     ``keepalive`` (a ``KeepaliveConfig``) or ``keepalive_period``, ``keepalive_lease``,
     ``keepalive_timeout``, ``keepalive_rpc_timeout``, ``boot_timeout``, and the system's own.
+
+    ``BIGEXEC_DEBUG_ADDR`` (``host:port``) gives every session started here a debug server
+    (see ``B.serve_debug``): the first on that port, each further one while it is taken (a
+    second session in the process, an ``Executor`` inside ``with bigexec.start()``) on the
+    next free port above it. The URL each one got is printed on stderr.
     """
     if isinstance(system, System):
         if options:
             raise TypeError("options go to the System's constructor when you pass an instance")
         return B(system)
     name = system or os.environ.get("BIGEXEC_SYSTEM") or "local"
-    b = B(make_system(name, **options))
     debug_addr = os.environ.get("BIGEXEC_DEBUG_ADDR")
-    if debug_addr:
-        from .debug import parse_addr
+    from . import debug
 
-        host, port = parse_addr(debug_addr)
-        server = b.serve_debug(port, host)
-        log.warning("bigexec debug server at %s", server.url)
+    debug_at = debug.parse_addr(debug_addr) if debug_addr else None  # bad: fail before a session
+    b = B(make_system(name, **options))
+    if debug_at is not None:
+        debug.serve_on_free_port(b, *debug_at)
     return b

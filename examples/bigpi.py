@@ -12,12 +12,16 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import os
 import random
 import sys
 import threading
 import time
+from collections.abc import Callable
 
 import bigexec
+from bigexec.debug import parse_addr
+from bigexec.systems import system_names
 
 log = logging.getLogger("bigpi")
 
@@ -67,30 +71,56 @@ def split(total: int, parts: int) -> list[int]:
     return [base + (i < extra) for i in range(parts) if base + (i < extra) > 0]
 
 
+def _int_at_least(least: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+        if value < least:
+            raise argparse.ArgumentTypeError(f"must be at least {least}, not {value}")
+        return value
+
+    parse.__name__ = "number"  # argparse names the type in some messages
+    return parse
+
+
+def _host_port(text: str) -> tuple[str, int]:
+    try:
+        return parse_addr(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("-n", type=int, default=10_000_000, help="number of samples")
-    parser.add_argument("--nmach", type=int, default=2, help="number of machines")
-    parser.add_argument("--system", default=None,
-                        help="threads or local (default: $BIGEXEC_SYSTEM, else local)")
-    parser.add_argument("--debug-addr", default=None, metavar="HOST:PORT",
+    parser.add_argument("-n", type=_int_at_least(1), default=10_000_000,
+                        help="number of samples")
+    parser.add_argument("--nmach", type=_int_at_least(1), default=2, help="number of machines")
+    parser.add_argument("--system", default=None, choices=system_names(),
+                        help="where machines run (default: $BIGEXEC_SYSTEM, else local)")
+    parser.add_argument("--debug-addr", type=_host_port, default=None, metavar="HOST:PORT",
                         help="serve the debug pages (status, profiles) there while running")
-    parser.add_argument("--calls-per-machine", type=int, default=0, metavar="K",
-                        help="concurrent calls per machine (default: its maxprocs)")
+    parser.add_argument("--calls-per-machine", type=_int_at_least(0), default=0, metavar="K",
+                        help="concurrent calls per machine (default, or 0: its maxprocs)")
     parser.add_argument("--global-rand", action="store_true",
                         help="the slow first version: one lock-protected generator per machine")
     args = parser.parse_args(argv)
-    if args.n < 1 or args.nmach < 1:
-        parser.error("-n and --nmach must be positive")
+    from_env = os.environ.get("BIGEXEC_SYSTEM")
+    if args.system is None and from_env and from_env not in system_names():
+        parser.error(f"$BIGEXEC_SYSTEM names an unknown system {from_env!r} "
+                     f"(choose from {', '.join(system_names())})")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)
 
     start = time.monotonic()
     with bigexec.start(args.system) as b:
         if args.debug_addr:
-            from bigexec.debug import parse_addr
-
-            host, port = parse_addr(args.debug_addr)
-            log.info("debug server at %s", b.serve_debug(port, host).url)
+            host, port = args.debug_addr
+            try:
+                server = b.serve_debug(port, host)
+            except OSError as exc:
+                parser.error(f"--debug-addr {host}:{port}: {exc.strerror or exc}")
+            log.info("debug server at %s", server.url)
         log.info("starting %d machines on the %s system", args.nmach, b.system.name)
         service = GlobalRandPI() if args.global_rand else CirclePI()
         machines = b.start(args.nmach, services={"PI": service})

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import socket
 import subprocess
 import sys
 import uuid
@@ -78,3 +79,45 @@ def test_unittest_example_passes():
     )
     assert proc.returncode == 0, proc.stderr
     assert "Ran 4 tests" in proc.stderr and "OK" in proc.stderr
+
+
+def _bigpi(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "bigpi.py"), *args],
+        capture_output=True, text=True, timeout=120, cwd=ROOT,
+        env={**os.environ, "BIGEXEC_SYSTEM": "", **(env or {})},
+    )
+
+
+@pytest.mark.parametrize("args, complaint", [
+    (["--system", "bogus"], "argument --system: invalid choice: 'bogus'"),
+    (["--calls-per-machine", "-1"], "argument --calls-per-machine: must be at least 0, not -1"),
+    (["--debug-addr", "127.0.0.1:99999"], "argument --debug-addr: bad debug address"),
+    (["--debug-addr", "nowhere"], "argument --debug-addr: bad debug address 'nowhere'"),
+    (["-n", "0"], "argument -n: must be at least 1"),
+    (["--nmach", "two"], "argument --nmach: not a whole number: 'two'"),
+])
+def test_bigpi_refuses_bad_flags_with_a_usage_message(args, complaint):
+    proc = _bigpi(*args)
+    assert proc.returncode == 2, (proc.returncode, proc.stderr)
+    assert proc.stderr.startswith("usage: bigpi.py"), proc.stderr
+    assert complaint in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stdout == ""  # refused before any machine was started
+
+
+def test_bigpi_refuses_an_unknown_system_from_the_environment():
+    proc = _bigpi(env={"BIGEXEC_SYSTEM": "bogus"})
+    assert proc.returncode == 2, proc.stderr
+    assert "unknown system 'bogus'" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_bigpi_reports_a_debug_port_in_use_without_a_traceback():
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        port = squatter.getsockname()[1]
+        proc = _bigpi("--system", "threads", "-n", "1000", "--debug-addr", f"127.0.0.1:{port}")
+    assert proc.returncode == 2, proc.stderr
+    assert f"--debug-addr 127.0.0.1:{port}: Address already in use" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr

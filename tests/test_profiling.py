@@ -103,6 +103,16 @@ def own_time(stats: pstats.Stats, name: str) -> float:
     return sum(found)
 
 
+def own_share(stats: pstats.Stats, name: str) -> float:
+    """``name``'s own time as a share of all the time in the profile.
+
+    The claims about busy threads are shares, not seconds: how much CPU a thread gets in a
+    window depends on how loaded the host is, but what it was doing when it got it does not.
+    """
+    total = sum(v[2] for v in stats.stats.values())
+    return own_time(stats, name) / total if total else 0.0
+
+
 def wait_until(predicate, timeout: float = 5.0) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -143,9 +153,10 @@ def busy_profile():
 def test_busy_pre_existing_thread_has_cpu_time_idle_has_none(busy_profile):
     blob, stats, elapsed = busy_profile
     assert isinstance(blob, bytes)
-    assert WINDOW <= elapsed < WINDOW + 1.0
+    assert WINDOW <= elapsed < WINDOW + 5.0  # the window, not the 30 s of a missed stop
     # The thread was already in busy_loop when the profile started.
-    assert own_time(stats, "crunch") > 0.3 * WINDOW
+    assert own_share(stats, "crunch") > 0.5
+    assert own_time(stats, "crunch") > 0.02 * WINDOW  # seconds of it, not noise
     assert own_time(stats, "sleeper") < 0.05 * WINDOW
     # busy_loop was entered before the start and was still running at the end: yappi alone
     # knows neither; seeding makes it crunch's caller, flushing books its time.
@@ -164,7 +175,8 @@ def test_call_free_loop_in_pre_existing_thread_is_booked():
             stats = merge_pstats([cpu_profile(0.5)])
         finally:
             box[0] = True
-    assert own_time(stats, "spin") > 0.3 * 0.5
+    assert own_share(stats, "spin") > 0.5
+    assert own_time(stats, "spin") > 0.02 * 0.5
 
 
 def test_pstats_file_loads(busy_profile, tmp_path):
@@ -172,7 +184,8 @@ def test_pstats_file_loads(busy_profile, tmp_path):
     path = tmp_path / "cpu.prof"
     path.write_bytes(blob)
     loaded = pstats.Stats(str(path))
-    assert own_time(loaded, "crunch") > 0.3 * WINDOW
+    assert own_time(loaded, "crunch") == pytest.approx(own_time(merged, "crunch"))
+    assert own_share(loaded, "crunch") > 0.5
     assert marshal.loads(pstats_bytes(merged)) == merged.stats
     again = tmp_path / "again.prof"
     again.write_bytes(pstats_bytes(merged))
@@ -342,7 +355,7 @@ def test_callgrind_output_parses_and_matches_stats(busy_profile):
     total_us = sum(v[2] for v in stats.stats.values()) * 1e6
     assert abs(own - total_us) <= len(functions)  # one rounding per function at most
     crunch_fn = next(n for n in functions if n.startswith("crunch:"))
-    assert functions[crunch_fn]["self"] > 0.3 * WINDOW * 1e6
+    assert functions[crunch_fn]["self"] > 0.5 * own
     busy_fn = next(n for n in functions if n.startswith("busy_loop:"))
     calls, inclusive = functions[busy_fn]["calls"][crunch_fn]
     assert calls == entry(stats, "crunch")[4][next(
@@ -366,8 +379,9 @@ def test_sample_stacks_busy_vs_sleeping():
         assert "sample_stacks (" not in stack  # the sampler's own thread is skipped
     busy = sum(n for s, n in counts.items() if "busy_loop (" in s)
     sleepy = sum(n for s, n in counts.items() if "sleeper (" in s)
-    ticks = WINDOW / 0.005
-    assert busy > 0.3 * ticks
+    # Samples follow CPU time, which a loaded host hands out sparingly: a share, then.
+    assert busy > 0.5 * sum(counts.values()), counts
+    assert busy >= 10
     assert sleepy <= max(2, 0.05 * busy)
     assert any(s.split(";")[-1].startswith(f"crunch ({HERE}:") for s in counts)
 
@@ -381,13 +395,18 @@ def chatty(done: threading.Event) -> None:
 
 def test_sample_stacks_sees_where_cpu_goes_not_where_the_gil_is_released():
     # The sampler gets the GIL when the thread gives it away: with the default 5 ms switch
-    # interval that is always at the sleep(0) line, which uses no CPU to speak of.
+    # interval that is always at the sleep(0) line, which uses no CPU to speak of. A sampler
+    # that saw the thread there would give crunch nothing; it gets most of the thread's CPU.
+    # Samples follow CPU time, of which a loaded host gives a thread little in half a second:
+    # sample until there are enough for a share to mean something.
+    leaves: Counter = Counter()
+    deadline = time.monotonic() + 20
     with Running(chatty):
-        counts = sample_stacks(0.5)
-    leaves = Counter()
-    for stack, n in counts.items():
-        leaves[stack.split(";")[-1].split(" ")[0]] += n
-    assert leaves["crunch"] > 0.4 * sum(leaves.values()), leaves
+        while sum(leaves.values()) < 100 and time.monotonic() < deadline:
+            for stack, n in sample_stacks(0.5).items():
+                leaves[stack.split(";")[-1].split(" ")[0]] += n
+    assert sum(leaves.values()) >= 30, leaves
+    assert leaves["crunch"] > 0.25 * sum(leaves.values()), leaves
 
 
 def test_merge_collapsed_and_text():

@@ -17,7 +17,10 @@ their copies, so they do not keep it alive. It gets the driver's ``sys.path`` (t
 re-runs the user's ``__main__``. Credentials travel on stdin, so no key touches the disk
 except for the instant ``ssl`` needs a file to load it from.
 Lines the worker prints before it listens (interpreter start-up) are boot noise: they are held
-back, and shown only if the machine fails to boot or ``boot_logs=True``.
+back, and shown only if the machine fails to boot or ``boot_logs=True``. A worker that dies
+before it listens fails its machine with a ``BootError`` that quotes its last output lines
+(a crash's traceback ends there), at the first failure, whether the driver noticed through
+the address pipe or through the process's exit.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ __all__ = ["LocalSystem"]
 
 _stderr_lock = threading.Lock()
 _SHOW_BOOT_LOGS_AFTER = 5  # consecutive boot failures
+_BOOT_OUTPUT_LINES = 20  # of a worker that failed to boot, quoted in its BootError
 
 
 def _describe_exit(code: int | None) -> str:
@@ -69,7 +73,10 @@ class _LocalHandle(MachineHandle):
         self._addr: str | None = None
         self._label = f"pid {proc.pid}"
         self._boot_logs = boot_logs
-        self._noise: deque[str] = deque(maxlen=200)
+        # The last lines printed before the worker listened, printed live or not: a boot
+        # failure quotes them.
+        self._boot_output: deque[str] = deque(maxlen=_BOOT_OUTPUT_LINES)
+        self._listening = False
         self._printing = boot_logs
         self._pump = threading.Thread(target=self._pump_logs, name=f"bigexec-log-{proc.pid}",
                                       daemon=True)
@@ -101,8 +108,7 @@ class _LocalHandle(MachineHandle):
                 left = deadline - time.monotonic()
                 if left <= 0:
                     self.kill()
-                    raise BootError(f"worker pid {self.proc.pid} did not listen within {timeout}s"
-                                    + self._noise_tail())
+                    raise self._boot_error(f"did not listen within {timeout}s")
                 poller = select.poll()  # select() fails on descriptors past 1024
                 poller.register(self._addr_fd, select.POLLIN)
                 if not poller.poll(left * 1000):
@@ -111,21 +117,34 @@ class _LocalHandle(MachineHandle):
                 if not chunk:
                     code = self._wait_code(5.0)
                     self._pump.join(5.0)
-                    raise BootError(f"worker pid {self.proc.pid} {_describe_exit(code)} before "
-                                    f"it listened" + self._noise_tail())
+                    raise self._boot_error(f"{_describe_exit(code)} before it listened")
                 data += chunk
         finally:
             os.close(self._addr_fd)
             self._addr_fd = -1
         self._addr = f"https://127.0.0.1:{int(data)}"
         self._label = f"127.0.0.1:{int(data)}"
+        self._listening = True
         self._printing = True
         return self._addr
 
-    def _noise_tail(self) -> str:
-        if not self._noise:
-            return ""
-        return "; its output:\n" + "".join(f"    {line}" for line in list(self._noise)[-20:])
+    def _boot_error(self, what: str) -> BootError:
+        """``BootError`` for a worker that ``what`` (e.g. "exited with status 1 before it
+        listened"), naming its last output line and quoting the lines before it."""
+        lines = [line.rstrip("\n") for line in self._boot_output]
+        last = next((line.strip() for line in reversed(lines) if line.strip()), "")
+        msg = f"worker pid {self.proc.pid} {what}"
+        if last:
+            msg += f": {last}"
+            msg += "\n  its last output lines:\n" + "".join(f"    {line}\n" for line in lines)
+        else:
+            msg += " (it printed nothing)"
+        return BootError(msg.rstrip("\n"))
+
+    def _exit_reason(self, code: int | None) -> BaseException:
+        if not self._listening:
+            return self._boot_error(f"{_describe_exit(code)} before it listened")
+        return MachineLost(f"machine {self._label} {_describe_exit(code)}")
 
     def _pump_logs(self) -> None:
         # Always drain, or a chatty worker blocks on a full pipe.
@@ -134,8 +153,9 @@ class _LocalHandle(MachineHandle):
             line = raw.decode("utf-8", "replace")
             if not line.endswith("\n"):
                 line += "\n"
+            if not self._listening:
+                self._boot_output.append(line)
             if not self._printing:
-                self._noise.append(line)
                 continue
             with _stderr_lock:
                 try:
@@ -155,13 +175,15 @@ class _LocalHandle(MachineHandle):
         code = self.proc.wait()
         self.close_lifeline()
         self._pump.join(10.0)  # the last lines first, then the news
-        self._report_lost(MachineLost(f"machine {self._label} {_describe_exit(code)}"))
+        self._report_lost(self._exit_reason(code))
 
     def died(self, grace: float = 0.0) -> BaseException | None:
         code = self.proc.poll() if grace <= 0 else self._wait_code(grace)
         if code is None:
             return None
-        return MachineLost(f"machine {self._label} {_describe_exit(code)}")
+        if not self._listening:
+            self._pump.join(1.0)  # its last lines say why
+        return self._exit_reason(code)
 
     def kill(self) -> None:
         if self.proc.poll() is None:

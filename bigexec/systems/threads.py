@@ -88,7 +88,7 @@ class ThreadsSystem(System):
         return self._client_ssl
 
     def start(self, count: int, env: Mapping[str, str]) -> list[MachineHandle]:
-        logs.install_record_marking()
+        logs.install_machine_marker()
         handles: list[MachineHandle] = []
         for _ in range(count):
             server_ssl = client_ssl = None

@@ -1,0 +1,85 @@
+"""``BIGEXEC_DEBUG_ADDR`` with several sessions in one process: each gets a port, none crashes."""
+
+from __future__ import annotations
+
+import json
+import socket
+import urllib.request
+
+import pytest
+
+import bigexec
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def _free_port_run(length: int) -> int:
+    """A loopback port p such that p .. p+length-1 are free right now."""
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            first = s.getsockname()[1]
+        if first + length > 65535:
+            continue
+        socks = []
+        try:
+            for p in range(first, first + length):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("127.0.0.1", p))
+            return first
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError("no run of free loopback ports")
+
+
+def _status_of(b) -> list:
+    with urllib.request.urlopen(b._debug.url + "status?format=json", timeout=10) as r:
+        return json.loads(r.read())["machines"]
+
+
+def test_a_second_session_takes_the_next_free_port(monkeypatch, capfd):
+    port = _free_port_run(4)
+    monkeypatch.setenv("BIGEXEC_DEBUG_ADDR", f"127.0.0.1:{port}")
+    with bigexec.start("threads") as outer:
+        (m,) = outer.start(1)
+        assert m.wait(bigexec.RUNNING, 30) and m.err is None
+        with bigexec.start("threads") as inner:
+            assert outer._debug.port == port
+            assert inner._debug.port == port + 1
+            # each serves its own session
+            assert [row["addr"] for row in _status_of(outer)] == [m.addr]
+            assert _status_of(inner) == []
+    err = capfd.readouterr().err
+    assert f"bigexec debug server at http://127.0.0.1:{port}/debug/bigexec/" in err, err
+    assert f"at http://127.0.0.1:{port + 1}/debug/bigexec/ (port {port} was taken" in err, err
+
+
+def test_an_executor_inside_a_session_does_not_crash(monkeypatch):
+    port = _free_port_run(4)
+    monkeypatch.setenv("BIGEXEC_DEBUG_ADDR", f"127.0.0.1:{port}")
+    with bigexec.start("threads") as b:
+        with bigexec.Executor(max_workers=1, system="threads") as ex:
+            assert ex.submit(pow, 2, 10).result(timeout=30) == 1024
+            assert ex.session._debug is not None and ex.session._debug.port == port + 1
+        assert b._debug.port == port
+
+
+def test_a_port_taken_by_another_program_moves_the_server(monkeypatch):
+    port = _free_port_run(3)
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", port))
+        squatter.listen()
+        monkeypatch.setenv("BIGEXEC_DEBUG_ADDR", f"127.0.0.1:{port}")
+        with bigexec.start("threads") as b:
+            assert b._debug.port == port + 1
+            assert _status_of(b) == []
+
+
+def test_a_port_out_of_range_is_refused_before_a_session_starts(monkeypatch):
+    monkeypatch.setenv("BIGEXEC_DEBUG_ADDR", "127.0.0.1:99999")
+    with pytest.raises(ValueError, match="0 to 65535"):
+        bigexec.start("threads")
