@@ -33,10 +33,16 @@ function shipped from one module of one sender shares one namespace on each mach
   dicts and other builtins, which cannot be weakly referenced): a freed object's ``id`` could
   otherwise come back as a "new" binding's.
 
-This relies on cloudpickle's reduction of a function (``_make_function``, newargs with the base
-globals dict second, state ``(dict, slotstate)`` with ``slotstate["__globals__"]``, set by
-``_function_setstate``); ``_check_cloudpickle`` verifies that shape at import and fails with a
-clear message if a cloudpickle release changed it.
+Classes copied by value (their methods are functions) follow: a machine's place keeps its own
+copy of each, and a class the driver defined is never overwritten when one of its instances
+comes back (cloudpickle alone would reset the driver's class to the machine's copy).
+
+This relies on cloudpickle's reductions: of a function (``_make_function``, newargs with the
+base globals dict second, state ``(dict, slotstate)`` with ``slotstate["__globals__"]``, set
+by ``_function_setstate``) and of a class (``_make_skeleton_class`` with a tracker id, set by
+``_class_setstate``; the tracker ``_DYNAMIC_CLASS_TRACKER_BY_CLASS``). ``_check_cloudpickle``
+verifies those shapes at import and fails with a clear message if a cloudpickle release
+changed them.
 """
 
 from __future__ import annotations
@@ -49,8 +55,10 @@ import weakref
 from typing import Any
 
 import cloudpickle
+import cloudpickle.cloudpickle as _cp
 
-__all__ = ["Namespaces", "process_namespaces", "current", "set_current", "share_globals"]
+__all__ = ["Namespaces", "process_namespaces", "current", "set_current", "share_globals",
+           "place_class"]
 
 Key = tuple[str, int]
 
@@ -118,6 +126,7 @@ class Namespaces:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._spaces: dict[Key, tuple[dict[str, Any], dict[str, int]]] = {}
+        self._classes: dict[str, type] = {}  # cloudpickle's class tracker ids -> our copies
         self._closed = False
 
     def namespace(self, key: Key, base: dict[str, Any]) -> dict[str, Any]:
@@ -145,15 +154,19 @@ class Namespaces:
                     if token is not None:
                         seen[name] = token
 
-    def __len__(self) -> int:
+    def class_for(self, tracker_id: str, skeleton: type) -> type:
+        """This place's copy of the class ``tracker_id`` (``skeleton`` the first time)."""
         with self._lock:
-            return len(self._spaces)
+            if self._closed:
+                return skeleton
+            return self._classes.setdefault(tracker_id, skeleton)
 
     def close(self) -> None:
         """Forget every namespace (the machine stopped), so that they can be collected."""
         with self._lock:
             self._closed = True
             spaces, self._spaces = self._spaces, {}
+            self._classes.clear()
         for ns, _ in spaces.values():
             _bindings.forget_globals(id(ns))
 
@@ -169,7 +182,8 @@ def process_namespaces() -> Namespaces:
 
 def current() -> Namespaces:
     """The place the current thread unpickles into."""
-    return getattr(_local, "place", None) or _process
+    place = getattr(_local, "place", None)
+    return _process if place is None else place
 
 
 def set_current(place: Namespaces | None) -> None:
@@ -226,30 +240,80 @@ def share_globals(fn: types.FunctionType, reduction: Any, refs: dict[int, _Names
     return make, newargs, (state, ref.key, tokens), items, pairs, _set_function_state
 
 
-def _check_cloudpickle() -> Any:
-    """cloudpickle's ``_function_setstate``, once a probe shows the reduction has the shape
-    ``share_globals`` rewrites; ImportError naming the version otherwise."""
+# --- classes: one copy per place, and the driver's own classes left as they are ------------
+#
+# cloudpickle tracks the classes it copies by an id, process-wide, so that a class unpickled
+# twice is one class; and it sets a class's attributes again at every unpickling, even on the
+# class it found. Two consequences: on ``threads`` every machine would share one copy (whose
+# methods read the namespace of whichever machine unpickled it last), and the driver's own
+# class, found by its id when a task returns an instance, would get the machine's methods.
+# So a machine's place keeps copies of its own, and a class this process defined itself is
+# never overwritten.
+
+_received: weakref.WeakSet[type] = weakref.WeakSet()  # the classes unpickled, not defined, here
+
+
+def _make_class(type_constructor: Any, name: str, bases: tuple, type_kwargs: dict,
+                tracker_id: str | None, extra: Any) -> type:
+    skeleton = _cp._make_skeleton_class(type_constructor, name, bases, type_kwargs, None, extra)
+    place = current()
+    if tracker_id is None:
+        cls = skeleton
+    elif place is _process:
+        cls = _cp._lookup_class_or_track(tracker_id, skeleton)
+    else:
+        cls = place.class_for(tracker_id, skeleton)
+        if cls is skeleton:  # pickled again from here, it keeps its id
+            with _cp._DYNAMIC_CLASS_TRACKER_LOCK:
+                _cp._DYNAMIC_CLASS_TRACKER_BY_CLASS[cls] = tracker_id
+    if cls is skeleton:
+        _received.add(cls)
+    return cls
+
+
+def _set_class_state(cls: type, state: Any) -> None:
+    if cls in _received:  # else: this process's own class (the driver's), left as it is
+        _class_setstate(cls, state)
+
+
+def place_class(reduction: Any) -> Any:
+    """cloudpickle's ``reduction`` of a class it copies, made to unpickle into the place's
+    own copy; any other reduction is returned as it is."""
+    if (type(reduction) is tuple and len(reduction) == 6
+            and reduction[0] is _cp._make_skeleton_class and reduction[5] is _class_setstate):
+        return (_make_class, *reduction[1:5], _set_class_state)
+    return reduction
+
+
+def _check_cloudpickle() -> tuple[Any, Any]:
+    """cloudpickle's ``_function_setstate`` and ``_class_setstate``, once probes show that
+    its reductions have the shapes ``share_globals`` and ``place_class`` rewrite; ImportError
+    naming the installed version otherwise."""
     import io
 
     version = getattr(cloudpickle, "__version__", "?")
+    why = "its reduction of a function or a class has another shape"
     try:
-        setstate = cloudpickle.cloudpickle._function_setstate
         probe_globals: dict[str, Any] = {"__name__": "bigexec_probe_module", "X": 1}
-        exec("def probe():\n    return X\n", probe_globals)
-        probe = probe_globals["probe"]
-        reduction = cloudpickle.Pickler(io.BytesIO())._dynamic_function_reduce(probe)
-        make, newargs, state, _, _, setter = reduction
-        ok = (setter is setstate and make is cloudpickle.cloudpickle._make_function
-              and type(newargs[1]) is dict and state[1]["__globals__"] == {"X": 1})
+        exec("def probe():\n    return X\nclass Probe:\n    pass\n", probe_globals)
+        pickler = cloudpickle.Pickler(io.BytesIO())
+        make, newargs, state, _, _, setter = pickler.reducer_override(probe_globals["probe"])
+        ok = (make is _cp._make_function and type(newargs[1]) is dict
+              and state[1]["__globals__"] == {"X": 1} and setter is _cp._function_setstate)
+        make, cargs, _, _, _, csetter = pickler.reducer_override(probe_globals["Probe"])
+        ok = ok and (make is _cp._make_skeleton_class and len(cargs) == 6
+                     and type(cargs[4]) is str and csetter is _cp._class_setstate
+                     and callable(_cp._lookup_class_or_track)
+                     and isinstance(_cp._DYNAMIC_CLASS_TRACKER_BY_CLASS,
+                                    weakref.WeakKeyDictionary)
+                     and hasattr(_cp._DYNAMIC_CLASS_TRACKER_LOCK, "acquire"))
     except Exception as exc:  # any other shape: the same verdict
         ok, why = False, f"{type(exc).__name__}: {exc}"
-    else:
-        why = "the reduction of a function has another shape"
     if not ok:
         raise ImportError(
-            f"bigexec needs cloudpickle's function reduction as in cloudpickle 3.0 to 3.1 "
-            f"(installed: {version}; {why}): install a cloudpickle in that range")
-    return setstate
+            f"bigexec needs cloudpickle's function and class reductions as in cloudpickle "
+            f"3.0 to 3.1 (installed: {version}; {why}): install a cloudpickle in that range")
+    return _cp._function_setstate, _cp._class_setstate
 
 
-_function_setstate = _check_cloudpickle()
+_function_setstate, _class_setstate = _check_cloudpickle()

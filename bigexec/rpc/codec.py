@@ -155,10 +155,12 @@ class _Pickler(cloudpickle.Pickler):
             if t is memoryview:
                 return _bytes_from_buffer, (obj.tobytes(),)
             return NotImplemented
+        reduction = super().reducer_override(obj)
         if t is types.FunctionType:  # by value: into the module's namespace on the machine
-            return namespaces.share_globals(obj, super().reducer_override(obj),
-                                            self.namespace_refs)
-        return super().reducer_override(obj)
+            return namespaces.share_globals(obj, reduction, self.namespace_refs)
+        if type(reduction) is tuple:  # a class by value: the machine's own copy
+            return namespaces.place_class(reduction)
+        return reduction
 
 
 _SCALARS = frozenset({type(None), bool, int, float, complex, str})
