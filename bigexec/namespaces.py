@@ -37,12 +37,12 @@ Classes copied by value (their methods are functions) follow: a machine's place 
 copy of each, and a class the driver defined is never overwritten when one of its instances
 comes back (cloudpickle alone would reset the driver's class to the machine's copy).
 
-This relies on cloudpickle's reductions: of a function (``_make_function``, newargs with the
-base globals dict second, state ``(dict, slotstate)`` with ``slotstate["__globals__"]``, set
-by ``_function_setstate``) and of a class (``_make_skeleton_class`` with a tracker id, set by
-``_class_setstate``; the tracker ``_DYNAMIC_CLASS_TRACKER_BY_CLASS``). ``_check_cloudpickle``
-verifies those shapes at import and fails with a clear message if a cloudpickle release
-changed them.
+This relies on cloudpickle's reductions: of a function (``_make_function`` with newargs
+``(code, base globals, name, defaults, closure)``, state ``(dict, slotstate)`` with
+``slotstate["__globals__"]``, set by ``_function_setstate``) and of a class
+(``_make_skeleton_class`` with a tracker id, set by ``_class_setstate``; the tracker
+``_DYNAMIC_CLASS_TRACKER_BY_CLASS``). ``_check_cloudpickle`` verifies those shapes at import
+and fails with a clear message if a cloudpickle release changed them.
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ import cloudpickle
 import cloudpickle.cloudpickle as _cp
 
 __all__ = ["Namespaces", "process_namespaces", "current", "set_current", "share_globals",
-           "place_class"]
+           "place_class", "PICKLED_BY_NAME"]
 
 Key = tuple[str, int]
 
@@ -194,21 +194,10 @@ def set_current(place: Namespaces | None) -> None:
 # --- the pickling side (codec's pickler) and what it unpickles into ------------------------
 
 
-def _namespace(key: Key, base: dict[str, Any]) -> dict[str, Any]:
-    return current().namespace(key, base)
-
-
-class _NamespaceRef:
-    """Stands in for a function's base globals in its pickle: unpickles to the namespace."""
-
-    __slots__ = ("key", "base")
-
-    def __init__(self, key: Key, base: dict[str, Any]) -> None:
-        self.key = key
-        self.base = base
-
-    def __reduce__(self) -> Any:
-        return _namespace, (self.key, self.base)
+def _make_shared_function(code: types.CodeType, key: Key, base: dict[str, Any], name: Any,
+                          argdefs: Any, closure: Any) -> types.FunctionType:
+    """cloudpickle's ``_make_function``, in the place's namespace of ``key``."""
+    return _cp._make_function(code, current().namespace(key, base), name, argdefs, closure)
 
 
 def _set_function_state(fn: types.FunctionType, state: Any) -> None:
@@ -220,24 +209,23 @@ def _set_function_state(fn: types.FunctionType, state: Any) -> None:
     _function_setstate(fn, cp_state)
 
 
-def share_globals(fn: types.FunctionType, reduction: Any, refs: dict[int, _NamespaceRef]) -> Any:
+def share_globals(fn: types.FunctionType, reduction: Any, keys: dict[int, Key]) -> Any:
     """cloudpickle's ``reduction`` of ``fn``, made to unpickle into the shared namespace.
 
-    ``refs`` is the pickler's own (one stand-in per globals dict, so a pickle makes each
-    namespace once). A reduction of another shape (``fn`` pickled by reference) is returned
-    as it is.
+    ``keys`` is the pickler's own (one key object per globals dict, which the pickle then
+    memoizes). A reduction of another shape (``fn`` pickled by reference) is returned as it is.
     """
     if (type(reduction) is not tuple or len(reduction) != 6
             or reduction[5] is not _function_setstate):
         return reduction
-    make, newargs, state, items, pairs, _ = reduction
+    _, (code, base, name, argdefs, closure), state, items, pairs, _ = reduction
     gid = id(fn.__globals__)
-    ref = refs.get(gid)
-    if ref is None:
-        ref = refs[gid] = _NamespaceRef((_sender, gid), newargs[1])
-    newargs = (newargs[0], ref, *newargs[2:])
+    key = keys.get(gid)
+    if key is None:
+        key = keys[gid] = (_sender, gid)
     tokens = _bindings.tokens(gid, state[1]["__globals__"])
-    return make, newargs, (state, ref.key, tokens), items, pairs, _set_function_state
+    return (_make_shared_function, (code, key, base, name, argdefs, closure),
+            (state, key, tokens), items, pairs, _set_function_state)
 
 
 # --- classes: one copy per place, and the driver's own classes left as they are ------------
@@ -298,7 +286,7 @@ def _check_cloudpickle() -> tuple[Any, Any]:
         exec("def probe():\n    return X\nclass Probe:\n    pass\n", probe_globals)
         pickler = cloudpickle.Pickler(io.BytesIO())
         make, newargs, state, _, _, setter = pickler.reducer_override(probe_globals["probe"])
-        ok = (make is _cp._make_function and type(newargs[1]) is dict
+        ok = (make is _cp._make_function and len(newargs) == 5 and type(newargs[1]) is dict
               and state[1]["__globals__"] == {"X": 1} and setter is _cp._function_setstate)
         make, cargs, _, _, _, csetter = pickler.reducer_override(probe_globals["Probe"])
         ok = ok and (make is _cp._make_skeleton_class and len(cargs) == 6
@@ -317,3 +305,12 @@ def _check_cloudpickle() -> tuple[Any, Any]:
 
 
 _function_setstate, _class_setstate = _check_cloudpickle()
+
+#: Functions every pickle of code names (ours and cloudpickle's): the pickler can name them
+#: at once, without asking cloudpickle whether they are importable.
+PICKLED_BY_NAME = frozenset(
+    f for f in (_make_shared_function, _set_function_state, _make_class, _set_class_state,
+                _function_setstate, _class_setstate, _cp._make_function,
+                _cp._make_skeleton_class, getattr(_cp, "_builtin_type", None),
+                getattr(_cp, "_make_empty_cell", None), getattr(_cp, "_make_cell", None))
+    if f is not None)

@@ -133,7 +133,7 @@ class _Pickler(cloudpickle.Pickler):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.to_bytes: list[pickle.PickleBuffer] = []  # the buffers _bytes_from_buffer takes
-        self.namespace_refs: dict[int, Any] = {}  # for namespaces.share_globals
+        self.namespace_keys: dict[int, Any] = {}  # for namespaces.share_globals
 
     def _buffer(self, ctor: Any, data: Any) -> Any:
         pb = pickle.PickleBuffer(data)
@@ -155,9 +155,13 @@ class _Pickler(cloudpickle.Pickler):
             if t is memoryview:
                 return _bytes_from_buffer, (obj.tobytes(),)
             return NotImplemented
+        if t is types.FunctionType:
+            if obj in namespaces.PICKLED_BY_NAME:
+                return NotImplemented
+            # by value: into the module's namespace on the machine
+            return namespaces.share_globals(obj, super().reducer_override(obj),
+                                            self.namespace_keys)
         reduction = super().reducer_override(obj)
-        if t is types.FunctionType:  # by value: into the module's namespace on the machine
-            return namespaces.share_globals(obj, reduction, self.namespace_refs)
         if type(reduction) is tuple:  # a class by value: the machine's own copy
             return namespaces.place_class(reduction)
         return reduction
