@@ -19,8 +19,10 @@ function shipped from one module of one sender shares one namespace on each mach
   to a shipped list or dict) stands until the driver binds that name to another object; then
   the next function that reads it brings the driver's new value. A function redefined in the
   driver (a notebook cell run again) therefore reaches the machines on the next submit, while
-  an initializer's state survives. Rebinding a name to an equal immutable value (``N = 5``
-  again) may go unnoticed: the machine keeps what it has.
+  an initializer's state survives. A change the driver makes in place (``CONF["k"] = v``) is
+  no rebinding and is not seen, as under ``fork``: rebind the name (``CONF = {**CONF, "k":
+  v}``) to ship it. Rebinding a name to an equal immutable value (``N = 5`` again) may go
+  unnoticed too: the machine keeps what it has.
 - Names only the machine defines (``global CONF`` in an initializer, with no ``CONF`` in the
   driver's module) are simply there for the tasks and the services' methods.
 - A place is one machine: on ``local`` the worker process; on ``threads`` each
