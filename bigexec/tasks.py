@@ -37,7 +37,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from . import logs
+from . import logs, namespaces
 from .rpc import codec, wire
 
 __all__ = ["TaskRunner", "run_chunk", "OK", "FAILED", "UNPICKLABLE_RESULT", "decode_frame"]
@@ -145,10 +145,11 @@ class TaskRunner:
                  ctx: Any) -> Iterator[bytes]:
         records: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
         stop = threading.Event()
-        label = logs.current_machine()
+        label, place = logs.current_machine(), namespaces.current()
 
         def work() -> None:
             logs.set_machine(label)
+            namespaces.set_current(place)
             try:
                 for record in self._records(batch, ctx, stop):
                     records.put(record)
@@ -274,8 +275,9 @@ class FunctionCache:
     rebuilding ``f`` from its code object on every call. A function is reused from the cache
     only when everything its pickle would capture (code, closure cells, defaults, referenced
     globals) is immutable or pickled by reference and still the same object; a function that
-    reads mutable data (a global dict, a closure over a list) is pickled every time, so the
-    machine always sees the data as it is at submit time, as with ``ProcessPoolExecutor``.
+    reads mutable data (a global dict, a closure over a list) is pickled every time. A cached
+    pickle carries the binding tokens of its first pickling: still right, since the globals it
+    captures are the same objects (``bigexec.namespaces``).
     """
 
     def __init__(self) -> None:

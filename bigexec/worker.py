@@ -26,6 +26,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 
+from . import namespaces as ns_mod
 from . import tls
 from .rpc.server import Server
 from .service import ServiceRegistry
@@ -55,6 +56,7 @@ class MachineRuntime:
         port: int = 0,
         advertise_host: str | None = None,
         mark_logs: bool = False,
+        namespaces: ns_mod.Namespaces | None = None,
     ) -> None:
         from .session import B
         from .supervisor import Supervisor
@@ -67,6 +69,10 @@ class MachineRuntime:
                              advertise_host=advertise_host, log_label="" if mark_logs else None)
         self.session = B._for_machine(client_ssl)
         self.server.session = self.session
+        #: The namespaces of this machine (see ``bigexec.namespaces``): its own unless given
+        #: (a ``local`` machine, alone in its process, uses the process's).
+        self.namespaces = ns_mod.Namespaces() if namespaces is None else namespaces
+        self.server.namespaces = self.namespaces
         self.registry.add("Supervisor", Supervisor(self))
         self.healthy = True
         self.keepalives = 0
@@ -104,6 +110,7 @@ class MachineRuntime:
         try:
             self.server.close()
             self.session.shutdown()
+            self.namespaces.close()
         finally:
             self._exit_fn(code)
 
@@ -197,6 +204,7 @@ def main() -> None:
         client_ssl=tls.client_context(creds),
         maxprocs=int(os.environ.get("BIGEXEC_MAXPROCS", "1")),
         host=os.environ.get("BIGEXEC_HOST", "127.0.0.1"),
+        namespaces=ns_mod.process_namespaces(),
     )
     runtime.start()
     fd = int(os.environ["BIGEXEC_ADDR_FD"])

@@ -20,7 +20,8 @@ sender does not copy them into the pickle stream. The pickler never asks ``reduc
 about exact ``bytes`` and ``bytearray`` (its fast path), so large ones found in the message's
 top levels (the value itself and the items of tuples, lists and dicts in it, two levels down)
 are swapped for a stand-in that reduces to an out-of-band buffer. Code (functions, classes
-from ``__main__``, closures) is pickled by value with cloudpickle.
+from ``__main__``, closures) is pickled by value with cloudpickle; functions from one module
+share one namespace on the receiving machine (see ``bigexec.namespaces``).
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ from collections.abc import Callable
 from typing import Any
 
 import cloudpickle
+
+from .. import namespaces
 
 __all__ = ["EncodeError", "DecodeError", "Encoded", "Message", "dumps", "loads", "dumps_bytes",
            "read"]
@@ -130,6 +133,7 @@ class _Pickler(cloudpickle.Pickler):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.to_bytes: list[pickle.PickleBuffer] = []  # the buffers _bytes_from_buffer takes
+        self.namespace_keys: dict[int, Any] = {}  # for namespaces.share_globals
 
     def _buffer(self, ctor: Any, data: Any) -> Any:
         pb = pickle.PickleBuffer(data)
@@ -151,7 +155,16 @@ class _Pickler(cloudpickle.Pickler):
             if t is memoryview:
                 return _bytes_from_buffer, (obj.tobytes(),)
             return NotImplemented
-        return super().reducer_override(obj)
+        if t is types.FunctionType:
+            if obj in namespaces.PICKLED_BY_NAME:
+                return NotImplemented
+            # by value: into the module's namespace on the machine
+            return namespaces.share_globals(obj, super().reducer_override(obj),
+                                            self.namespace_keys)
+        reduction = super().reducer_override(obj)
+        if type(reduction) is tuple:  # a class by value: the machine's own copy
+            return namespaces.place_class(reduction)
+        return reduction
 
 
 _SCALARS = frozenset({type(None), bool, int, float, complex, str})

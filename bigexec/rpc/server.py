@@ -27,7 +27,7 @@ import threading
 import time
 from typing import Any
 
-from .. import logs
+from .. import logs, namespaces
 from ..context import Context
 from ..errors import ProtocolError, UnknownMethodError
 from ..metrics import StatsTable
@@ -60,6 +60,8 @@ class Server:
         self.ssl_context = ssl_context
         #: The session handed to methods through ``ctx.b``; set by the machine runtime.
         self.session: Any = None
+        #: Where the calls' functions from the driver's modules unpickle; set by the runtime.
+        self.namespaces: namespaces.Namespaces | None = None
         self._listener = socket.create_server((host, port), backlog=128)
         self.port = self._listener.getsockname()[1]
         scheme = "https" if ssl_context is not None else "http"
@@ -152,6 +154,8 @@ class Server:
         rfile = None
         if self.log_label is not None:
             logs.set_machine(self.log_label)
+        if self.namespaces is not None:
+            namespaces.set_current(self.namespaces)
         with self._lock:
             self._conns.add(raw)
         try:
