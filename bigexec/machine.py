@@ -147,7 +147,9 @@ class Machine:
                 log.warning("machine %s stopped: %s", self.addr or "(booting)", err)
             if kill and self.owned and self._handle is not None:
                 self._handle.kill()  # a machine we gave up on must not live on
-        for cb in self._stop_callbacks:
+        with self._cond:  # called once: let go of them (and of what they hold)
+            callbacks, self._stop_callbacks = self._stop_callbacks, []
+        for cb in callbacks:
             try:
                 cb(self)
             except Exception:
@@ -186,7 +188,8 @@ class Machine:
                     f"runs {sys.version_info[0]}.{sys.version_info[1]}; pickled code needs both "
                     f"the same"
                 )
-            for name, blob in self._services:
+            services, self._services = self._services, []  # registered once: not kept
+            for name, blob in services:
                 try:
                     self._call_raw("Supervisor.register", (name, blob), {}, _REGISTER_TIMEOUT)
                 except BaseException as exc:

@@ -55,8 +55,7 @@ def _gather(machines: list[Machine], method: str, args: tuple, timeout: float
 
 
 def _all_machines(b: B) -> list[Machine]:
-    with b._lock:
-        return list(b._owned) + list(b._dialed.values())
+    return b.known_machines()
 
 
 def status(b: B) -> list[dict[str, Any]]:
@@ -115,7 +114,9 @@ def metrics(b: B) -> dict[str, Any]:
             for m in live if m.keepalive_reply_times
         },
     }
-    for name, source in list(b._metric_sources.items()):
+    with b._lock:
+        sources = list(b._metric_sources.items())
+    for name, source in sources:
         try:
             driver[name] = source()
         except Exception as exc:

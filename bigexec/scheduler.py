@@ -272,7 +272,7 @@ class Scheduler:
         self.tasks_completed = 0
         self.crashes = 0
         self.replacements = 0
-        b._metric_sources[f"scheduler:{self._service}"] = self._metrics
+        b.add_metrics_source(f"scheduler:{self._service}", self._metrics)
         if machines:
             for m in machines:
                 self._adopt(m, register=True)
@@ -341,8 +341,7 @@ class Scheduler:
 
     def _boot_failed(self, st: _MachineSlots, err: BaseException) -> None:
         with self._lock:
-            if st in self._machines:
-                self._machines.remove(st)
+            self._forget_machine(st)
             if self._stopped or self._broken is not None:
                 return
             if isinstance(err, BootError) and err.service == self._service:
@@ -368,11 +367,17 @@ class Scheduler:
                 return  # the machines were killed on purpose, with the work: nothing is broken
             self._break(BrokenCluster(f"no machine can be had to run tasks: {err}"), cause=err)
 
+    def _forget_machine(self, st: _MachineSlots) -> None:
+        """Let go of a machine that is gone (the caller holds the lock)."""
+        if st in self._machines:
+            self._machines.remove(st)
+        if st.machine in self._started_machines:
+            self._started_machines.remove(st.machine)
+
     def _machine_gone(self, st: _MachineSlots, why: BaseException | None) -> None:
         """A machine died or retired: replace it to keep the size, unless we are done."""
         with self._lock:
-            if st in self._machines:
-                self._machines.remove(st)
+            self._forget_machine(st)
             replace = (not self._stopped and self._broken is None and self._can_replace
                        and self._cancel_running is None)
         if replace:
@@ -816,6 +821,7 @@ class Scheduler:
             self._notify_everyone()
             leftovers, self._queue = list(self._queue), deque()
             started = list(self._started_machines)
+        self.b.remove_metrics_source(f"scheduler:{self._service}")
         err = self._broken or RuntimeError("the executor shut down before the task could run")
         for t in leftovers:
             if not t.future.cancel():

@@ -22,6 +22,7 @@ import queue
 import ssl
 import threading
 import weakref
+from collections import deque
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -36,6 +37,8 @@ __all__ = ["B", "start"]
 log = logging.getLogger("bigexec")
 
 _IDLE_THREAD_SECONDS = 30.0
+#: How many stopped machines a session keeps for its status page.
+STOPPED_MACHINES_KEPT = 16
 
 
 class _CallPool:
@@ -123,7 +126,10 @@ class B:
         self._client = Client(ctx)
         self._pool = _CallPool()
         self._lock = threading.Lock()
-        self._owned: list[Machine] = []
+        self._owned: list[Machine] = []  # started and not yet stopped
+        # The last few owned machines that stopped, for the status page (why they stopped);
+        # older ones are let go, so that a pool replacing machines does not grow.
+        self._stopped: deque[Machine] = deque(maxlen=STOPPED_MACHINES_KEPT)
         self._dialed: dict[str, Machine] = {}
         self._closed = False
         #: Named callables whose dicts join the driver's metrics (the schedulers add theirs).
@@ -186,14 +192,37 @@ class B:
                 h.kill()
             raise RuntimeError("this bigexec session is shut down")
         for m in machines:
+            m._on_stop(self._forget)
             threading.Thread(target=m._boot, args=(self.system.boot_timeout,), daemon=True,
                              name="bigexec-boot").start()
         return machines
+
+    def _forget(self, m: Machine) -> None:
+        """An owned machine stopped: keep it among the recently stopped only."""
+        with self._lock:
+            if m in self._owned:
+                self._owned.remove(m)
+                self._stopped.append(m)
 
     def machines(self) -> list[Machine]:
         """The machines this session started that have not stopped."""
         with self._lock:
             return [m for m in self._owned if m.state < STOPPED]
+
+    def known_machines(self) -> list[Machine]:
+        """Every machine the session tracks: those it started that have not stopped, the
+        last ``STOPPED_MACHINES_KEPT`` that did (their ``err`` says why), and the dialed."""
+        with self._lock:
+            return list(self._stopped) + list(self._owned) + list(self._dialed.values())
+
+    def add_metrics_source(self, name: str, source: Callable[[], dict[str, Any]]) -> None:
+        """Have ``source()``'s dict appear under ``name`` in the driver's ``metrics()``."""
+        with self._lock:
+            self._metric_sources[name] = source
+
+    def remove_metrics_source(self, name: str) -> None:
+        with self._lock:
+            self._metric_sources.pop(name, None)
 
     def dial(self, addr: str) -> Machine:
         """A machine this session does not own, at ``addr`` (e.g. ``m.addr`` of another).

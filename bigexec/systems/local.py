@@ -176,6 +176,7 @@ class _LocalHandle(MachineHandle):
         self.close_lifeline()
         self._pump.join(10.0)  # the last lines first, then the news
         self._report_lost(self._exit_reason(code))
+        self._system._forget(self)  # gone: nothing is left for the system to end
 
     def died(self, grace: float = 0.0) -> BaseException | None:
         code = self.proc.poll() if grace <= 0 else self._wait_code(grace)
@@ -251,7 +252,8 @@ class LocalSystem(System):
         self.boot_logs = boot_logs or os.environ.get("BIGEXEC_BOOT_LOGS") == "1"
         self.authority = Authority(authority)
         self._client_ssl = tls.client_context(self.authority.issue("driver"))
-        self._handles: list[_LocalHandle] = []
+        self._handles: list[_LocalHandle] = []  # of machines not yet exited
+        self._handles_lock = threading.Lock()
         #: Boots that failed in a row; past a few, workers' start-up output is shown.
         self.boot_failures = 0
 
@@ -304,14 +306,21 @@ class LocalSystem(System):
             show = self.boot_logs or self.boot_failures >= _SHOW_BOOT_LOGS_AFTER
             handle = _LocalHandle(proc, r, show, self)
             handles.append(handle)
-            self._handles.append(handle)
+            with self._handles_lock:
+                self._handles.append(handle)
         return handles
 
     def kill(self, machine: Any) -> None:
         """SIGKILL a machine's process (for tests of failure handling)."""
         machine._handle.kill()
 
+    def _forget(self, handle: _LocalHandle) -> None:
+        with self._handles_lock:
+            if handle in self._handles:
+                self._handles.remove(handle)
+
     def shutdown(self) -> None:
-        for h in self._handles:
+        with self._handles_lock:
+            handles, self._handles = self._handles, []
+        for h in handles:
             h.kill()
-        self._handles.clear()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import ssl
+import threading
 from collections import ChainMap
 from collections.abc import Mapping
 from typing import Any
@@ -28,37 +29,44 @@ __all__ = ["ThreadsSystem"]
 
 
 class _ThreadHandle(MachineHandle):
+    """A machine of this process. Once its runtime has exited the handle lets go of it, so
+    that a retired machine's server, services and threads can be collected."""
+
     def __init__(self, runtime: MachineRuntime, maxprocs: int) -> None:
         super().__init__()
-        self.runtime = runtime
+        self.runtime: MachineRuntime | None = runtime
+        self.addr = runtime.addr
         self.maxprocs = maxprocs
         self.exit_code: int | None = None
         self.killed = False
 
     def address(self, timeout: float) -> str:
-        return self.runtime.addr
+        return self.addr
 
     def died(self, grace: float = 0.0) -> BaseException | None:
         if self.killed:
-            return MachineLost(f"machine {self.runtime.addr} was killed")
+            return MachineLost(f"machine {self.addr} was killed")
         if self.exit_code is not None and not self._expect_exit.is_set():
-            return MachineLost(f"machine {self.runtime.addr} exited with status {self.exit_code}")
+            return MachineLost(f"machine {self.addr} exited with status {self.exit_code}")
         return None
 
     def _exited(self, code: int) -> None:
         self.exit_code = code
+        self.runtime = None  # it has stopped serving: nothing of it is needed any more
         why = self.died()
         if why is not None:
             self._report_lost(why)
 
     def kill(self) -> None:
-        if self.runtime.stopped:
+        runtime = self.runtime
+        if runtime is None or runtime.stopped:
             return
         self.killed = True
-        self.runtime.exit(-9)
+        runtime.exit(-9)
 
     def wait_stopped(self, timeout: float) -> bool:
-        return self.runtime.wait(timeout)
+        runtime = self.runtime
+        return runtime is None or runtime.wait(timeout)
 
 
 class ThreadsSystem(System):
@@ -76,7 +84,8 @@ class ThreadsSystem(System):
         self.tls = tls
         self._client_ssl: ssl.SSLContext | None = None
         self._authority: Any = None
-        self._handles: list[_ThreadHandle] = []
+        self._handles: list[_ThreadHandle] = []  # of machines whose runtime still runs
+        self._handles_lock = threading.Lock()
         if tls:
             from .. import tls as tlsmod
             from ..authority import Authority
@@ -101,7 +110,7 @@ class ThreadsSystem(System):
             holder: list[_ThreadHandle] = []
             runtime = MachineRuntime(
                 system_name=self.name,
-                exit=lambda code, h=holder: h[0]._exited(code),
+                exit=lambda code, h=holder: self._exited(h[0], code),
                 lease=max(self.keepalive.lease, self.boot_timeout),
                 server_ssl=server_ssl,
                 client_ssl=client_ssl,
@@ -112,23 +121,34 @@ class ThreadsSystem(System):
             handle = _ThreadHandle(runtime, self.maxprocs)
             holder.append(handle)
             runtime.start()
+            handle.addr = runtime.addr
             handles.append(handle)
-            self._handles.append(handle)
+            with self._handles_lock:
+                self._handles.append(handle)
         return handles
+
+    def _exited(self, handle: _ThreadHandle, code: int) -> None:
+        with self._handles_lock:
+            if handle in self._handles:
+                self._handles.remove(handle)
+        handle._exited(code)
 
     def kill(self, machine: Any, *, hang: bool = False) -> None:
         """Make ``machine`` vanish as a crashed machine would (``hang``: stop answering)."""
         handle = machine._handle
         if not isinstance(handle, _ThreadHandle):
             raise ValueError(f"{machine!r} is not a machine of this threads system")
-        if hang:
-            handle.runtime.server.freeze()
+        runtime = handle.runtime
+        if hang and runtime is not None:
+            runtime.server.freeze()
         else:
             handle.kill()
 
     def shutdown(self) -> None:
-        for h in self._handles:
-            if not h.runtime.stopped:
+        with self._handles_lock:
+            handles = list(self._handles)
+        for h in handles:
+            runtime = h.runtime
+            if runtime is not None and not runtime.stopped:
                 h.expect_exit()
-                h.runtime.exit(0)
-        self._handles.clear()
+                runtime.exit(0)
