@@ -366,7 +366,7 @@ class Machine:
             except Exception as exc:  # best effort: the machine may be gone
                 log.debug("cancelling call %s on %s failed: %s", call_id, self.addr, exc)
         if self._state < STOPPED:
-            self._b._pool.submit(cancel)
+            self._b._pool.submit(cancel, bounded=False)  # never behind the calls it ends
 
     def call(self, method: str, *args: Any, timeout: float | None = None, **kwargs: Any) -> Any:
         """Call ``"Service.method"`` on this machine and return its result.

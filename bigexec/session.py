@@ -18,7 +18,6 @@ import atexit
 import logging
 import os
 import pstats
-import queue
 import ssl
 import threading
 import weakref
@@ -27,6 +26,7 @@ from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from .callpool import CallPool
 from .machine import STOPPED, Machine
 from .rpc import codec
 from .rpc.client import Client
@@ -36,59 +36,8 @@ __all__ = ["B", "start"]
 
 log = logging.getLogger("bigexec")
 
-_IDLE_THREAD_SECONDS = 30.0
 #: How many stopped machines a session keeps for its status page.
 STOPPED_MACHINES_KEPT = 16
-
-
-class _CallPool:
-    """Threads for blocking calls: one per concurrent call, idle ones reused, none queued.
-
-    A fixed-size pool would queue calls behind long-running ones, and a service calling back
-    into its caller could deadlock; so a call never waits for a thread.
-    """
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._queue: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
-        self._idle = 0
-        self._closed = False
-
-    def submit(self, fn: Callable[[], None]) -> None:
-        with self._lock:
-            if self._idle:
-                self._idle -= 1
-                self._queue.put(fn)
-                return
-        threading.Thread(target=self._work, args=(fn,), name="bigexec-call", daemon=True).start()
-
-    def _work(self, fn: Callable[[], None] | None) -> None:
-        while fn is not None:
-            try:
-                fn()
-            except BaseException:  # the callers' futures carry their errors
-                log.exception("unexpected error in a bigexec call thread")
-            fn = None
-            with self._lock:
-                if self._closed:
-                    return
-                self._idle += 1
-            try:
-                fn = self._queue.get(timeout=_IDLE_THREAD_SECONDS)
-            except queue.Empty:
-                with self._lock:
-                    try:
-                        fn = self._queue.get_nowait()  # handed to us as we timed out
-                    except queue.Empty:
-                        self._idle -= 1
-                        return
-
-    def close(self) -> None:
-        with self._lock:
-            self._closed = True
-            idle, self._idle = self._idle, 0
-        for _ in range(idle):
-            self._queue.put(None)
 
 
 _sessions: weakref.WeakSet[B] = weakref.WeakSet()
@@ -124,7 +73,7 @@ class B:
         self.keepalive: KeepaliveConfig = system.keepalive if system else KeepaliveConfig()
         ctx = system.client_ssl() if system is not None else _client_ssl
         self._client = Client(ctx)
-        self._pool = _CallPool()
+        self._pool = CallPool()
         self._lock = threading.Lock()
         self._owned: list[Machine] = []  # started and not yet stopped
         # The last few owned machines that stopped, for the status page (why they stopped);
@@ -208,6 +157,17 @@ class B:
         """The machines this session started that have not stopped."""
         with self._lock:
             return [m for m in self._owned if m.state < STOPPED]
+
+    @property
+    def max_concurrent_calls(self) -> int:
+        """How many ``Machine.submit`` calls of this session run at once (default 32); more
+        wait their turn, in order. Calls that wait for one another (a barrier) need at least
+        as many. Settable."""
+        return self._pool.max_threads
+
+    @max_concurrent_calls.setter
+    def max_concurrent_calls(self, n: int) -> None:
+        self._pool.max_threads = n
 
     def known_machines(self) -> list[Machine]:
         """Every machine the session tracks: those it started that have not stopped, the

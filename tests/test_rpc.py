@@ -919,7 +919,9 @@ def test_streams_over_submit(machine):
 
 def test_50_concurrent_submits(machine):
     global _BARRIER
-    # every call blocks until all 50 are running: passes only if none waits for another
+    # every call blocks until all 50 are running: passes only if none waits for another,
+    # which takes a session that runs at least 50 calls at once (the default is fewer)
+    machine._b.max_concurrent_calls = 50
     _BARRIER = threading.Barrier(50, timeout=20)
     try:
         futures = [machine.submit("Streams.at_barrier", i) for i in range(50)]

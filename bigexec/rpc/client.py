@@ -21,6 +21,7 @@ import socket
 import ssl
 import threading
 import time
+import weakref
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -41,6 +42,15 @@ def _fresh_prefix() -> None:
 _call_prefix = ""
 _fresh_prefix()
 os.register_at_fork(after_in_child=_fresh_prefix)  # a forked child must not reuse our ids
+_clients: weakref.WeakSet[Client] = weakref.WeakSet()
+
+
+def _forget_connections_in_child() -> None:
+    for client in list(_clients):
+        client._forget_parents_connections()
+
+
+os.register_at_fork(after_in_child=_forget_connections_in_child)
 _call_numbers = itertools.count(1)
 
 
@@ -123,7 +133,12 @@ class _Endpoint:
 
 
 class Client:
-    """Calls methods on machines by address, pooling connections per address."""
+    """Calls methods on machines by address, pooling connections per address.
+
+    A forked child starts with an empty pool: its parent's pooled TLS connections are the
+    parent's (their TLS state lives in the parent), so the child closes its copies of their
+    descriptors without a word on the wire, and dials its own.
+    """
 
     def __init__(self, ssl_context: ssl.SSLContext | None = None, *,
                  connect_timeout: float = 10.0) -> None:
@@ -135,6 +150,18 @@ class Client:
         self._closed = False
         #: Per-method counters of the calls this client made.
         self.stats = StatsTable()
+        _clients.add(self)
+
+    def _forget_parents_connections(self) -> None:
+        """In a forked child: drop the pooled connections, closing only our descriptors."""
+        self._lock = threading.Lock()  # the parent may have held it as it forked
+        idle, self._idle = self._idle, {}
+        for conns in idle.values():
+            for c in conns:
+                try:
+                    os.close(c.sock.detach())  # no shutdown(), no TLS close: not ours
+                except OSError:
+                    pass
 
     def close(self) -> None:
         """Close every idle connection; calls in flight finish on their own connections."""
