@@ -451,13 +451,17 @@ class Machine:
     def shutdown(self, timeout: float = 20.0) -> None:
         """Stop the machine: ask it to exit, wait for its last log lines, then mark it STOPPED.
 
-        On a machine this session does not own it only stops tracking it.
+        Returns within ``timeout`` seconds: a machine that has not exited by the last part
+        of it (a tenth, at most a second) is killed then. On a machine this session does not
+        own it only stops tracking it.
         """
         if self._state == STOPPED:
             return
         if not self.owned or self._handle is None:
             self._stop(None)
             return
+        deadline = time.monotonic() + timeout
+        kill_at = deadline - min(1.0, timeout / 10)  # room left to kill and reap it in time
         self._stopping = True
         self._handle.expect_exit()
         self._stop_event.set()  # no more keepalives
@@ -465,12 +469,13 @@ class Machine:
             self._handle.kill()
         else:
             try:
-                self._call_raw("Supervisor.shutdown", (0.0, ""), {}, _SHUTDOWN_RPC_TIMEOUT)
+                self._call_raw("Supervisor.shutdown", (0.0, ""), {},
+                               max(0.001, min(_SHUTDOWN_RPC_TIMEOUT, kill_at - time.monotonic())))
             except Exception as exc:
                 log.debug("shutdown of %s: %s", self.addr, exc)
-        if not self._handle.wait_stopped(timeout):
+        if not self._handle.wait_stopped(max(0.0, kill_at - time.monotonic())):
             self._handle.kill()
-            self._handle.wait_stopped(5.0)
+            self._handle.wait_stopped(max(0.0, deadline - time.monotonic()))
         self._stop(None)
 
     def cancel(self) -> None:

@@ -20,6 +20,7 @@ import os
 import pstats
 import ssl
 import threading
+import time
 import weakref
 from collections import deque
 from collections.abc import Callable, Mapping
@@ -239,10 +240,12 @@ class B:
     # --- ending --------------------------------------------------------------------------
 
     def shutdown(self, timeout: float = 20.0) -> None:
-        """Stop every owned machine, waiting up to ``timeout`` for their last log lines.
+        """Stop every owned machine, waiting up to ``timeout`` for their last log lines
+        (machines not gone by then are killed: see ``Machine.shutdown``).
 
         Dialed machines are only forgotten, never stopped. Idempotent.
         """
+        deadline = time.monotonic() + timeout
         with self._lock:
             if self._closed:
                 return
@@ -254,8 +257,9 @@ class B:
             self._debug.close()
         live = [m for m in owned if m.state < STOPPED]
         if live:
-            with ThreadPoolExecutor(max_workers=min(32, len(live))) as ex:
-                list(ex.map(lambda m: m.shutdown(timeout), live))
+            # all at once: each gets what is left of the one deadline when its turn comes
+            with ThreadPoolExecutor(max_workers=min(256, len(live))) as ex:
+                list(ex.map(lambda m: m.shutdown(max(0.0, deadline - time.monotonic())), live))
         for m in dialed:
             m._stop(None)
         if self.system is not None:

@@ -101,3 +101,15 @@ def test_call_timeout_holds_when_the_reply_trickles_in(threads_b, trickling_repl
         m.call("Big.reply", BIG, timeout=1.0)  # the reply takes about 6 s to arrive
     assert time.monotonic() - start < 3.0
     assert m.call("Big.reply", 10, timeout=10) == b"x" * 10  # the machine is still fine
+
+
+def test_session_shutdown_returns_within_its_timeout_when_a_machine_hangs():
+    b = bigexec.start("threads")
+    machines = b.start(3)
+    for m in machines:
+        assert m.wait(bigexec.RUNNING, 30) and m.err is None
+    b.system.kill(machines[0], hang=True)  # answers nothing, its shutdown call included
+    start = time.monotonic()
+    b.shutdown(timeout=1.5)
+    assert time.monotonic() - start < 2.5  # the machine's 5 s shutdown call is cut short
+    assert all(m.state == bigexec.STOPPED for m in machines)
