@@ -11,6 +11,8 @@ import hashlib
 import io
 import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -414,6 +416,44 @@ def test_repeated_large_buffer_is_sent_once():
     big = os.urandom(MIB)
     size = sum(memoryview(p).nbytes for p in codec.dumps([big, big, (big,), {"k": big}]))
     assert size < 1.1 * MIB, f"{size} bytes on the wire for one 1 MiB buffer used 4 times"
+
+
+_PIECES_IN_A_CYCLE = """
+import gc, sys, threading
+from bigexec.rpc import codec
+
+seen = []
+sys.unraisablehook = lambda u: seen.append(repr(u.exc_value))
+
+def failed_call():
+    pieces = codec.dumps({"fn": [threading.Lock] * 20, "n": object()})  # the cloudpickle path
+    raise RuntimeError("the call failed")  # its traceback holds this frame, and so the pieces
+
+for _ in range(50):
+    try:
+        failed_call()
+    except RuntimeError as exc:
+        exc.self = exc  # only the garbage collector can free it now
+    gc.collect()
+print(seen)
+sys.exit(1 if seen else 0)
+"""
+
+
+def test_message_pieces_caught_in_a_reference_cycle_are_collected_cleanly():
+    """A failed call's pieces end up in a cycle through its exception. A ``BytesIO.getbuffer``
+    view among them crashed 3.12's garbage collector (CPython gh-111049) and made 3.13's raise
+    an unraisable ``BufferError``; a child process, so that a crash fails only this test."""
+    done = subprocess.run([sys.executable, "-c", _PIECES_IN_A_CYCLE], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, f"exit {done.returncode}: {done.stdout}{done.stderr[-2000:]}"
+
+
+def test_message_pieces_hold_no_view_of_the_encoders_buffer():
+    data = os.urandom(MIB)
+    pieces = codec.dumps({"fn": threading.Lock, "data": data, "n": object()})
+    for p in pieces:  # bytes, or a view of the caller's own data
+        assert type(p) is bytes or (isinstance(p, memoryview) and p.obj is data), type(p)
 
 
 def test_codec_rejects_a_truncated_or_padded_message():
