@@ -7,6 +7,7 @@ system reached through a session (``m.call``).
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import io
 import os
@@ -15,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -22,7 +24,7 @@ import pytest
 import bigexec
 from bigexec.errors import RemoteTraceback
 from bigexec.rpc import codec
-from bigexec.rpc.client import Client
+from bigexec.rpc.client import CallHandle, Client
 from bigexec.rpc.server import Server
 from bigexec.service import ServiceRegistry
 
@@ -110,6 +112,10 @@ class Echo:
 
     def return_lock(self):
         return threading.Lock()
+
+    def sleep(self, seconds):
+        time.sleep(seconds)
+        return seconds
 
     def _private(self):
         return "private"
@@ -1046,3 +1052,51 @@ def test_call_to_a_closed_server_is_a_network_error(plain_server):
     with pytest.raises(bigexec.NetworkError):
         client.call(server.addr, "Echo.add", (1, 1))
     assert time.monotonic() - t0 < 5
+
+
+# --- sockets -----------------------------------------------------------------------------
+
+
+def _mixed_traffic(client: Client, addr: str) -> None:
+    """Calls that end every way a connection can: reused, failed remotely, timed out, aborted
+    by another thread, a stream abandoned half way, dropped from the pool."""
+    assert [client.call(addr, "Echo.add", (i, 1)) for i in range(3)] == [1, 2, 3]
+    with pytest.raises(ValueError):
+        client.call(addr, "Echo.raise_value", ("no",))
+    with pytest.raises(TimeoutError):
+        client.call(addr, "Echo.sleep", (1.0,), timeout=0.1)
+    handle = CallHandle()
+    stopper = threading.Timer(0.1, handle.abort, (RuntimeError("aborted"),))
+    stopper.start()
+    with pytest.raises(RuntimeError, match="aborted"):
+        client.call(addr, "Echo.sleep", (1.0,), handle=handle)
+    stopper.join()
+    stream = client.call(addr, "Streams.generate", (4 * MIB,))
+    next(stream)
+    stream.close()
+    client.reset(addr)
+    assert client.call(addr, "Echo.add", (2, 2)) == 4
+
+
+@pytest.mark.parametrize("kind", ["plain", "tls"])
+def test_rpc_traffic_leaves_no_socket_to_the_garbage_collector(kind, monkeypatch):
+    """Every connection that ends is closed, its descriptor included: a socket only marked
+    closed (a file made from it still open) would be closed by the garbage collector, with a
+    ResourceWarning, which unittest and ``-W error`` report. Here the aborted call's
+    exception, held by its handle, makes a cycle with the frames that used the connection."""
+    unraisable: list[str] = []
+    monkeypatch.setattr(sys, "unraisablehook",
+                        lambda u: unraisable.append(f"{u.exc_type.__name__}: {u.exc_value}"))
+    server_ssl, client_ssl = _tls_pair() if kind == "tls" else (None, None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ResourceWarning)
+        server = Server(_registry(), ssl_context=server_ssl)
+        server.start()
+        client = Client(client_ssl)
+        try:
+            _mixed_traffic(client, server.addr)
+        finally:
+            client.close()
+            server.close()
+        gc.collect()
+    assert unraisable == []
