@@ -1044,6 +1044,27 @@ def test_closed_server_stops_listening(plain_server):
     again.close()
 
 
+@pytest.mark.parametrize("kind", ["plain", "tls"])
+def test_closed_server_drops_its_connections(kind):
+    """``close`` drops every connection, TLS ones included (whose raw socket wrapping
+    detached): no connection thread stays blocked on a client that keeps its connection."""
+    server_ssl, client_ssl = _tls_pair() if kind == "tls" else (None, None)
+    server = Server(_registry(), ssl_context=server_ssl)
+    server.start()
+    client = Client(client_ssl)
+    try:
+        assert client.call(server.addr, "Echo.add", (1, 1)) == 2  # its connection stays idle
+        serving = [t for t in threading.enumerate() if t.name == "bigexec-conn"]
+        assert len(serving) == 1
+        time.sleep(0.2)  # let its thread go back to waiting for the next request
+        server.close()
+        serving[0].join(timeout=10)
+        assert not serving[0].is_alive()
+    finally:
+        client.close()
+        server.close()
+
+
 def test_call_to_a_closed_server_is_a_network_error(plain_server):
     server, client = plain_server
     assert client.call(server.addr, "Echo.add", (1, 1)) == 2
