@@ -104,6 +104,10 @@ class _Conn:
             socket.socket.shutdown(self.sock, socket.SHUT_RDWR)
         except OSError:
             pass
+        try:  # while the reader is open this only marks the socket closed: the reader, when
+            self.sock.close()  # closed or freed, then closes the descriptor
+        except OSError:
+            pass
 
     def kill(self) -> None:
         """Close the connection for good; only by its user (or for an idle connection).
@@ -116,10 +120,6 @@ class _Conn:
         self.interrupt()
         try:
             self.rfile.close()
-        except OSError:
-            pass
-        try:
-            self.sock.close()
         except OSError:
             pass
 
