@@ -240,8 +240,10 @@ def _tagged_spin(seconds: float) -> int:
     """Spin in a function named after this process, so a merged profile tells machines apart."""
     code = _spin_body.__code__
     name = f"spin_pid{os.getpid()}"
-    fn = type(_spin_body)(code.replace(co_name=name, co_qualname=name), _spin_body.__globals__,
-                          name)
+    names = {"co_name": name}
+    if sys.version_info >= (3, 11):  # co_qualname is new in 3.11
+        names["co_qualname"] = name
+    fn = type(_spin_body)(code.replace(**names), _spin_body.__globals__, name)
     return fn(seconds)
 
 

@@ -7,12 +7,16 @@ system reached through a session (``m.call``).
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import io
 import os
 import socket
+import subprocess
+import sys
 import threading
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -20,7 +24,7 @@ import pytest
 import bigexec
 from bigexec.errors import RemoteTraceback
 from bigexec.rpc import codec
-from bigexec.rpc.client import Client
+from bigexec.rpc.client import CallHandle, Client
 from bigexec.rpc.server import Server
 from bigexec.service import ServiceRegistry
 
@@ -108,6 +112,10 @@ class Echo:
 
     def return_lock(self):
         return threading.Lock()
+
+    def sleep(self, seconds):
+        time.sleep(seconds)
+        return seconds
 
     def _private(self):
         return "private"
@@ -414,6 +422,44 @@ def test_repeated_large_buffer_is_sent_once():
     big = os.urandom(MIB)
     size = sum(memoryview(p).nbytes for p in codec.dumps([big, big, (big,), {"k": big}]))
     assert size < 1.1 * MIB, f"{size} bytes on the wire for one 1 MiB buffer used 4 times"
+
+
+_PIECES_IN_A_CYCLE = """
+import gc, sys, threading
+from bigexec.rpc import codec
+
+seen = []
+sys.unraisablehook = lambda u: seen.append(repr(u.exc_value))
+
+def failed_call():
+    pieces = codec.dumps({"fn": [threading.Lock] * 20, "n": object()})  # the cloudpickle path
+    raise RuntimeError("the call failed")  # its traceback holds this frame, and so the pieces
+
+for _ in range(50):
+    try:
+        failed_call()
+    except RuntimeError as exc:
+        exc.self = exc  # only the garbage collector can free it now
+    gc.collect()
+print(seen)
+sys.exit(1 if seen else 0)
+"""
+
+
+def test_message_pieces_caught_in_a_reference_cycle_are_collected_cleanly():
+    """A failed call's pieces end up in a cycle through its exception. A ``BytesIO.getbuffer``
+    view among them crashed 3.12's garbage collector (CPython gh-111049) and made 3.13's raise
+    an unraisable ``BufferError``; a child process, so that a crash fails only this test."""
+    done = subprocess.run([sys.executable, "-c", _PIECES_IN_A_CYCLE], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, f"exit {done.returncode}: {done.stdout}{done.stderr[-2000:]}"
+
+
+def test_message_pieces_hold_no_view_of_the_encoders_buffer():
+    data = os.urandom(MIB)
+    pieces = codec.dumps({"fn": threading.Lock, "data": data, "n": object()})
+    for p in pieces:  # bytes, or a view of the caller's own data
+        assert type(p) is bytes or (isinstance(p, memoryview) and p.obj is data), type(p)
 
 
 def test_codec_rejects_a_truncated_or_padded_message():
@@ -1000,6 +1046,29 @@ def test_closed_server_stops_listening(plain_server):
     again.close()
 
 
+@pytest.mark.parametrize("kind", ["plain", "tls"])
+def test_closed_server_drops_its_connections(kind):
+    """``close`` drops every connection, TLS ones included (whose raw socket wrapping
+    detached): no connection thread stays blocked on a client that keeps its connection."""
+    server_ssl, client_ssl = _tls_pair() if kind == "tls" else (None, None)
+    server = Server(_registry(), ssl_context=server_ssl)
+    server.start()
+    client = Client(client_ssl)
+    try:
+        before = set(threading.enumerate())
+        assert client.call(server.addr, "Echo.add", (1, 1)) == 2  # its connection stays idle
+        serving = [t for t in threading.enumerate()
+                   if t.name == "bigexec-conn" and t not in before]
+        assert len(serving) == 1
+        time.sleep(0.2)  # let its thread go back to waiting for the next request
+        server.close()
+        serving[0].join(timeout=10)
+        assert not serving[0].is_alive()
+    finally:
+        client.close()
+        server.close()
+
+
 def test_call_to_a_closed_server_is_a_network_error(plain_server):
     server, client = plain_server
     assert client.call(server.addr, "Echo.add", (1, 1)) == 2
@@ -1008,3 +1077,51 @@ def test_call_to_a_closed_server_is_a_network_error(plain_server):
     with pytest.raises(bigexec.NetworkError):
         client.call(server.addr, "Echo.add", (1, 1))
     assert time.monotonic() - t0 < 5
+
+
+# --- sockets -----------------------------------------------------------------------------
+
+
+def _mixed_traffic(client: Client, addr: str) -> None:
+    """Calls that end every way a connection can: reused, failed remotely, timed out, aborted
+    by another thread, a stream abandoned half way, dropped from the pool."""
+    assert [client.call(addr, "Echo.add", (i, 1)) for i in range(3)] == [1, 2, 3]
+    with pytest.raises(ValueError):
+        client.call(addr, "Echo.raise_value", ("no",))
+    with pytest.raises(TimeoutError):
+        client.call(addr, "Echo.sleep", (1.0,), timeout=0.1)
+    handle = CallHandle()
+    stopper = threading.Timer(0.1, handle.abort, (RuntimeError("aborted"),))
+    stopper.start()
+    with pytest.raises(RuntimeError, match="aborted"):
+        client.call(addr, "Echo.sleep", (1.0,), handle=handle)
+    stopper.join()
+    stream = client.call(addr, "Streams.generate", (4 * MIB,))
+    next(stream)
+    stream.close()
+    client.reset(addr)
+    assert client.call(addr, "Echo.add", (2, 2)) == 4
+
+
+@pytest.mark.parametrize("kind", ["plain", "tls"])
+def test_rpc_traffic_leaves_no_socket_to_the_garbage_collector(kind, monkeypatch):
+    """Every connection that ends is closed, its descriptor included: a socket only marked
+    closed (a file made from it still open) would be closed by the garbage collector, with a
+    ResourceWarning, which unittest and ``-W error`` report. Here the aborted call's
+    exception, held by its handle, makes a cycle with the frames that used the connection."""
+    unraisable: list[str] = []
+    monkeypatch.setattr(sys, "unraisablehook",
+                        lambda u: unraisable.append(f"{u.exc_type.__name__}: {u.exc_value}"))
+    server_ssl, client_ssl = _tls_pair() if kind == "tls" else (None, None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ResourceWarning)
+        server = Server(_registry(), ssl_context=server_ssl)
+        server.start()
+        client = Client(client_ssl)
+        try:
+            _mixed_traffic(client, server.addr)
+        finally:
+            client.close()
+            server.close()
+        gc.collect()
+    assert unraisable == []

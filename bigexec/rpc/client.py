@@ -77,7 +77,7 @@ class CallHandle:
             self.aborted = exc
             conn = self._conn
         if conn is not None:
-            conn.kill()
+            conn.interrupt()  # the calling thread, woken, closes the connection
 
     def _attach(self, conn: _Conn) -> None:
         with self._lock:
@@ -106,14 +106,30 @@ class _Conn:
             self.sock.settimeout(timeout)
             self.timeout = timeout
 
-    def kill(self) -> None:
+    def interrupt(self) -> None:
+        """Wake a thread blocked on this connection; safe from any thread. That thread, the
+        connection's user, then ``kill``s it."""
         self.dead = True
-        try:
+        try:  # socket.socket's: SSLSocket.shutdown would tear TLS down under the reader
             socket.socket.shutdown(self.sock, socket.SHUT_RDWR)
         except OSError:
             pass
+        try:  # while the reader is open this only marks the socket closed: the reader, when
+            self.sock.close()  # closed or freed, then closes the descriptor
+        except OSError:
+            pass
+
+    def kill(self) -> None:
+        """Close the connection for good; only by its user (or for an idle connection).
+
+        The reader goes too: the descriptor lives as long as any file made from the socket,
+        and one left open (the socket merely marked closed) would hold it until garbage
+        collection, which warns about an unclosed socket. Closing the reader waits for a read
+        in progress, hence ``interrupt`` for other threads.
+        """
+        self.interrupt()
         try:
-            self.sock.close()
+            self.rfile.close()
         except OSError:
             pass
 
@@ -217,7 +233,8 @@ class Client:
         return _Conn(sock)
 
     def _checkin(self, addr: str, conn: _Conn) -> None:
-        if conn.dead:
+        if conn.dead:  # interrupted by another thread, or killed already
+            conn.kill()
             return
         with self._lock:
             if not self._closed:

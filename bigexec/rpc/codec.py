@@ -222,7 +222,11 @@ def dumps(obj: Any) -> list[Any]:
         pickler.dump(_swap_large(obj, 3, {}))
     except Exception as exc:  # pickling runs user code: anything can come out of it
         raise EncodeError(f"cannot pickle {_describe(obj)}: {exc}") from exc
-    body = out.getbuffer()
+    # getvalue, not getbuffer: on CPython it hands over BytesIO's own bytes without a copy,
+    # and a getbuffer view caught in a reference cycle (a failed call's pieces, held by its
+    # traceback) crashes 3.12's garbage collector and makes 3.13's raise BufferError
+    # (CPython gh-111049).
+    body = out.getvalue()
     raws = [b.raw() for b in buffers]
     to_bytes = {id(b) for b in pickler.to_bytes}
     head = [_U32.pack(len(raws)), _U64.pack(len(body))]

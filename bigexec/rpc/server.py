@@ -164,6 +164,9 @@ class Server:
                 raw.settimeout(_HANDSHAKE_TIMEOUT)
                 sock = self.ssl_context.wrap_socket(raw, server_side=True)
                 sock.settimeout(None)
+                with self._lock:  # wrapping detached raw: close() must find the TLS socket
+                    self._conns.discard(raw)
+                    self._conns.add(sock)
             rfile = sock.makefile("rb", buffering=256 * 1024)
             while not self._closed.is_set():
                 try:
@@ -182,6 +185,7 @@ class Server:
         finally:
             with self._lock:
                 self._conns.discard(raw)
+                self._conns.discard(sock)
             if rfile is not None:
                 try:
                     rfile.close()
