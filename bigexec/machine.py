@@ -317,6 +317,11 @@ class Machine:
                 raise
             raise err from exc
 
+    def _reply_buffered(self, p: PendingCall, timeout: float) -> bool:
+        """Whether ``_finish(p)`` can read the whole reply without waiting (see
+        ``Client.reply_buffered``)."""
+        return self._b._client.reply_buffered(p, timeout)
+
     def _finish(self, p: PendingCall) -> Any:
         handle = p.handle
         assert handle is not None

@@ -15,9 +15,9 @@
 
     submit(task), queue empty and a slot idle ──> the submitting thread sends "<service>.run_one"
         itself (a "direct" call); the reply is read by whoever claims it first: the thread
-        that waits in an untimed ``future.result()`` (a timed wait never reads: its timeout is
-        a deadline), or the idle slot thread woken at submit (so that a future nobody waits on
-        completes too). Either way one thread hand-off fewer than
+        that waits in ``future.result()`` (with a timeout, only a reply whole by then: the
+        timeout is a deadline), or the idle slot thread woken at submit (so that a future
+        nobody waits on completes too). Either way one thread hand-off fewer than
         through the queue; the slot's capacity is counted as busy until the reply is read.
 
 Task states (a task's future follows the standard ``concurrent.futures`` states)::
@@ -39,6 +39,7 @@ import itertools
 import logging
 import math
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, InvalidStateError
@@ -116,27 +117,41 @@ class Task:
 
 class _TaskFuture(Future):
     """The Executor's future. When a call went straight to a machine (see ``_Direct``), the
-    first untimed ``result()`` or ``exception()`` reads the reply itself, in the waiting
-    thread, instead of being woken by the slot thread that would read it: one thread hand-off
-    less per round trip. A wait with a timeout never reads: a reply that starts in time may
-    still arrive slowly, and the timeout is a deadline, so it waits on the future as usual
-    while the machine's slot thread reads."""
+    first ``result()`` or ``exception()`` reads the reply itself, in the waiting thread,
+    instead of being woken by the slot thread that would read it: one thread hand-off less
+    per round trip. With a timeout, which is a deadline, it reads only a reply that is whole
+    by then (a reply that starts in time may still arrive slowly); else the slot thread gets
+    the call back and the wait goes on as usual."""
 
     _direct: _Direct | None = None
 
-    def _read_here(self) -> None:
+    def _read_here(self, timeout: float | None) -> None:
         d = self._direct
-        if d is not None and d.claim():
-            d.scheduler._run_direct(d)
+        if d is None or not d.claim():
+            return
+        if timeout is not None and not d.reply_buffered(timeout):
+            d.scheduler._hand_back(d)
+            return
+        d.scheduler._run_direct(d)
+
+    def _read_first(self, timeout: float | None) -> float | None:
+        """Read a direct call's reply here if this thread can; return what is left of
+        ``timeout``."""
+        if timeout is None:
+            self._read_here(None)
+            return None
+        deadline = time.monotonic() + timeout
+        self._read_here(timeout)
+        return max(0.0, deadline - time.monotonic())
 
     def result(self, timeout: float | None = None) -> Any:
-        if timeout is None and self._direct is not None:
-            self._read_here()
+        if self._direct is not None:
+            timeout = self._read_first(timeout)
         return super().result(timeout)
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
-        if timeout is None and self._direct is not None:
-            self._read_here()
+        if self._direct is not None:
+            timeout = self._read_first(timeout)
         return super().exception(timeout)
 
 
@@ -165,6 +180,19 @@ class _Direct:
         if type(fut) is _TaskFuture:
             fut._direct = None
         return True
+
+    def unclaim(self) -> None:
+        fut = self.task.future
+        if type(fut) is _TaskFuture:
+            fut._direct = self
+        self._token.release()
+
+    def reply_buffered(self, timeout: float) -> bool:
+        """Whether the reply is whole within ``timeout`` seconds (or sending failed: then
+        there is nothing to wait for)."""
+        if self.error is not None or self.pending is None:
+            return True
+        return self.st.machine._reply_buffered(self.pending, timeout)
 
     def finish(self) -> Any:
         if self.error is not None:
@@ -519,6 +547,18 @@ class Scheduler:
             t = batch[0]
             return [m.call(f"{self._service}.run_one", fn(t.fn), t.args, t.kwargs)]
         return m.call(f"{self._service}.run", [(fn(t.fn), t.args, t.kwargs) for t in batch])
+
+    def _hand_back(self, d: _Direct) -> None:
+        """A waiter claimed ``d`` but its reply was not whole in time: a slot thread reads
+        it."""
+        st = d.st
+        with self._lock:
+            if st.slots > 0:
+                d.unclaim()
+                st.direct.append(d)
+                st.wake_one()
+                return
+        self._run_direct(d)  # its slot threads have all left (it is dying): read it here
 
     def _run_direct(self, d: _Direct) -> None:
         """Read and deliver a direct call's reply (by its claimer), then free its slot."""

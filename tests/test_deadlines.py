@@ -3,6 +3,7 @@ but arrives slowly, or results for other items arriving meanwhile, never stretch
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import threading
 import time
 
@@ -52,7 +53,7 @@ def test_result_timeout_holds_when_the_reply_stalls_midway(stalling_replies):
         fut = ex.submit(big_reply, BIG)  # goes straight to the idle machine
         assert stalled.wait(10)
         start = time.monotonic()
-        with pytest.raises(TimeoutError):
+        with pytest.raises(cf.TimeoutError):  # the builtin TimeoutError from 3.11 on
             fut.result(timeout=0.5)
         assert time.monotonic() - start < stall - 1.0  # well before the stall ends
         assert fut.result(timeout=30) == b"x" * BIG  # the reply still arrives, once
@@ -65,7 +66,7 @@ def test_exception_timeout_holds_when_the_reply_stalls_midway(stalling_replies):
         fut = ex.submit(big_reply, BIG)
         assert stalled.wait(10)
         start = time.monotonic()
-        with pytest.raises(TimeoutError):
+        with pytest.raises(cf.TimeoutError):
             fut.exception(timeout=0.5)
         assert time.monotonic() - start < stall - 1.0
         assert fut.exception(timeout=30) is None
@@ -113,3 +114,25 @@ def test_session_shutdown_returns_within_its_timeout_when_a_machine_hangs():
     b.shutdown(timeout=1.5)
     assert time.monotonic() - start < 2.5  # the machine's 5 s shutdown call is cut short
     assert all(m.state == bigexec.STOPPED for m in machines)
+
+
+def test_a_timed_result_still_reads_a_small_reply_in_the_waiting_thread(monkeypatch):
+    # the direct path's point: no thread hand-off for a quick reply, timeout or not
+    from bigexec import scheduler
+
+    readers: list[threading.Thread] = []
+    real = scheduler.Scheduler._run_direct
+
+    def run_direct(self, d):
+        readers.append(threading.current_thread())
+        return real(self, d)
+
+    monkeypatch.setattr(scheduler.Scheduler, "_run_direct", run_direct)
+    with bigexec.Executor(1, system="threads") as ex:
+        assert ex.submit(square, 3).result(timeout=30) == 9
+        readers.clear()
+        for i in range(50):
+            assert ex.submit(square, i).result(timeout=30) == i * i
+        me = threading.current_thread()
+        assert readers  # the calls went straight to the idle machine
+        assert sum(1 for t in readers if t is me) >= len(readers) // 2

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import select
 import socket
 import ssl
 import threading
@@ -293,6 +294,47 @@ class Client:
             self.stats.record(method, time.perf_counter() - p.t0, True, p.length)
             raise
         return p
+
+    def reply_buffered(self, p: PendingCall, timeout: float) -> bool:
+        """Whether the whole reply of ``p`` is here, so that ``finish`` cannot block reading
+        it: waits up to ``timeout`` seconds for the reply to start, then looks at what one
+        read brought, consuming nothing. True also when ``p`` has no live connection
+        (``finish`` then fails at once); False for a reply that is not whole yet or streams.
+        """
+        conn = p.conn
+        if conn is None or conn.dead:
+            return True
+        deadline = time.monotonic() + timeout
+        previous = conn.timeout
+        try:
+            pending = getattr(conn.sock, "pending", None)  # bytes TLS decrypted already
+            if not (pending is not None and pending()):
+                poller = select.poll()  # not select(): descriptors past 1024 are common
+                poller.register(conn.sock, select.POLLIN)
+                if not poller.poll(max(0.0, timeout) * 1000):
+                    return False
+            conn.settimeout(max(0.001, deadline - time.monotonic()))
+            head = conn.rfile.peek(1)  # one read at most: a small reply comes in one piece
+        except (OSError, ValueError):  # timed out, or closed under us: finish tells which
+            return conn.dead
+        finally:
+            if not conn.dead:
+                conn.settimeout(previous)  # the reader's own deadline, or none
+        end = head.find(b"\r\n\r\n")
+        if end < 0:
+            return False
+        length = None
+        for line in head[:end].split(b"\r\n")[1:]:
+            name, _, value = line.partition(b":")
+            name = name.strip().lower()
+            if name == b"x-bigexec-stream":
+                return False
+            if name == b"content-length":
+                try:
+                    length = int(value)
+                except ValueError:
+                    return True  # malformed: finish says so, at once
+        return length is not None and len(head) >= end + 4 + length
 
     def finish(self, p: PendingCall) -> Any:
         """Read the reply of a call that ``begin`` sent: see ``call`` for what it raises."""
