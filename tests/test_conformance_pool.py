@@ -579,31 +579,29 @@ def test_terminate_stops_outstanding_work(pool):
         pool.apply_async(square, (1,))
 
 
+def _break_at_2(it):
+    for x in it:
+        if x >= 2:
+            break
+
+
+def _raise_at_3(it):
+    with pytest.raises(ValueError, match="boom 3"):
+        for _ in it:
+            pass
+
+
 @pytest.mark.parametrize("method", ["imap", "imap_unordered"])
-def test_leaving_with_after_breaking_out_of_imap_returns(make_pool, method):
+@pytest.mark.parametrize("task, leave", [(identity, _break_at_2), (fail_at_3, _raise_at_3)],
+                         ids=["break", "task-error"])
+def test_leaving_with_in_the_middle_of_imap_returns(make_pool, method, task, leave):
     p = make_pool(2)
 
     def leave_early():
         with p:
-            for x in getattr(p, method)(identity, range(100_000)):
-                if x >= 2:
-                    break
+            leave(getattr(p, method)(task, range(100_000)))
 
     problem = within("leaving the with block", leave_early)
-    assert problem is None, problem
-    join(p)
-
-
-@pytest.mark.parametrize("method", ["imap", "imap_unordered"])
-def test_leaving_with_on_a_task_error_in_imap_returns(make_pool, method):
-    p = make_pool(2)
-
-    def leave_on_error():
-        with pytest.raises(ValueError, match="boom 3"), p:
-            for _ in getattr(p, method)(fail_at_3, range(100_000)):
-                pass
-
-    problem = within("leaving the with block on an error", leave_on_error)
     assert problem is None, problem
     join(p)
 
