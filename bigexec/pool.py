@@ -19,7 +19,6 @@ import collections
 import itertools
 import logging
 import multiprocessing
-import multiprocessing.pool
 import os
 import queue
 import threading
@@ -28,6 +27,7 @@ import warnings
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future
 from multiprocessing.pool import MaybeEncodingError
+from multiprocessing.pool import RemoteTraceback as _PoolRemoteTraceback  # type: ignore[attr-defined]
 from typing import Any
 
 from .errors import RemoteTraceback
@@ -57,7 +57,7 @@ def _error_of(fut: Future) -> BaseException | None:
     exc = fut.exception()
     if exc is not None and isinstance(exc.__cause__, RemoteTraceback):
         # the standard library's pool gives a task's exception its own class of cause
-        exc.__cause__ = multiprocessing.pool.RemoteTraceback(exc.__cause__.tb)
+        exc.__cause__ = _PoolRemoteTraceback(exc.__cause__.tb)
     return exc
 
 

@@ -15,6 +15,7 @@ idle) is retried once on a fresh connection.
 
 from __future__ import annotations
 
+import io
 import itertools
 import os
 import select
@@ -23,7 +24,7 @@ import ssl
 import threading
 import time
 import weakref
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlsplit
 
 from ..errors import NetworkError, ProtocolError, UnknownMethodError
@@ -97,7 +98,7 @@ class _Conn:
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
-        self.rfile = sock.makefile("rb", buffering=256 * 1024)
+        self.rfile = cast(io.BufferedReader, sock.makefile("rb", buffering=256 * 1024))
         self.reused = False
         self.dead = False
         self.timeout = sock.gettimeout()
