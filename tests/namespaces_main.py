@@ -227,7 +227,15 @@ def services(system):
         out["two_machines"] = sorted(m.call("S.bump") for m in machines)
         with bigexec.Executor(machines=machines, initializer=init, initargs=("set",)) as ex:
             list(ex.map(task, range(2)))
-            out["service_sees_initializer"] = [m.call("S.conf") for m in machines]
+            # the initializer runs as the executor's service reaches each machine, which may
+            # be after the map (on the other machine) is done: wait for both, bounded
+            deadline = time.monotonic() + 30
+            while True:
+                confs = [m.call("S.conf") for m in machines]
+                if confs == ["set", "set"] or time.monotonic() > deadline:
+                    break
+                time.sleep(0.02)
+            out["service_sees_initializer"] = confs
             # tasks on the machine see what its service did to the module's globals
             out["task_sees_service"] = sorted(ex.map(read_count, range(6)))
     return out
