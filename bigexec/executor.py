@@ -18,7 +18,7 @@ import os
 import time
 import weakref
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from concurrent.futures import CancelledError, Future
 from concurrent.futures import Executor as _StdExecutor
 from typing import Any
@@ -42,12 +42,16 @@ def _result_or_cancel(fut: Future, timeout: float | None = None) -> Any:
         del fut  # do not keep the result alive in this frame
 
 
-def _items_of_chunks(chunks: Iterator[list[Any]]) -> Iterator[Any]:
-    """The items of each chunk, in order, holding none already yielded."""
-    for chunk in chunks:
-        chunk.reverse()
-        while chunk:
-            yield chunk.pop()
+def _items_of_chunks(chunks: Generator[list[Any], None, None]) -> Iterator[Any]:
+    """The items of each chunk, in order, holding none already yielded; closing it closes
+    ``chunks`` (which cancels the calls not yet done)."""
+    try:
+        for chunk in chunks:
+            chunk.reverse()
+            while chunk:
+                yield chunk.pop()
+    finally:
+        chunks.close()
 
 
 def _batched(iterable: Iterable[Any], n: int) -> Iterator[tuple]:
@@ -162,7 +166,8 @@ class Executor(ClusterViews, _StdExecutor):
 
     @staticmethod
     def _results(fs: deque[Future], end_time: float | None,
-                 more: tuple[Any, Iterator[Any], Callable[[Any], Task]] | None) -> Iterator[Any]:
+                 more: tuple[Any, Iterator[Any], Callable[[Any], Task]] | None,
+                 ) -> Generator[Any, None, None]:
         # While paused at a yield, this generator holds no future, result or input item of
         # its own: each is yielded straight from the expression that made it (as the
         # standard library's map does).
