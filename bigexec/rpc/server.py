@@ -38,7 +38,15 @@ __all__ = ["Server"]
 
 log = logging.getLogger("bigexec.rpc")
 
-_HANDSHAKE_TIMEOUT = 30.0
+#: A TLS handshake must be done within this (it takes milliseconds between honest peers).
+HANDSHAKE_TIMEOUT = 10.0
+#: Connections at most in their TLS handshake at once; past it, the oldest is dropped to make
+#: room, so that a flood of silent unauthenticated peers cannot hold threads for long, nor keep
+#: an honest client (whose handshake is over in milliseconds) out.
+MAX_HANDSHAKES = 64
+#: An authenticated connection that sends nothing for this long is closed (the client's pool
+#: opens another when it needs one): a silent client does not hold a thread for ever.
+IDLE_TIMEOUT = 300.0
 
 
 class Server:
@@ -77,6 +85,11 @@ class Server:
         self._closed = threading.Event()
         self._frozen = threading.Event()
         self._thread: threading.Thread | None = None
+        #: Seconds a connection may stay silent (see ``IDLE_TIMEOUT``).
+        self.idle_timeout = IDLE_TIMEOUT
+        #: Connections in their TLS handshake, oldest first (see ``MAX_HANDSHAKES``).
+        self._handshaking: dict[socket.socket, None] = {}
+        self._accept_failures = 0
 
     # --- lifecycle -----------------------------------------------------------------------
 
@@ -145,9 +158,32 @@ class Server:
                     return
                 time.sleep(0.01)  # e.g. EMFILE: back off instead of spinning
                 continue
-            threading.Thread(
-                target=self._serve_connection, args=(sock,), name="bigexec-conn", daemon=True
-            ).start()
+            if self.ssl_context is not None:
+                self._make_room_for_a_handshake()
+            try:
+                threading.Thread(
+                    target=self._serve_connection, args=(sock,), name="bigexec-conn",
+                    daemon=True).start()
+            except BaseException as exc:  # e.g. "can't start new thread": drop this one only
+                _hard_close(sock)
+                self._accept_failures += 1
+                if self._accept_failures in (1, 10, 100) or self._accept_failures % 1000 == 0:
+                    log.warning("cannot serve a new connection (%d so far): %s",
+                                self._accept_failures, exc)
+                time.sleep(0.01)  # let threads end before the next try
+
+    def _make_room_for_a_handshake(self) -> None:
+        """Before a new connection: if too many are in their handshake, end the oldest (its
+        thread's handshake fails at once, and the thread ends)."""
+        with self._lock:
+            if len(self._handshaking) < MAX_HANDSHAKES:
+                return
+            oldest = next(iter(self._handshaking))
+            del self._handshaking[oldest]
+            try:  # under the lock: its thread cannot close it meanwhile
+                socket.socket.shutdown(oldest, socket.SHUT_RDWR)
+            except OSError:
+                pass
 
     def _serve_connection(self, raw: socket.socket) -> None:
         sock: socket.socket = raw
@@ -161,12 +197,19 @@ class Server:
         try:
             raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if self.ssl_context is not None:
-                raw.settimeout(_HANDSHAKE_TIMEOUT)
-                sock = self.ssl_context.wrap_socket(raw, server_side=True)
-                sock.settimeout(None)
+                raw.settimeout(HANDSHAKE_TIMEOUT)
+                sock = self.ssl_context.wrap_socket(raw, server_side=True,
+                                                    do_handshake_on_connect=False)
                 with self._lock:  # wrapping detached raw: close() must find the TLS socket
                     self._conns.discard(raw)
                     self._conns.add(sock)
+                    self._handshaking[sock] = None
+                try:
+                    sock.do_handshake()
+                finally:
+                    with self._lock:
+                        self._handshaking.pop(sock, None)
+            sock.settimeout(self.idle_timeout)  # per read: a silent peer is let go
             rfile = sock.makefile("rb", buffering=256 * 1024)
             while not self._closed.is_set():
                 try:

@@ -30,7 +30,8 @@ from . import codec
 STATUS_APP_ERROR = 590
 REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
            500: "Internal Server Error", 590: "Application Error"}
-MAX_LINE = 65536
+MAX_LINE = 65536  # bytes in a line, and in a whole head
+MAX_HEADERS = 64  # header lines in a head: bigexec sends fewer than ten
 STREAM_CHUNK = 1 << 20
 _SMALL = 64 * 1024
 
@@ -40,8 +41,12 @@ def read_head(rfile: Any) -> tuple[list[str], dict[str, str]] | None:
     # Fast path: the whole head is usually in the buffer already; split it in one go.
     buffered = rfile.peek(MAX_LINE)
     end = buffered.find(b"\r\n\r\n")
+    if end > MAX_LINE:
+        raise ProtocolError(f"request head over {MAX_LINE} bytes")
     if end > 0 and not buffered.startswith(b"\r\n"):
         lines = rfile.read(end + 4).decode("latin-1").split("\r\n")
+        if len(lines) - 3 > MAX_HEADERS:
+            raise ProtocolError(f"request head over {MAX_HEADERS} headers")
         headers = {}
         for line in lines[1:-2]:
             name, sep, value = line.partition(":")
@@ -60,12 +65,16 @@ def read_head(rfile: Any) -> tuple[list[str], dict[str, str]] | None:
         raise ProtocolError("start line too long or truncated")
     start = line.decode("latin-1").rstrip("\r\n").split(" ", 2)
     headers: dict[str, str] = {}
+    size = len(line)
     while True:
         line = rfile.readline(MAX_LINE)
         if not line.endswith(b"\n"):
             raise ProtocolError("header line too long or truncated")
         if line in (b"\r\n", b"\n"):
             return start, headers
+        size += len(line)
+        if len(headers) >= MAX_HEADERS or size > MAX_LINE:
+            raise ProtocolError(f"request head over {MAX_HEADERS} headers or {MAX_LINE} bytes")
         name, sep, value = line.decode("latin-1").partition(":")
         if not sep:
             raise ProtocolError(f"malformed header line {line[:80]!r}")
