@@ -23,6 +23,9 @@ class Echo:
     def echo(self, x):
         return x
 
+    def count(self, stream):
+        return sum(len(chunk) for chunk in stream)
+
 
 def _registry() -> ServiceRegistry:
     reg = ServiceRegistry()
@@ -149,3 +152,18 @@ def test_the_accept_loop_survives_a_thread_that_cannot_start(plain_server, monke
         victim.close()
     assert failures == [1]
     assert client.call(server.addr, "Echo.echo", (4,), {}, timeout=10) == 4  # still accepting
+
+
+def test_a_streamed_call_after_the_server_closed_an_idle_pooled_connection(plain_server,
+                                                                           monkeypatch):
+    # a stream cannot be sent twice, so the client must not pick a connection the server has
+    # closed for idleness: it drops pooled connections before the server's idle timeout
+    from bigexec.rpc import client as client_mod
+
+    server, client = plain_server
+    server.idle_timeout = 0.3
+    monkeypatch.setattr(client_mod, "_POOL_IDLE_SECONDS", 0.2)
+    assert client.call(server.addr, "Echo.echo", (1,), {}, timeout=10) == 1  # pooled now
+    time.sleep(1.0)  # the server has closed it
+    chunks = iter([b"x" * 1000] * 50)
+    assert client.call(server.addr, "Echo.count", (chunks,), {}, timeout=10) == 50_000

@@ -34,6 +34,10 @@ from . import codec, wire
 __all__ = ["Client", "CallHandle"]
 
 _MAX_IDLE = 64
+# A pooled connection idle for longer is closed instead of reused: servers close connections
+# silent for their idle timeout (300 s), and a call that streams cannot be sent again if it
+# meets such a closed connection.
+_POOL_IDLE_SECONDS = 240.0
 
 
 def _fresh_prefix() -> None:
@@ -94,7 +98,7 @@ class CallHandle:
 
 
 class _Conn:
-    __slots__ = ("sock", "rfile", "reused", "dead", "timeout")
+    __slots__ = ("sock", "rfile", "reused", "dead", "timeout", "idle_since")
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
@@ -102,6 +106,7 @@ class _Conn:
         self.reused = False
         self.dead = False
         self.timeout = sock.gettimeout()
+        self.idle_since = 0.0  # when it went back to the pool
 
     def settimeout(self, timeout: float | None) -> None:
         if timeout != self.timeout:  # most calls have none: skip the system call
@@ -207,12 +212,21 @@ class Client:
 
     def _checkout(self, addr: str, ep: _Endpoint, fresh: bool, timeout: float | None) -> _Conn:
         if not fresh:
+            stale: list[_Conn] = []
+            conn = None
             with self._lock:
                 conns = self._idle.get(addr)
                 if conns:
+                    # the most recently used first; the others are older still
                     conn = conns.pop()
-                    conn.reused = True
-                    return conn
+                    if time.monotonic() - conn.idle_since > _POOL_IDLE_SECONDS:
+                        stale, conns[:] = [conn, *conns], []
+                        conn = None
+            for c in stale:
+                c.kill()
+            if conn is not None:
+                conn.reused = True
+                return conn
         t = self.connect_timeout if timeout is None else min(timeout, self.connect_timeout)
         try:
             sock = socket.create_connection((ep.host, ep.port), timeout=t)
@@ -238,6 +252,7 @@ class Client:
         if conn.dead:  # interrupted by another thread, or killed already
             conn.kill()
             return
+        conn.idle_since = time.monotonic()
         with self._lock:
             if not self._closed:
                 conns = self._idle.setdefault(addr, [])
