@@ -579,6 +579,12 @@ def test_terminate_stops_outstanding_work(pool):
         pool.apply_async(square, (1,))
 
 
+# Longer than bigexec's imap window (8 chunks per process), so that its feeder waits for room;
+# short enough that the standard library's task handler never blocks on a full pipe (with
+# 100,000 items, the stdlib pool's own terminate()/join() hung once on 3.10).
+_LONG_INPUT = 200
+
+
 def _break_at_2(it):
     for x in it:
         if x >= 2:
@@ -599,7 +605,7 @@ def test_leaving_with_in_the_middle_of_imap_returns(make_pool, method, task, lea
 
     def leave_early():
         with p:
-            leave(getattr(p, method)(task, range(100_000)))
+            leave(getattr(p, method)(task, range(_LONG_INPUT)))
 
     problem = within("leaving the with block", leave_early)
     assert problem is None, problem
@@ -608,7 +614,7 @@ def test_leaving_with_in_the_middle_of_imap_returns(make_pool, method, task, lea
 
 @pytest.mark.parametrize("method", ["imap", "imap_unordered"])
 def test_terminate_after_reading_part_of_imap_returns_and_join_too(pool, method):
-    it = getattr(pool, method)(identity, range(100_000))
+    it = getattr(pool, method)(identity, range(_LONG_INPUT))
     assert it.next(timeout=BOOT) is not None
     assert it.next(timeout=BOOT) is not None
     problem = within("terminate(); join()", partial(_terminate_and_join, pool))
