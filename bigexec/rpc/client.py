@@ -339,18 +339,17 @@ class Client:
         end = head.find(b"\r\n\r\n")
         if end < 0:
             return False
-        length = None
-        for line in head[:end].split(b"\r\n")[1:]:
-            name, _, value = line.partition(b":")
-            name = name.strip().lower()
-            if name == b"x-bigexec-stream":
-                return False
-            if name == b"content-length":
-                try:
-                    length = int(value)
-                except ValueError:
-                    return True  # malformed: finish says so, at once
-        return length is not None and len(head) >= end + 4 + length
+        try:
+            _, headers = wire.parse_head(head[: end + 4])
+        except ProtocolError:
+            return True  # malformed: finish says so, at once
+        if "x-bigexec-stream" in headers:
+            return False  # a stream is never whole
+        try:
+            length = int(headers["content-length"])
+        except (KeyError, ValueError):
+            return True  # malformed: finish says so, at once
+        return len(head) >= end + 4 + length
 
     def finish(self, p: PendingCall) -> Any:
         """Read the reply of a call that ``begin`` sent: see ``call`` for what it raises."""

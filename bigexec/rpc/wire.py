@@ -36,6 +36,23 @@ STREAM_CHUNK = 1 << 20
 _SMALL = 64 * 1024
 
 
+def parse_head(head: bytes) -> tuple[list[str], dict[str, str]]:
+    """The start line's words and the headers (names in lower case) of a whole head, its
+    blank line included; ``ProtocolError`` if it is malformed or over the limits."""
+    if len(head) > MAX_LINE:
+        raise ProtocolError(f"request head over {MAX_LINE} bytes")
+    lines = head.decode("latin-1").split("\r\n")
+    if len(lines) - 3 > MAX_HEADERS:  # the start line, the headers, then two empty strings
+        raise ProtocolError(f"request head over {MAX_HEADERS} headers")
+    headers = {}
+    for line in lines[1:-2]:
+        name, sep, value = line.partition(":")
+        if not sep:
+            raise ProtocolError(f"malformed header line {line[:80]!r}")
+        headers[name.strip().lower()] = value.strip()
+    return lines[0].split(" ", 2), headers
+
+
 def read_head(rfile: Any) -> tuple[list[str], dict[str, str]] | None:
     """Read a start line and headers; None at a clean end of connection."""
     # Fast path: the whole head is usually in the buffer already; split it in one go.
@@ -44,16 +61,7 @@ def read_head(rfile: Any) -> tuple[list[str], dict[str, str]] | None:
     if end > MAX_LINE:
         raise ProtocolError(f"request head over {MAX_LINE} bytes")
     if end > 0 and not buffered.startswith(b"\r\n"):
-        lines = rfile.read(end + 4).decode("latin-1").split("\r\n")
-        if len(lines) - 3 > MAX_HEADERS:
-            raise ProtocolError(f"request head over {MAX_HEADERS} headers")
-        headers = {}
-        for line in lines[1:-2]:
-            name, sep, value = line.partition(":")
-            if not sep:
-                raise ProtocolError(f"malformed header line {line[:80]!r}")
-            headers[name.strip().lower()] = value.strip()
-        return lines[0].split(" ", 2), headers
+        return parse_head(rfile.read(end + 4))
     line = rfile.readline(MAX_LINE)
     if not line:
         return None
