@@ -114,9 +114,7 @@ def metrics(b: B) -> dict[str, Any]:
             for m in live if m.keepalive_reply_times
         },
     }
-    with b._lock:
-        sources = list(b._metric_sources.items())
-    for name, source in sources:
+    for name, source in b.metrics_sources().items():
         try:
             driver[name] = source()
         except Exception as exc:

@@ -389,10 +389,10 @@ class Scheduler:
     def _machine_unavailable(self, err: BaseException) -> None:
         with self._lock:
             live = any(not s.dead for s in self._machines)
-            if live or self._broken is not None or self._stopped:
+            # (machines killed on purpose with the work, by stop_running, break nothing)
+            if (live or self._broken is not None or self._stopped
+                    or self._cancel_running is not None):
                 return
-            if self._cancel_running is not None:
-                return  # the machines were killed on purpose, with the work: nothing is broken
             self._break(BrokenCluster(f"no machine can be had to run tasks: {err}"), cause=err)
 
     def _forget_machine(self, st: _MachineSlots) -> None:
@@ -646,8 +646,7 @@ class Scheduler:
             try:
                 codec.dumps((t.fn, t.args, t.kwargs))
             except codec.EncodeError as exc:
-                # what pickling raised, as the standard library's pools report it
-                self._fail([t], exc.__cause__ or exc)
+                self._fail([t], exc.raised)
             else:
                 good.append(t)
         return good

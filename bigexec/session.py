@@ -185,6 +185,11 @@ class B:
         with self._lock:
             self._metric_sources.pop(name, None)
 
+    def metrics_sources(self) -> dict[str, Callable[[], dict[str, Any]]]:
+        """The sources ``add_metrics_source`` gave, by name (a copy)."""
+        with self._lock:
+            return dict(self._metric_sources)
+
     def dial(self, addr: str) -> Machine:
         """A machine this session does not own, at ``addr`` (e.g. ``m.addr`` of another).
 

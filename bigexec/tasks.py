@@ -102,7 +102,7 @@ class TaskRunner:
             try:
                 return codec.Encoded(codec.dumps((0, OK, seconds, value)))
             except codec.EncodeError as exc:
-                outcome, value = UNPICKLABLE_RESULT, wire.encode_error(exc.__cause__ or exc)
+                outcome, value = UNPICKLABLE_RESULT, wire.encode_error(exc.raised)
         return codec.Encoded(codec.dumps((0, outcome, seconds, value)))
 
     def _run_task(self, fn: Callable[..., Any], args: tuple,
@@ -134,8 +134,8 @@ class TaskRunner:
             if outcome == OK:
                 try:
                     payload = codec.dumps_bytes(value)
-                except codec.EncodeError as exc:  # what pickling raised, as the stdlib's
-                    outcome, payload = UNPICKLABLE_RESULT, wire.encode_error(exc.__cause__ or exc)
+                except codec.EncodeError as exc:
+                    outcome, payload = UNPICKLABLE_RESULT, wire.encode_error(exc.raised)
             else:
                 payload = value
             value = None  # do not keep the task's result alive while the next one runs

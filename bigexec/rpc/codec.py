@@ -63,6 +63,12 @@ class Encoded:
 class EncodeError(TypeError):
     """A value could not be pickled; nothing was sent."""
 
+    @property
+    def raised(self) -> BaseException:
+        """What pickling itself raised (the standard library's pools report that), or this
+        error when there was nothing under it."""
+        return self.__cause__ or self
+
 
 class DecodeError(ValueError):
     """A message could not be unpickled."""

@@ -121,7 +121,6 @@ class ThreadsSystem(System):
             handle = _ThreadHandle(runtime, self.maxprocs)
             holder.append(handle)
             runtime.start()
-            handle.addr = runtime.addr
             handles.append(handle)
             with self._handles_lock:
                 self._handles.append(handle)
