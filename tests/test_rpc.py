@@ -7,6 +7,7 @@ system reached through a session (``m.call``).
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import hashlib
 import io
@@ -207,16 +208,23 @@ def _registry() -> ServiceRegistry:
     return reg
 
 
-@pytest.fixture
-def plain_server():
-    server = Server(_registry())
+@contextlib.contextmanager
+def serving(server_ssl=None, client_ssl=None):
+    """A started ``Server`` of ``SERVICES`` and a ``Client`` for it; both closed after."""
+    server = Server(_registry(), ssl_context=server_ssl)
     server.start()
-    client = Client()
+    client = Client(client_ssl)
     try:
         yield server, client
     finally:
         client.close()
         server.close()
+
+
+@pytest.fixture
+def plain_server():
+    with serving() as pair:
+        yield pair
 
 
 def _tls_pair():
@@ -271,15 +279,9 @@ def caller(request):
     server_ssl = client_ssl = None
     if request.param == "tls":
         server_ssl, client_ssl = _tls_pair()
-    server = Server(_registry(), ssl_context=server_ssl)
-    server.start()
-    client = Client(client_ssl)
-    try:
+    with serving(server_ssl, client_ssl) as (server, client):
         assert server.addr.startswith("https://" if server_ssl else "http://")
         yield DirectCaller(request.param, server, client)
-    finally:
-        client.close()
-        server.close()
 
 
 # --- values ------------------------------------------------------------------------------
