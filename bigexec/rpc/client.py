@@ -8,9 +8,17 @@
         └─ check the connection back in, unless the transport failed
 
 A connection that failed is dropped, and so are the idle ones to the same address; a
-connection that carried an application error is healthy and goes back to the pool. A call
-that failed on a *reused* connection before any reply byte arrived (the peer closed it while
-idle) is retried once on a fresh connection.
+connection that carried an application error is healthy and goes back to the pool.
+
+When is a call sent twice? Only when it is certain that the first one did not run:
+- a pooled connection that the peer closed while it was idle (readable before we wrote
+  anything) is dropped at checkout, before the request is sent;
+- a request whose sending failed on a reused connection never reached the server whole, and
+  a server runs nothing before the whole request is in: it is sent once more, freshly;
+- an EOF after the whole request was sent, before any reply byte, is ambiguous (the server
+  may have closed an idle connection just then, or a network device dropped a long call that
+  ran): the call fails with ``NetworkError``, unless it is marked idempotent (``begin(...,
+  idempotent=True)``, and the Supervisor's read-only methods in ``IDEMPOTENT_METHODS``).
 """
 
 from __future__ import annotations
@@ -31,7 +39,13 @@ from ..errors import NetworkError, ProtocolError, UnknownMethodError
 from ..metrics import StatsTable
 from . import codec, wire
 
-__all__ = ["Client", "CallHandle"]
+__all__ = ["Client", "CallHandle", "IDEMPOTENT_METHODS"]
+
+#: Methods that are safe to run twice, so that a call of one is resent after an ambiguous EOF.
+IDEMPOTENT_METHODS = frozenset({
+    "Supervisor.ping", "Supervisor.info", "Supervisor.getenv", "Supervisor.keepalive",
+    "Supervisor.memory", "Supervisor.cancel",
+})
 
 _MAX_IDLE = 64
 # A pooled connection idle for longer is closed instead of reused: servers close connections
@@ -107,6 +121,21 @@ class _Conn:
         self.dead = False
         self.timeout = sock.gettimeout()
         self.idle_since = 0.0  # when it went back to the pool
+
+    def closed_by_peer(self) -> bool:
+        """Whether an idle connection has something to read: its peer closed it (or sent what
+        nobody asked for), so it cannot carry a request. One poll, no waiting."""
+        if self.dead:
+            return True
+        try:
+            pending = getattr(self.sock, "pending", None)  # bytes TLS decrypted already
+            if pending is not None and pending():
+                return True
+            poller = select.poll()
+            poller.register(self.sock, select.POLLIN)
+            return bool(poller.poll(0))
+        except (OSError, ValueError):  # closed under us
+            return True
 
     def settimeout(self, timeout: float | None) -> None:
         if timeout != self.timeout:  # most calls have none: skip the system call
@@ -211,7 +240,7 @@ class Client:
         return ep
 
     def _checkout(self, addr: str, ep: _Endpoint, fresh: bool, timeout: float | None) -> _Conn:
-        if not fresh:
+        while not fresh:
             stale: list[_Conn] = []
             conn = None
             with self._lock:
@@ -224,9 +253,13 @@ class Client:
                         conn = None
             for c in stale:
                 c.kill()
-            if conn is not None:
-                conn.reused = True
-                return conn
+            if conn is None:
+                break
+            if conn.closed_by_peer():
+                conn.kill()  # try the next pooled one: it may be fine (a server's own close)
+                continue
+            conn.reused = True
+            return conn
         t = self.connect_timeout if timeout is None else min(timeout, self.connect_timeout)
         try:
             sock = socket.create_connection((ep.host, ep.port), timeout=t)
@@ -235,7 +268,7 @@ class Client:
         except OSError as exc:
             raise NetworkError(f"cannot connect to {addr}: {exc}") from exc
         try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            wire.tune_socket(sock)
             if ep.tls:
                 if self.ssl_context is None:
                     raise NetworkError(f"{addr} needs TLS but this client has no credentials")
@@ -280,6 +313,7 @@ class Client:
         call_id: str | None = None,
         handle: CallHandle | None = None,
         prepared: tuple[Any, list[Any]] | None = None,
+        idempotent: bool | None = None,
     ) -> Any:
         """Call ``method`` ("Service.method") on the machine at ``addr`` and return its reply.
 
@@ -290,20 +324,24 @@ class Client:
         if prepared is None:
             prepared = self.prepare(args, kwargs or {})
         return self.finish(self.begin(addr, method, prepared, timeout=timeout, call_id=call_id,
-                                      handle=handle))
+                                      handle=handle, idempotent=idempotent))
 
     def begin(self, addr: str, method: str, prepared: tuple[Any, list[Any]], *,
               timeout: float | None = None, call_id: str | None = None,
-              handle: CallHandle | None = None, deadline: float | None = None) -> PendingCall:
+              handle: CallHandle | None = None, deadline: float | None = None,
+              idempotent: bool | None = None) -> PendingCall:
         """Send the request of a call (``prepare``'d arguments); ``finish`` reads its reply.
 
         The two halves may run in different threads: the executor sends from the thread that
         submits, and whichever thread waits first reads the reply. ``deadline`` (a
         ``time.monotonic()`` value) is when the call's ``timeout``, counted by the caller from
-        an earlier start, runs out; by default ``timeout`` seconds from now.
+        an earlier start, runs out; by default ``timeout`` seconds from now. ``idempotent``
+        says the method is safe to run twice (by default: whether it is one of
+        ``IDEMPOTENT_METHODS``), so that an EOF before its reply resends it.
         """
         p = PendingCall(self, addr, method, prepared, timeout, call_id or new_call_id(), handle,
                         deadline)
+        p.idempotent = method in IDEMPOTENT_METHODS if idempotent is None else idempotent
         try:
             self._send(p)
         except BaseException:
@@ -394,14 +432,18 @@ class Client:
                 raise TimeoutError(f"{method} on {addr} timed out after {p.timeout}s") from None
             except (OSError, ProtocolError) as exc:
                 _abandon(conn, handle, detach=True)
-                if not self._retry_fresh(p, conn):
+                if not self._retry_fresh(p, conn, sent=False):
                     raise NetworkError(f"{method} on {addr}: {exc}") from exc
 
-    def _retry_fresh(self, p: PendingCall, conn: _Conn) -> bool:
-        """Whether ``p`` may be sent again on a fresh connection after ``conn`` failed: a
-        stale pooled connection, whose server never read the request (a stream cannot be
-        sent twice). Resets the pool for ``p``'s address when so."""
+    def _retry_fresh(self, p: PendingCall, conn: _Conn, sent: bool) -> bool:
+        """Whether ``p`` may be sent again on a fresh connection after the reused ``conn``
+        failed before any reply byte: certainly when its request was not wholly ``sent``
+        (no server runs a request it has not read whole), and otherwise only when ``p`` is
+        idempotent. Never twice, never a stream (it is read once). Resets the pool for
+        ``p``'s address when so."""
         if not conn.reused or p.fresh or p.prepared[0] is not None:
+            return False
+        if sent and not p.idempotent:
             return False
         self.reset(p.addr)  # its siblings are likely stale too
         p.fresh = True
@@ -441,7 +483,7 @@ class Client:
                 _abandon(conn, handle, detach=False)
                 if isinstance(exc, ProtocolError) and got_reply:
                     raise
-                if got_reply or not self._retry_fresh(p, conn):
+                if got_reply or not self._retry_fresh(p, conn, sent=True):
                     raise NetworkError(f"{method} on {addr}: {exc}") from exc
             finally:
                 if handle is not None and not streaming:  # a stream detaches when it ends
@@ -509,7 +551,7 @@ class PendingCall:
     """A call whose request is sent and whose reply is yet to be read (``Client.begin``)."""
 
     __slots__ = ("addr", "method", "prepared", "length", "timeout", "deadline", "call_id",
-                 "handle", "ep", "conn", "fresh", "source_error", "t0")
+                 "handle", "ep", "conn", "fresh", "source_error", "t0", "idempotent")
 
     def __init__(self, client: Client, addr: str, method: str,
                  prepared: tuple[Any, list[Any]], timeout: float | None, call_id: str,
@@ -529,6 +571,7 @@ class PendingCall:
         self.conn: _Conn | None = None
         self.fresh = False
         self.source_error: BaseException | None = None
+        self.idempotent = False
 
 
 def _abandon(conn: _Conn, handle: CallHandle | None, detach: bool) -> None:

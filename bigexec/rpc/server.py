@@ -195,7 +195,7 @@ class Server:
         with self._lock:
             self._conns.add(raw)
         try:
-            raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            wire.tune_socket(raw)
             if self.ssl_context is not None:
                 raw.settimeout(HANDSHAKE_TIMEOUT)
                 sock = self.ssl_context.wrap_socket(raw, server_side=True,
