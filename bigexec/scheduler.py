@@ -590,7 +590,8 @@ class Scheduler:
                     return
                 stream = self._send(m, batch)
         except (MachineStopped, NetworkError) as exc:
-            self._lost(st, batch, exc)
+            # the machine's call waited for the system to confirm a death already
+            self._lost(st, batch, exc, grace=0.0)
             return
         except Exception as exc:
             self._fail(batch, exc)
@@ -651,14 +652,16 @@ class Scheduler:
                 good.append(t)
         return good
 
-    def _lost(self, st: _MachineSlots, unfinished: list[Task], exc: BaseException) -> None:
-        """The call on ``st``'s machine failed in transport: the machine died, most likely."""
+    def _lost(self, st: _MachineSlots, unfinished: list[Task], exc: BaseException,
+              grace: float = 1.0) -> None:
+        """The call on ``st``'s machine failed in transport: the machine died, most likely;
+        ``grace`` is how long to wait for its system to confirm a death."""
         m = st.machine
         why: BaseException | None = None
         if m.state == STOPPED:
             why = m.err or exc
         elif m.owned and m._handle is not None:
-            why = m._handle.died(1.0)
+            why = m._handle.died(grace)
         if why is None and m.state != STOPPED:
             # a transport failure on a live machine: run the tasks again, but charge the one
             # that was running, so that a task that always breaks the transport ends

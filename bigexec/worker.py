@@ -28,6 +28,8 @@ from collections.abc import Callable, Mapping
 
 from . import namespaces as ns_mod
 from . import tls
+from .rpc.faults import ENV as FAULTS_ENV
+from .rpc.faults import FaultInjector
 from .rpc.server import Server
 from .service import ServiceRegistry
 
@@ -67,6 +69,7 @@ class MachineRuntime:
         self.registry = ServiceRegistry()
         self.server = Server(self.registry, ssl_context=server_ssl, host=host, port=port,
                              advertise_host=advertise_host, log_label="" if mark_logs else None)
+        self.server.faults = FaultInjector.from_spec(self.environ.get(FAULTS_ENV))
         self.session = B._for_machine(client_ssl)
         self.server.session = self.session
         #: The namespaces of this machine (see ``bigexec.namespaces``): its own unless given

@@ -32,7 +32,7 @@ from ..context import Context
 from ..errors import ProtocolError, UnknownMethodError
 from ..metrics import StatsTable
 from ..service import ServiceRegistry
-from . import codec, wire
+from . import codec, faults, wire
 
 __all__ = ["Server"]
 
@@ -85,6 +85,8 @@ class Server:
         self._closed = threading.Event()
         self._frozen = threading.Event()
         self._thread: threading.Thread | None = None
+        #: Breaks replies on purpose, for chaos tests (see ``bigexec.rpc.faults``); off if None.
+        self.faults: faults.FaultInjector | None = None
         #: Seconds a connection may stay silent (see ``IDLE_TIMEOUT``).
         self.idle_timeout = IDLE_TIMEOUT
         #: Connections in their TLS handshake, oldest first (see ``MAX_HANDSHAKES``).
@@ -343,7 +345,11 @@ class Server:
                 return False
 
             reply_bytes = 0
+            injector = self.faults
+            fault = None if injector is None else injector.choose(name)
             if error is None and wire.is_stream_source(result):
+                if injector is not None and fault is not None:
+                    sock = injector.apply(fault, sock, None)
                 head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nX-Bigexec-Stream: 1\r\n"
                 sock.sendall(head + (b"" if keep else b"Connection: close\r\n") + b"\r\n")
                 failed = wire.send_stream(sock, result)
@@ -369,6 +375,8 @@ class Server:
                     + ("" if keep else "Connection: close\r\n")
                     + "\r\n"
                 ).encode("latin-1")
+                if injector is not None and fault is not None:
+                    sock = injector.apply(fault, sock, len(head) + reply_bytes)
                 wire.send_message(sock, head, pieces, reply_bytes)
         finally:
             with self._lock:

@@ -198,9 +198,13 @@ def send_stream(sock: socket.socket, source: Any) -> BaseException | None:
             return exc
         if memoryview(chunk).nbytes:
             send_frame(sock, b"D", chunk)
-    send_frame(sock, b"Z")
+    sock.sendall(END_FRAME)
     sock.sendall(b"0\r\n\r\n")
     return None
+
+
+#: The frame that ends a stream normally (what ``send_frame(sock, b"Z")`` sends).
+END_FRAME = b"1\r\nZ\r\n"
 
 
 #: Types whose values are never sent as a stream (a set lookup spares two ABC checks).
