@@ -5,7 +5,9 @@ State machine (monotonic: a machine never goes back)::
     UNSTARTED ──> STARTING ──> RUNNING ──> STOPPED
                       └────────────────────────^   boot failed (err says why)
 
-    boot thread:      address ─> ping ─> info ─> register services ─> RUNNING
+    boot thread:      address ─> ping ─> info ─> register services ─> RUNNING, all within
+                      one ``boot_timeout`` (a service's ``init`` included); past it the boot
+                      fails with a ``BootError`` naming the phase, and the machine is killed
     keepalive thread: from the first ping on, renew the lease every period; after
                       ``keepalive.timeout`` seconds of failures ─> STOPPED
     system:           process died (local waiter, threads kill) ─> STOPPED at once
@@ -57,7 +59,6 @@ UNSTARTED, STARTING, RUNNING, STOPPED = (
 )
 
 _PING_RPC_TIMEOUT = 10.0
-_REGISTER_TIMEOUT = 300.0
 _REMOTE_CANCEL_TIMEOUT = 5.0
 _SHUTDOWN_RPC_TIMEOUT = 5.0
 _DEATH_GRACE = 1.0  # how long a transport error waits for the system to confirm a death
@@ -171,9 +172,9 @@ class Machine:
         try:
             if self._handle is not None:
                 self._handle.on_lost(lambda why: self._stop(why, kill=False))
-                self.addr = self._handle.address(boot_timeout)
+                self.addr = self._handle.address(max(0.001, deadline - time.monotonic()))
                 self._handle.log_label(self.addr.split("://", 1)[-1])
-            self._ping_until(deadline)
+            self._ping_until(deadline, boot_timeout)
             if self.owned:
                 threading.Thread(target=self._keepalive_loop, daemon=True,
                                  name=f"bigexec-keepalive-{self.addr}").start()
@@ -190,11 +191,21 @@ class Machine:
                 )
             services, self._services = self._services, []  # registered once: not kept
             for name, blob in services:
+                # one deadline for the whole boot: a service's init (an executor's
+                # initializer) has what is left of it
+                left = deadline - time.monotonic()
                 try:
-                    self._call_raw("Supervisor.register", (name, blob), {}, _REGISTER_TIMEOUT)
+                    if left <= 0:
+                        raise TimeoutError("no time was left of the boot")
+                    self._call_raw("Supervisor.register", (name, blob), {}, left)
                 except BaseException as exc:
-                    err = BootError(f"service {name!r} failed to start on machine {self.addr}: "
-                                    f"{type(exc).__name__}: {exc}")
+                    if isinstance(exc, TimeoutError) and not hasattr(exc, "remote_traceback"):
+                        what = (f"service {name!r} init did not finish within "
+                                f"boot_timeout={boot_timeout:g}s on machine {self.addr}")
+                    else:
+                        what = (f"service {name!r} failed to start on machine {self.addr}: "
+                                f"{type(exc).__name__}: {exc}")
+                    err = BootError(what)
                     err.service = name
                     raise err from exc
         except BaseException as exc:
@@ -213,12 +224,13 @@ class Machine:
         if not self.owned:
             self._ping_loop()
 
-    def _ping_until(self, deadline: float) -> None:
+    def _ping_until(self, deadline: float, boot_timeout: float) -> None:
         wait = 0.01
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
-                raise BootError(f"machine {self.addr} did not answer pings in time")
+                raise BootError(f"machine {self.addr} did not answer pings within "
+                                f"boot_timeout={boot_timeout:g}s")
             try:
                 self._call_raw("Supervisor.ping", (0,), {}, min(_PING_RPC_TIMEOUT, left))
                 return
