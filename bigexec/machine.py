@@ -9,7 +9,9 @@ State machine (monotonic: a machine never goes back)::
                       one ``boot_timeout`` (a service's ``init`` included); past it the boot
                       fails with a ``BootError`` naming the phase, and the machine is killed
     keepalive thread: from the first ping on, renew the lease every period; after
-                      ``keepalive.timeout`` seconds of failures ─> STOPPED
+                      ``keepalive.timeout`` seconds of failures ─> STOPPED. On TLS systems
+                      it also renews the machine's certificate (``System.renew_after``) and
+                      the driver's client context before they expire
     system:           process died (local waiter, threads kill) ─> STOPPED at once
 
 Entering STOPPED aborts every call in flight on the machine: each fails at once with
@@ -94,6 +96,13 @@ class Machine:
         self._stopping = False
         #: Wall-clock time (``time.time()``) until which the machine's lease runs, if owned.
         self.next_keepalive: float | None = None
+        # When the credentials the system issued it with (just now) are due for renewal.
+        system = b.system
+        self._renew_at: float | None = None
+        if owned and system is not None and system.credentials_authority() is not None:
+            self._renew_at = time.monotonic() + system.renew_after
+        #: How many times the driver renewed this machine's certificate.
+        self.credential_renewals = 0
 
     def __repr__(self) -> str:
         return f"<Machine {self.addr or '(no address yet)'} {self._state.name}>"
@@ -277,12 +286,37 @@ class Machine:
             failing_since = None
             self._replies.append(time.monotonic() - t0)
             self.next_keepalive = time.time() + cfg.lease
-            self._stop_event.wait(cfg.period)
+            self._b.renew_client_ssl()
+            wait = cfg.period
+            if self._renew_at is not None:
+                if time.monotonic() >= self._renew_at:
+                    self._renew_credentials(cfg.rpc_timeout)
+                wait = min(wait, max(0.05, self._renew_at - time.monotonic()))
+            self._stop_event.wait(wait)
+
+    def _renew_credentials(self, timeout: float) -> None:
+        """Hand the machine a fresh certificate; a failure is retried at the next keepalive
+        (a third of the old one's life is left for that)."""
+        system = self._b.system
+        creds = system.machine_credentials(self._handle) if system is not None else None
+        if creds is None:
+            self._renew_at = None
+            return
+        try:
+            self._call_raw("Supervisor.renew_credentials", (creds.to_pem(),), {}, timeout)
+        except Exception as exc:
+            if not self._stop_event.is_set():
+                log.warning("renewing the certificate of machine %s failed (retrying): %s",
+                            self.addr, exc)
+            return
+        self.credential_renewals += 1
+        self._renew_at = time.monotonic() + system.renew_after  # type: ignore[union-attr]
 
     def _ping_loop(self) -> None:
         cfg = self._b.keepalive
         failing_since: float | None = None
         while not self._stop_event.wait(cfg.period):
+            self._b.renew_client_ssl()
             t0 = time.monotonic()
             try:
                 self._call_raw("Supervisor.ping", (0,), {}, cfg.rpc_timeout)

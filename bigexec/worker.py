@@ -113,6 +113,18 @@ class MachineRuntime:
             self._deadline = time.monotonic() + lease
             self.keepalives += 1
 
+    def renew_credentials(self, creds: tls.Credentials) -> None:
+        """Serve, and call other machines, with ``creds`` from now on: new connections get
+        them, connections already open stay as they are."""
+        if self.server.ssl_context is None:
+            raise RuntimeError("this machine serves without TLS: it has no credentials to renew")
+        server_ssl = tls.server_context(creds)
+        client_ssl = tls.client_context(creds)
+        self.server.ssl_context = server_ssl
+        self.session.renew_client_ssl(client_ssl)
+        with self._lock:
+            self.credential_renewals += 1
+
     def lease_remaining(self) -> float:
         with self._lock:
             return self._deadline - time.monotonic()

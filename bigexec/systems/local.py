@@ -30,7 +30,6 @@ from __future__ import annotations
 import os
 import select
 import signal
-import ssl
 import subprocess
 import sys
 import threading
@@ -257,7 +256,8 @@ class LocalSystem(System):
     """Machines as worker processes on this host, over mutual TLS.
 
     Options: ``python`` (interpreter, default ``sys.executable``), ``boot_logs`` (show worker
-    start-up output), ``authority`` (path of a persistent CA file; default: in memory only).
+    start-up output), ``authority`` (path of a persistent CA file; default: in memory only),
+    and those of every system (``cert_lifetime``, ``keepalive``, ``boot_timeout``, ...).
     """
 
     name = "local"
@@ -270,14 +270,13 @@ class LocalSystem(System):
         self.python = python or sys.executable
         self.boot_logs = boot_logs or os.environ.get("BIGEXEC_BOOT_LOGS") == "1"
         self.authority = Authority(authority)
-        self._client_ssl = tls.client_context(self.authority.issue("driver"))
         self._handles: list[_LocalHandle] = []  # of machines not yet exited
         self._handles_lock = threading.Lock()
         #: Boots that failed in a row; past a few, workers' start-up output is shown.
         self.boot_failures = 0
 
-    def client_ssl(self) -> ssl.SSLContext:
-        return self._client_ssl
+    def credentials_authority(self) -> Authority:
+        return self.authority
 
     def _environment(self, env: Mapping[str, str], fd: int) -> dict[str, str]:
         environ = dict(os.environ)
@@ -298,7 +297,8 @@ class LocalSystem(System):
     def start(self, count: int, env: Mapping[str, str]) -> list[MachineHandle]:
         handles: list[MachineHandle] = []
         for _ in range(count):
-            creds = self.authority.issue("machine", ips=["127.0.0.1"], dns=["localhost"])
+            creds = self.machine_credentials()
+            assert creds is not None
             r, w = os.pipe()
             try:
                 proc = subprocess.Popen(
