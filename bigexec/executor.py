@@ -66,8 +66,11 @@ class Executor(ClusterViews, _StdExecutor):
     ``max_workers`` machines are started on ``system`` (default: the CPU count, on
     ``BIGEXEC_SYSTEM`` or ``local``), with ``system_options`` passed to ``bigexec.start``.
     ``initializer(*initargs)`` runs once on each machine before its first task; if it raises,
-    the executor is broken. ``b=`` starts the machines in an existing session instead (which
-    the executor does not shut down); ``machines=`` runs on existing machines only.
+    or does not finish within the system's ``boot_timeout``, the executor is broken. A machine
+    that fails to boot while others run is retried with backoff until the executor has its
+    size again; only when no machine at all can be had is the executor broken. ``b=`` starts
+    the machines in an existing session instead (which the executor does not shut down);
+    ``machines=`` runs on existing machines only.
     ``max_crashes`` is how many machine deaths one task may cause before it fails with
     ``WorkerLostError``.
     """

@@ -5,9 +5,13 @@ State machine (monotonic: a machine never goes back)::
     UNSTARTED ──> STARTING ──> RUNNING ──> STOPPED
                       └────────────────────────^   boot failed (err says why)
 
-    boot thread:      address ─> ping ─> info ─> register services ─> RUNNING
+    boot thread:      address ─> ping ─> info ─> register services ─> RUNNING, all within
+                      one ``boot_timeout`` (a service's ``init`` included); past it the boot
+                      fails with a ``BootError`` naming the phase, and the machine is killed
     keepalive thread: from the first ping on, renew the lease every period; after
-                      ``keepalive.timeout`` seconds of failures ─> STOPPED
+                      ``keepalive.timeout`` seconds of failures ─> STOPPED. On TLS systems
+                      it also renews the machine's certificate (``System.renew_after``) and
+                      the driver's client context before they expire
     system:           process died (local waiter, threads kill) ─> STOPPED at once
 
 Entering STOPPED aborts every call in flight on the machine: each fails at once with
@@ -57,7 +61,6 @@ UNSTARTED, STARTING, RUNNING, STOPPED = (
 )
 
 _PING_RPC_TIMEOUT = 10.0
-_REGISTER_TIMEOUT = 300.0
 _REMOTE_CANCEL_TIMEOUT = 5.0
 _SHUTDOWN_RPC_TIMEOUT = 5.0
 _DEATH_GRACE = 1.0  # how long a transport error waits for the system to confirm a death
@@ -93,6 +96,13 @@ class Machine:
         self._stopping = False
         #: Wall-clock time (``time.time()``) until which the machine's lease runs, if owned.
         self.next_keepalive: float | None = None
+        # When the credentials the system issued it with (just now) are due for renewal.
+        system = b.system
+        self._renew_at: float | None = None
+        if owned and system is not None and system.credentials_authority() is not None:
+            self._renew_at = time.monotonic() + system.renew_after
+        #: How many times the driver renewed this machine's certificate.
+        self.credential_renewals = 0
 
     def __repr__(self) -> str:
         return f"<Machine {self.addr or '(no address yet)'} {self._state.name}>"
@@ -171,9 +181,9 @@ class Machine:
         try:
             if self._handle is not None:
                 self._handle.on_lost(lambda why: self._stop(why, kill=False))
-                self.addr = self._handle.address(boot_timeout)
+                self.addr = self._handle.address(max(0.001, deadline - time.monotonic()))
                 self._handle.log_label(self.addr.split("://", 1)[-1])
-            self._ping_until(deadline)
+            self._ping_until(deadline, boot_timeout)
             if self.owned:
                 threading.Thread(target=self._keepalive_loop, daemon=True,
                                  name=f"bigexec-keepalive-{self.addr}").start()
@@ -190,11 +200,21 @@ class Machine:
                 )
             services, self._services = self._services, []  # registered once: not kept
             for name, blob in services:
+                # one deadline for the whole boot: a service's init (an executor's
+                # initializer) has what is left of it
+                left = deadline - time.monotonic()
                 try:
-                    self._call_raw("Supervisor.register", (name, blob), {}, _REGISTER_TIMEOUT)
+                    if left <= 0:
+                        raise TimeoutError("no time was left of the boot")
+                    self._call_raw("Supervisor.register", (name, blob), {}, left)
                 except BaseException as exc:
-                    err = BootError(f"service {name!r} failed to start on machine {self.addr}: "
-                                    f"{type(exc).__name__}: {exc}")
+                    if isinstance(exc, TimeoutError) and not hasattr(exc, "remote_traceback"):
+                        what = (f"service {name!r} init did not finish within "
+                                f"boot_timeout={boot_timeout:g}s on machine {self.addr}")
+                    else:
+                        what = (f"service {name!r} failed to start on machine {self.addr}: "
+                                f"{type(exc).__name__}: {exc}")
+                    err = BootError(what)
                     err.service = name
                     raise err from exc
         except BaseException as exc:
@@ -213,12 +233,13 @@ class Machine:
         if not self.owned:
             self._ping_loop()
 
-    def _ping_until(self, deadline: float) -> None:
+    def _ping_until(self, deadline: float, boot_timeout: float) -> None:
         wait = 0.01
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
-                raise BootError(f"machine {self.addr} did not answer pings in time")
+                raise BootError(f"machine {self.addr} did not answer pings within "
+                                f"boot_timeout={boot_timeout:g}s")
             try:
                 self._call_raw("Supervisor.ping", (0,), {}, min(_PING_RPC_TIMEOUT, left))
                 return
@@ -265,12 +286,37 @@ class Machine:
             failing_since = None
             self._replies.append(time.monotonic() - t0)
             self.next_keepalive = time.time() + cfg.lease
-            self._stop_event.wait(cfg.period)
+            self._b.renew_client_ssl()
+            wait = cfg.period
+            if self._renew_at is not None:
+                if time.monotonic() >= self._renew_at:
+                    self._renew_credentials(cfg.rpc_timeout)
+                wait = min(wait, max(0.05, self._renew_at - time.monotonic()))
+            self._stop_event.wait(wait)
+
+    def _renew_credentials(self, timeout: float) -> None:
+        """Hand the machine a fresh certificate; a failure is retried at the next keepalive
+        (a third of the old one's life is left for that)."""
+        system = self._b.system
+        creds = system.machine_credentials(self._handle) if system is not None else None
+        if creds is None:
+            self._renew_at = None
+            return
+        try:
+            self._call_raw("Supervisor.renew_credentials", (creds.to_pem(),), {}, timeout)
+        except Exception as exc:
+            if not self._stop_event.is_set():
+                log.warning("renewing the certificate of machine %s failed (retrying): %s",
+                            self.addr, exc)
+            return
+        self.credential_renewals += 1
+        self._renew_at = time.monotonic() + system.renew_after  # type: ignore[union-attr]
 
     def _ping_loop(self) -> None:
         cfg = self._b.keepalive
         failing_since: float | None = None
         while not self._stop_event.wait(cfg.period):
+            self._b.renew_client_ssl()
             t0 = time.monotonic()
             try:
                 self._call_raw("Supervisor.ping", (0,), {}, cfg.rpc_timeout)

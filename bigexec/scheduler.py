@@ -27,9 +27,12 @@ Task states (a task's future follows the standard ``concurrent.futures`` states)
     dispatched ──machine died──> queued again (future stays RUNNING), or, after
                                  ``max_crashes`` deaths while it ran, WorkerLostError
 
-The scheduler is *broken* (every pending future fails with ``BrokenCluster`` and ``submit``
-raises it) when a machine's initializer raises, or when machines keep failing to boot and none
-is left. Nothing waits forever: every future ends with a result or an exception.
+A machine that fails to boot is replaced: at once while no machine runs, else after a backoff
+(``BOOT_RETRY_BACKOFF``: 1 s doubling to 60 s, jittered), for as long as it takes, so that the
+cluster keeps its size. The scheduler is *broken* (every pending future fails with
+``BrokenCluster`` and ``submit`` raises it) when a machine's initializer raises, or when
+machines keep failing to boot (``_MAX_BOOT_FAILURES`` in a row) and none is left. Nothing
+waits forever: every future ends with a result or an exception.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ import functools
 import itertools
 import logging
 import math
+import random
 import threading
 import time
 from collections import deque
@@ -64,7 +68,9 @@ log = logging.getLogger("bigexec.scheduler")
 
 _BATCH_SECONDS = 0.02  # aim a batch at this much work: small tasks share one round trip
 _MAX_BATCH = 512
-_MAX_BOOT_FAILURES = 3  # in a row, before giving up on starting machines
+_MAX_BOOT_FAILURES = 3  # in a row with no machine left, before the scheduler breaks
+#: Waits between boot retries while other machines live: first, most (doubling, jittered).
+BOOT_RETRY_BACKOFF = (1.0, 60.0)
 _DIRECT_MAX_BYTES = 64 * 1024  # larger requests go through a slot thread: submit stays quick
 _ids = itertools.count(1)
 
@@ -378,13 +384,34 @@ class Scheduler:
                     cause=err)
                 return
             self._boot_failures += 1
-            give_up = self._boot_failures >= _MAX_BOOT_FAILURES or not self._can_replace
-            live = any(not s.dead for s in self._machines)
-        log.warning("a machine failed to boot: %s", err)
-        if not give_up:
-            self._start_machines(1)
-        elif not live:
+            failures = self._boot_failures
+            running = any(s.started and not s.dead for s in self._machines)
+            booting = any(not s.started and not s.dead for s in self._machines)
+        if not self._can_replace:
+            log.warning("a machine failed to boot: %s", err)
             self._machine_unavailable(err)
+        elif running or (booting and failures >= _MAX_BOOT_FAILURES):
+            # Others run the tasks (or may yet) meanwhile: keep the size, retrying for as long
+            # as it takes, but less often the longer boots keep failing.
+            first, most = BOOT_RETRY_BACKOFF
+            wait = min(most, first * 2 ** (failures - 1)) * random.uniform(0.75, 1.25)
+            log.warning("a machine failed to boot (%d in a row), retrying in %.1fs: %s",
+                        failures, wait, err)
+            threading.Thread(target=self._retry_boot, args=(wait,), daemon=True,
+                             name="bigexec-boot-retry").start()
+        elif failures < _MAX_BOOT_FAILURES:
+            log.warning("a machine failed to boot (%d in a row), retrying now: %s", failures, err)
+            self._start_machines(1)
+        else:
+            log.warning("a machine failed to boot: %s", err)
+            self._machine_unavailable(err)
+
+    def _retry_boot(self, wait: float) -> None:
+        with self._lock:
+            self._idle.wait_for(lambda: self._stopped or self._broken is not None, wait)
+            if self._stopped or self._broken is not None:
+                return
+        self._start_machines(1)
 
     def _machine_unavailable(self, err: BaseException) -> None:
         with self._lock:

@@ -92,6 +92,18 @@ class B:
     def _for_machine(cls, client_ssl: ssl.SSLContext | None) -> B:
         return cls(None, _client_ssl=client_ssl)
 
+    def renew_client_ssl(self, ctx: ssl.SSLContext | None = None) -> None:
+        """Use ``ctx`` for the session's new connections (pooled ones stay as they are).
+
+        Without ``ctx``: the system's current driver context, renewed when its certificate
+        is due (see ``System.client_ssl``); the keepalive threads call this as they go.
+        """
+        if ctx is None:
+            if self.system is None:
+                return
+            ctx = self.system.client_ssl()
+        self._client.ssl_context = ctx
+
     def __repr__(self) -> str:
         name = self.system.name if self.system else "machine-side"
         return f"<B {name} machines={len(self._owned)}>"
@@ -131,6 +143,7 @@ class B:
         for k, v in env.items():
             if not isinstance(k, str) or not isinstance(v, str):
                 raise TypeError("env must map str to str")
+        self.renew_client_ssl()  # a driver idle for days still reaches new machines
         handles = self.system.start(n, env)
         machines = [Machine(self, owned=True, handle=h, services=blobs) for h in handles]
         with self._lock:

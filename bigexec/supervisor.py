@@ -1,9 +1,10 @@
 """The Supervisor: the service every machine runs, registered as ``"Supervisor"``.
 
 The driver uses it to boot a machine (``ping``, ``info``, ``register``), to hold its lease
-(``keepalive``), to stop it (``shutdown``), to cancel calls (``cancel``) and to look inside it
-(``memory``, ``disk``, ``load``, ``metrics``). Its methods are ordinary service methods, so a
-user can call them too: ``m.call("Supervisor.info")``.
+(``keepalive``), to renew its certificate (``renew_credentials``), to stop it (``shutdown``),
+to cancel calls (``cancel``) and to look inside it (``memory``, ``disk``, ``load``,
+``metrics``). Its methods are ordinary service methods, so a user can call them too:
+``m.call("Supervisor.info")``.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any
 
-from . import __version__
+from . import __version__, tls
 from .rpc import codec
 
 if TYPE_CHECKING:
@@ -84,6 +85,12 @@ class Supervisor:
         self._runtime.extend_lease(lease)
         return {"next": lease, "healthy": self._runtime.healthy}
 
+    def renew_credentials(self, pem: bytes) -> bool:
+        """Use the credentials in ``pem`` (CA certificate, leaf, leaf key) for new
+        connections, served and made; the driver sends them before the old leaf expires."""
+        self._runtime.renew_credentials(tls.Credentials.from_pem(pem))
+        return True
+
     def shutdown(self, delay: float = 0.0, message: str = "") -> None:
         """Exit the machine ``delay`` seconds after replying, printing ``message`` last."""
         def later() -> None:
@@ -141,6 +148,7 @@ class Supervisor:
             "uptime": time.time() - self._booted,
             "lease_remaining": rt.lease_remaining(),
             "keepalives": rt.keepalives,
+            "credential_renewals": rt.credential_renewals,
             "running_calls": rt.server.running_calls(),
             "rpc": {"served": served, "served_total": rt.server.stats.totals(),
                     "made": rt.session._client.stats.snapshot()},

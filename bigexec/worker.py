@@ -6,8 +6,14 @@
                   <── port on BIGEXEC_ADDR_FD  (no free-port race)
     Supervisor.ping/info/register ─────────> Server ─> ServiceRegistry ─> services
     Supervisor.keepalive every period ─────> extend the lease
-                                              watchdog: lease lapsed ─> exit(1)
+    Supervisor.renew_credentials(pem) ─────> new TLS contexts for new connections
+                                              watchdog: lease lapsed ─> exit(EXIT_LEASE_LAPSED)
+                                              lifeline: stdin EOF ─> exit(EXIT_DRIVER_GONE)
     Supervisor.shutdown ───────────────────> print the last lines, exit(0)
+
+A ``local`` worker leads its own process group (the driver starts it in a new session), and
+however it exits it first kills the other members of that group: processes its tasks started
+(a ``subprocess.Popen`` in a task) do not outlive it, nor therefore the driver.
 
 ``MachineRuntime`` is the same object on every system: the ``threads`` system runs it in the
 driver's process (its ``exit`` closes the server instead of ending the process), the ``local``
@@ -33,12 +39,17 @@ from .rpc.faults import FaultInjector
 from .rpc.server import Server
 from .service import ServiceRegistry
 
-__all__ = ["MachineRuntime", "main"]
+__all__ = ["EXIT_DRIVER_GONE", "EXIT_LEASE_LAPSED", "MachineRuntime", "main"]
 
 log = logging.getLogger("bigexec.worker")
 
 _HEALTH_PERIOD = 30.0
 _UNHEALTHY_MEMORY_PERCENT = 95.0
+
+#: Exit status of a worker whose lease lapsed (the driver's keepalives stopped arriving).
+EXIT_LEASE_LAPSED = 3
+#: Exit status of a worker whose lifeline (stdin) reached EOF: the driver process is gone.
+EXIT_DRIVER_GONE = 4
 
 
 class MachineRuntime:
@@ -81,9 +92,14 @@ class MachineRuntime:
         self.keepalives = 0
         self._exit_fn = exit
         self._lock = threading.Lock()
+        self._lease = lease
         self._deadline = time.monotonic() + lease
         self._stopped = threading.Event()
         self._exited = False
+        #: The status this machine exits with, once ``exit`` was called.
+        self.exit_code: int | None = None
+        #: How many times the driver renewed this machine's TLS credentials.
+        self.credential_renewals = 0
 
     @property
     def addr(self) -> str:
@@ -96,8 +112,21 @@ class MachineRuntime:
 
     def extend_lease(self, lease: float) -> None:
         with self._lock:
+            self._lease = lease
             self._deadline = time.monotonic() + lease
             self.keepalives += 1
+
+    def renew_credentials(self, creds: tls.Credentials) -> None:
+        """Serve, and call other machines, with ``creds`` from now on: new connections get
+        them, connections already open stay as they are."""
+        if self.server.ssl_context is None:
+            raise RuntimeError("this machine serves without TLS: it has no credentials to renew")
+        server_ssl = tls.server_context(creds)
+        client_ssl = tls.client_context(creds)
+        self.server.ssl_context = server_ssl
+        self.session.renew_client_ssl(client_ssl)
+        with self._lock:
+            self.credential_renewals += 1
 
     def lease_remaining(self) -> float:
         with self._lock:
@@ -109,6 +138,7 @@ class MachineRuntime:
             if self._exited:
                 return
             self._exited = True
+            self.exit_code = code
         self._stopped.set()
         try:
             self.server.close()
@@ -124,20 +154,23 @@ class MachineRuntime:
     def wait(self, timeout: float | None = None) -> bool:
         return self._stopped.wait(timeout)
 
-    def abandon(self, why: str) -> None:
-        """The driver is gone: say why (if anyone still reads our stderr) and exit 1."""
+    def abandon(self, why: str, code: int) -> None:
+        """The driver is gone: say why (if anyone still reads our stderr) and exit ``code``."""
         try:
             print(f"bigexec: {why}; exiting", file=sys.stderr, flush=True)
         except (OSError, ValueError):
             pass
-        self.exit(1)
+        self.exit(code)
 
     def _watchdog(self) -> None:
         next_health = 0.0
         while not self._stopped.is_set():
             left = self.lease_remaining()
             if left <= 0:
-                self.abandon(f"lease expired {-left:.1f}s ago: the driver is gone")
+                with self._lock:
+                    lease = self._lease
+                self.abandon(f"lease lapsed {-left:.1f}s ago: the driver's keepalives did not "
+                             f"arrive for {lease:g}s", EXIT_LEASE_LAPSED)
                 return
             now = time.monotonic()
             if now >= next_health:
@@ -154,7 +187,37 @@ class MachineRuntime:
             pass
 
 
+def _kill_process_group() -> None:
+    """Kill the other members of our process group: what our tasks started must not outlive
+    us. Only when we lead the group (the driver started us in a session of our own): a worker
+    started by hand shares its group with processes that are not its own."""
+    me = os.getpid()
+    if os.getpgrp() != me:
+        return
+    try:
+        import psutil
+
+        for _ in range(3):  # a member may fork while we look: look again
+            members = []
+            for pid in psutil.pids():
+                try:
+                    if pid != me and os.getpgid(pid) == me:
+                        members.append(pid)
+                except OSError:  # gone meanwhile
+                    pass
+            if not members:
+                return
+            for pid in members:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except OSError:
+                    pass
+    except Exception:  # exiting matters more than a last sweep; the driver sweeps too
+        pass
+
+
 def _exit_process(code: int) -> None:
+    _kill_process_group()
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
@@ -188,7 +251,7 @@ def _watch_lifeline(fd: int, runtime: MachineRuntime) -> None:
     except OSError:
         pass
     if not runtime.stopped:
-        runtime.abandon("the driver is gone (stdin closed)")
+        runtime.abandon("the driver is gone (stdin closed)", EXIT_DRIVER_GONE)
 
 
 def main() -> None:
@@ -218,6 +281,9 @@ def main() -> None:
                      name="bigexec-lifeline").start()
     while not runtime.wait(3600):
         pass
+    # Whichever thread called exit() ends the process with its status; this one must not
+    # return meanwhile, or the interpreter would exit with status 0.
+    _exit_process(runtime.exit_code if runtime.exit_code is not None else 1)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,11 @@ the user at the first failure, not after several, and not only with ``BIGEXEC_BO
 from __future__ import annotations
 
 import textwrap
+import threading
+import time
+from concurrent.futures import BrokenExecutor
 
+import psutil
 import pytest
 
 import bigexec
@@ -70,3 +74,55 @@ def test_a_machine_that_booted_still_dies_with_machine_lost():
         assert m.wait(bigexec.STOPPED, timeout=10)
     assert isinstance(m.err, bigexec.MachineLost), repr(m.err)
     assert "SIGKILL" in str(m.err) and "output" not in str(m.err)
+
+
+class HangingInit:
+    """A service whose ``init`` never returns."""
+
+    def init(self, b):
+        threading.Event().wait()
+
+
+def hang_forever():
+    threading.Event().wait()
+
+
+def _gone(pid: int, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                return True
+        except psutil.NoSuchProcess:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+SHORT_BOOT = 3.0
+
+
+def test_boot_timeout_covers_a_services_init():
+    with bigexec.start("local", boot_timeout=SHORT_BOOT) as b:
+        t0 = time.monotonic()
+        (m,) = b.start(1, services={"Hang": HangingInit()})
+        assert m.wait(bigexec.STOPPED, timeout=SHORT_BOOT + 15), (
+            f"still {m.state.name} {time.monotonic() - t0:.1f}s into a {SHORT_BOOT}s boot")
+        took = time.monotonic() - t0
+        pid = m.info.get("pid")
+    print(f"a hanging init failed its boot after {took:.2f}s (boot_timeout={SHORT_BOOT}s)")
+    assert isinstance(m.err, bigexec.BootError), repr(m.err)
+    assert f"service 'Hang' init did not finish within boot_timeout={SHORT_BOOT:g}s" in str(
+        m.err), m.err
+    assert took < SHORT_BOOT + 5
+    assert pid and _gone(pid, 10), "the machine whose boot overran must be stopped"
+
+
+def test_boot_timeout_covers_an_executors_initializer():
+    with bigexec.Executor(1, system="local", boot_timeout=SHORT_BOOT,
+                          initializer=hang_forever) as ex:
+        fut = ex.submit(int, 1)
+        with pytest.raises(BrokenExecutor) as info:
+            fut.result(timeout=SHORT_BOOT + 15)
+    assert f"init did not finish within boot_timeout={SHORT_BOOT:g}s" in str(info.value), (
+        info.value)

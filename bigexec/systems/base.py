@@ -6,18 +6,38 @@ driver over RPC and is the same on every system. That keeps the interface small 
 backend whose machines boot slowly on other hosts (``ec2``): ``address`` may block for minutes,
 ``died`` may only know what the cloud API says, and ``client_ssl`` is all the driver needs to
 reach them.
+
+Credentials (systems with TLS): a system that has a certificate authority returns it from
+``credentials_authority``; every leaf it issues lives ``cert_lifetime`` seconds (a System
+option, 7 days by default) and is renewed when ``renew_after`` of them have passed: the
+driver's client context by ``client_ssl`` (for new connections; pooled ones stay), each
+machine's by its keepalive thread, which hands the machine a fresh leaf from
+``machine_credentials`` over RPC. Machines never see the CA's key.
 """
 
 from __future__ import annotations
 
+import datetime
 import ssl
 import threading
+import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
-__all__ = ["KeepaliveConfig", "MachineHandle", "System"]
+from .. import tls
+
+if TYPE_CHECKING:
+    from ..authority import Authority
+
+__all__ = ["DEFAULT_CERT_LIFETIME", "RENEW_FRACTION", "KeepaliveConfig", "MachineHandle",
+           "System"]
+
+#: How long the leaf certificates a system issues live, in seconds, unless ``cert_lifetime``.
+DEFAULT_CERT_LIFETIME = 7 * 24 * 3600.0
+#: The part of a leaf's lifetime after which it is renewed: a third of it is left to renew in.
+RENEW_FRACTION = 2 / 3
 
 
 @dataclass(frozen=True)
@@ -108,6 +128,7 @@ class System(ABC):
         keepalive_lease: float | None = None,
         keepalive_timeout: float | None = None,
         keepalive_rpc_timeout: float | None = None,
+        cert_lifetime: float | None = None,
     ) -> None:
         cfg = keepalive or self.default_keepalive
         overrides: dict[str, Any] = {
@@ -118,14 +139,56 @@ class System(ABC):
         }
         self.keepalive = replace(cfg, **overrides) if overrides else cfg
         self.boot_timeout = self.default_boot_timeout if boot_timeout is None else boot_timeout
+        self.cert_lifetime = DEFAULT_CERT_LIFETIME if cert_lifetime is None else cert_lifetime
+        if self.cert_lifetime <= 0:
+            raise ValueError("cert_lifetime must be positive")
+        self._client_lock = threading.Lock()
+        self._client_ctx: ssl.SSLContext | None = None
+        self._client_renew_at = 0.0
 
     @abstractmethod
     def start(self, count: int, env: Mapping[str, str]) -> list[MachineHandle]:
         """Launch ``count`` machines with extra environment ``env``; do not wait for them."""
 
-    def client_ssl(self) -> ssl.SSLContext | None:
-        """The driver's TLS client context for reaching this system's machines (None: plain)."""
+    # --- credentials ---------------------------------------------------------------------
+
+    def credentials_authority(self) -> Authority | None:
+        """The CA that vouches for this system's machines and driver (None: plain TCP)."""
         return None
+
+    @property
+    def renew_after(self) -> float:
+        """Seconds after which a leaf this system issued is replaced by a fresh one."""
+        return self.cert_lifetime * RENEW_FRACTION
+
+    def issue_credentials(self, common_name: str, *, ips: Iterable[str] = (),
+                          dns: Iterable[str] = ()) -> tls.Credentials:
+        """A fresh leaf from ``credentials_authority()``, living ``cert_lifetime`` seconds."""
+        authority = self.credentials_authority()
+        if authority is None:
+            raise RuntimeError(f"the {self.name} system has no certificate authority")
+        return authority.issue(common_name, ttl=datetime.timedelta(seconds=self.cert_lifetime),
+                               ips=ips, dns=dns)
+
+    def machine_credentials(self, handle: MachineHandle | None = None) -> tls.Credentials | None:
+        """Fresh credentials for a machine (``handle``: one that runs, to renew them); None
+        when the system has no TLS. Machines on this host are named by loopback; a system
+        whose machines live elsewhere names them by what the handle knows."""
+        if self.credentials_authority() is None:
+            return None
+        return self.issue_credentials("machine", ips=["127.0.0.1"], dns=["localhost"])
+
+    def client_ssl(self) -> ssl.SSLContext | None:
+        """The driver's TLS client context for new connections to this system's machines
+        (None: plain TCP): a fresh one once ``renew_after`` seconds of the last have passed."""
+        if self.credentials_authority() is None:
+            return None
+        with self._client_lock:
+            now = time.monotonic()
+            if self._client_ctx is None or now >= self._client_renew_at:
+                self._client_ctx = tls.client_context(self.issue_credentials("driver"))
+                self._client_renew_at = now + self.renew_after
+            return self._client_ctx
 
     def shutdown(self) -> None:  # noqa: B027 - optional hook
         """Release what the system holds (credentials, temp files); machines are gone by now."""

@@ -6,7 +6,9 @@
                                              then nothing: stdin stays open as a lifeline
     os.pipe() read end   <──── BIGEXEC_ADDR_FD: "port\\n" once it listens
     log pump thread      <──── stdout+stderr, line by line ──> driver's stderr, prefixed
-    waiter thread: process exit ──> machine STOPPED at once, err says how it died
+    waiter thread: process exit ──> machine STOPPED at once, err says how it died (a
+                   lapsed lease, a signal, a status); what is left of its process group is
+                   killed
 
 The worker binds port 0 and reports the port back, so there is no free-port race. Its stdin
 stays open for as long as the driver holds the machine: when the driver dies, however it
@@ -28,7 +30,6 @@ from __future__ import annotations
 import os
 import select
 import signal
-import ssl
 import subprocess
 import sys
 import threading
@@ -41,6 +42,7 @@ from typing import IO, Any
 from .. import tls
 from ..authority import Authority
 from ..errors import BootError, MachineLost
+from ..worker import EXIT_DRIVER_GONE, EXIT_LEASE_LAPSED
 from .base import KeepaliveConfig, MachineHandle, System
 
 __all__ = ["LocalSystem"]
@@ -50,7 +52,7 @@ _SHOW_BOOT_LOGS_AFTER = 5  # consecutive boot failures
 _BOOT_OUTPUT_LINES = 20  # of a worker that failed to boot, quoted in its BootError
 
 
-def _describe_exit(code: int | None) -> str:
+def _describe_exit(code: int | None, lease: float | None = None) -> str:
     if code is None:
         return "is still running"
     if code < 0:
@@ -59,7 +61,21 @@ def _describe_exit(code: int | None) -> str:
         except ValueError:
             name = f"signal {-code}"
         return f"was killed by {name} ({code})"
+    if code == EXIT_LEASE_LAPSED:
+        return (f"exited (status {code}) because its lease lapsed: the driver's keepalives did "
+                f"not arrive for {lease:g}s" if lease is not None else
+                f"exited (status {code}) because its lease lapsed")
+    if code == EXIT_DRIVER_GONE:
+        return f"exited (status {code}) because its lifeline to the driver closed"
     return f"exited with status {code}"
+
+
+def _kill_group(pgid: int) -> None:
+    """SIGKILL what is left of a worker's process group (the processes its tasks started)."""
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except OSError:  # nobody left
+        pass
 
 
 class _LocalHandle(MachineHandle):
@@ -144,7 +160,8 @@ class _LocalHandle(MachineHandle):
     def _exit_reason(self, code: int | None) -> BaseException:
         if not self._listening:
             return self._boot_error(f"{_describe_exit(code)} before it listened")
-        return MachineLost(f"machine {self._label} {_describe_exit(code)}")
+        lease = self._system.keepalive.lease
+        return MachineLost(f"machine {self._label} {_describe_exit(code, lease)}")
 
     def _pump_logs(self) -> None:
         # Always drain, or a chatty worker blocks on a full pipe.
@@ -173,6 +190,9 @@ class _LocalHandle(MachineHandle):
 
     def _wait(self) -> None:
         code = self.proc.wait()
+        # The worker kills its group as it exits, but not when it was killed: sweep. Its pid
+        # cannot name another group meanwhile: a pid is not reused while its group has members.
+        _kill_group(self.proc.pid)
         self.close_lifeline()
         self._pump.join(10.0)  # the last lines first, then the news
         self._report_lost(self._exit_reason(code))
@@ -188,10 +208,8 @@ class _LocalHandle(MachineHandle):
 
     def kill(self) -> None:
         if self.proc.poll() is None:
-            try:
-                self.proc.kill()
-            except OSError:
-                pass
+            # the worker leads its own group (start_new_session): end what its tasks started too
+            _kill_group(self.proc.pid)
         self.close_lifeline()
 
     def close_lifeline(self) -> None:
@@ -238,7 +256,8 @@ class LocalSystem(System):
     """Machines as worker processes on this host, over mutual TLS.
 
     Options: ``python`` (interpreter, default ``sys.executable``), ``boot_logs`` (show worker
-    start-up output), ``authority`` (path of a persistent CA file; default: in memory only).
+    start-up output), ``authority`` (path of a persistent CA file; default: in memory only),
+    and those of every system (``cert_lifetime``, ``keepalive``, ``boot_timeout``, ...).
     """
 
     name = "local"
@@ -251,14 +270,13 @@ class LocalSystem(System):
         self.python = python or sys.executable
         self.boot_logs = boot_logs or os.environ.get("BIGEXEC_BOOT_LOGS") == "1"
         self.authority = Authority(authority)
-        self._client_ssl = tls.client_context(self.authority.issue("driver"))
         self._handles: list[_LocalHandle] = []  # of machines not yet exited
         self._handles_lock = threading.Lock()
         #: Boots that failed in a row; past a few, workers' start-up output is shown.
         self.boot_failures = 0
 
-    def client_ssl(self) -> ssl.SSLContext:
-        return self._client_ssl
+    def credentials_authority(self) -> Authority:
+        return self.authority
 
     def _environment(self, env: Mapping[str, str], fd: int) -> dict[str, str]:
         environ = dict(os.environ)
@@ -279,7 +297,8 @@ class LocalSystem(System):
     def start(self, count: int, env: Mapping[str, str]) -> list[MachineHandle]:
         handles: list[MachineHandle] = []
         for _ in range(count):
-            creds = self.authority.issue("machine", ips=["127.0.0.1"], dns=["localhost"])
+            creds = self.machine_credentials()
+            assert creds is not None
             r, w = os.pipe()
             try:
                 proc = subprocess.Popen(
@@ -289,7 +308,9 @@ class LocalSystem(System):
                     stderr=subprocess.STDOUT,
                     pass_fds=(w,),
                     env=self._environment(env, w),
-                    start_new_session=True,  # ^C in the driver's terminal is the driver's to handle
+                    # its own session and process group: ^C in the driver's terminal is the
+                    # driver's to handle, and the group holds whatever its tasks start
+                    start_new_session=True,
                 )
             except BaseException:
                 os.close(r)

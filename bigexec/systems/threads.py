@@ -14,7 +14,6 @@ through ``Supervisor.getenv`` (an overlay on the process environment).
 from __future__ import annotations
 
 import os
-import ssl
 import threading
 from collections import ChainMap
 from collections.abc import Mapping
@@ -82,19 +81,16 @@ class ThreadsSystem(System):
             raise ValueError("maxprocs must be at least 1")
         self.maxprocs = maxprocs
         self.tls = tls
-        self._client_ssl: ssl.SSLContext | None = None
         self._authority: Any = None
         self._handles: list[_ThreadHandle] = []  # of machines whose runtime still runs
         self._handles_lock = threading.Lock()
         if tls:
-            from .. import tls as tlsmod
             from ..authority import Authority
 
             self._authority = Authority()
-            self._client_ssl = tlsmod.client_context(self._authority.issue("driver"))
 
-    def client_ssl(self) -> ssl.SSLContext | None:
-        return self._client_ssl
+    def credentials_authority(self) -> Any:
+        return self._authority
 
     def start(self, count: int, env: Mapping[str, str]) -> list[MachineHandle]:
         logs.install_machine_marker()
@@ -104,7 +100,8 @@ class ThreadsSystem(System):
             if self._authority is not None:
                 from .. import tls as tlsmod
 
-                creds = self._authority.issue("machine", ips=["127.0.0.1"], dns=["localhost"])
+                creds = self.machine_credentials()
+                assert creds is not None
                 server_ssl = tlsmod.server_context(creds)
                 client_ssl = tlsmod.client_context(creds)
             holder: list[_ThreadHandle] = []
