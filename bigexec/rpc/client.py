@@ -44,7 +44,7 @@ __all__ = ["Client", "CallHandle", "IDEMPOTENT_METHODS"]
 #: Methods that are safe to run twice, so that a call of one is resent after an ambiguous EOF.
 IDEMPOTENT_METHODS = frozenset({
     "Supervisor.ping", "Supervisor.info", "Supervisor.getenv", "Supervisor.keepalive",
-    "Supervisor.memory", "Supervisor.cancel",
+    "Supervisor.memory", "Supervisor.cancel", "Supervisor.renew_credentials",
 })
 
 _MAX_IDLE = 64

@@ -6,6 +6,7 @@
                                              then nothing: stdin stays open as a lifeline
     os.pipe() read end   <──── BIGEXEC_ADDR_FD: "port\\n" once it listens
     log pump thread      <──── stdout+stderr, line by line ──> driver's stderr, prefixed
+                                  (through ``logsink``: a stderr nobody reads never blocks it)
     waiter thread: process exit ──> machine STOPPED at once, err says how it died (a
                    lapsed lease, a signal, a status); what is left of its process group is
                    killed
@@ -39,7 +40,7 @@ from collections import deque
 from collections.abc import Mapping
 from typing import IO, Any
 
-from .. import tls
+from .. import logsink, tls
 from ..authority import Authority
 from ..errors import BootError, MachineLost
 from ..worker import EXIT_DRIVER_GONE, EXIT_LEASE_LAPSED
@@ -47,7 +48,6 @@ from .base import KeepaliveConfig, MachineHandle, System
 
 __all__ = ["LocalSystem"]
 
-_stderr_lock = threading.Lock()
 _SHOW_BOOT_LOGS_AFTER = 5  # consecutive boot failures
 _BOOT_OUTPUT_LINES = 20  # of a worker that failed to boot, quoted in its BootError
 
@@ -174,12 +174,7 @@ class _LocalHandle(MachineHandle):
                 self._boot_output.append(line)
             if not self._printing:
                 continue
-            with _stderr_lock:
-                try:
-                    sys.stderr.write(f"{self._label}: {line}")
-                    sys.stderr.flush()
-                except (OSError, ValueError):
-                    pass
+            logsink.stderr_sink().put(f"{self._label}: {line}")  # never blocks the worker
         out.close()
 
     def _wait_code(self, timeout: float) -> int | None:
@@ -195,6 +190,7 @@ class _LocalHandle(MachineHandle):
         _kill_group(self.proc.pid)
         self.close_lifeline()
         self._pump.join(10.0)  # the last lines first, then the news
+        logsink.stderr_sink().flush(1.0)  # unless stderr is stuck
         self._report_lost(self._exit_reason(code))
         self._system._forget(self)  # gone: nothing is left for the system to end
 
@@ -224,6 +220,7 @@ class _LocalHandle(MachineHandle):
         if self._wait_code(timeout) is None:
             return False
         self._pump.join(max(0.0, deadline - time.monotonic()))
+        logsink.stderr_sink().flush(max(0.0, min(1.0, deadline - time.monotonic())))
         return not self._pump.is_alive()
 
 
