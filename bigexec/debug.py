@@ -73,7 +73,7 @@ TOKEN_ENV = "BIGEXEC_DEBUG_TOKEN"
 _PORT_TRIES = 100  # ports tried from the one asked for, when it is taken
 # A request's head has this long to arrive, and each later read or write of the connection
 # too: a client that sends half a request does not hold a thread for ever.
-_REQUEST_TIMEOUT = 10.0
+REQUEST_TIMEOUT = 10.0
 _DISCONNECT_POLL = 0.25  # how often a profile in flight looks whether its client left
 _WILDCARDS = ("0.0.0.0", "::", "")
 
@@ -220,16 +220,19 @@ class DebugServer:
     where with the token.
 
     ``hosts`` are further names that clients may write in their ``Host`` header (a DNS name
-    of this host that is not its hostname); ``token`` replaces the generated one.
+    of this host that is not its hostname); ``token`` replaces the generated one;
+    ``request_timeout`` is how long a request's head, and each later read or write of its
+    connection, may take.
     """
 
     def __init__(self, b: B, host: str = "127.0.0.1", port: int = 3333,
                  allow_remote: bool = False, *, hosts: Iterable[str] = (),
-                 token: str | None = None) -> None:
+                 token: str | None = None,
+                 request_timeout: float = REQUEST_TIMEOUT) -> None:
         self.b = b
         self.allow_remote = allow_remote
         self.token = token or secrets.token_urlsafe(32)
-        handler = type("Handler", (_Handler,), {"debug": self})
+        handler = type("Handler", (_Handler,), {"debug": self, "timeout": request_timeout})
         self._httpd = _HTTPServer(host, port, handler)
         h, p = self._httpd.server_address[:2]
         bound = str(h)
@@ -327,7 +330,7 @@ def _watch_client(sock: socket.socket, gone: threading.Event, done: threading.Ev
 class _Handler(BaseHTTPRequestHandler):
     debug: DebugServer
     server_version = "bigexec-debug"
-    timeout = _REQUEST_TIMEOUT
+    timeout = REQUEST_TIMEOUT
     _set_cookie = False  # set per request, once its token is seen in the query
 
     def log_message(self, format: str, *args: Any) -> None:  # quiet: no access log on stderr
