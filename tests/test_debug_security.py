@@ -302,11 +302,18 @@ def test_a_client_that_goes_away_leaves_no_traceback(session, capfd, caplog):
     # one asks for a profile and leaves, with a reset, before the answer
     _send_and_leave(server.port, "/debug/bigexec/profile?seconds=1&format=text",
                     reset=True).close()
-    _wait(lambda: sum("went away" in r.getMessage() or "stopped early" in r.getMessage()
-                      for r in caplog.records) >= 2, 10, "both clients seen leaving")
+    err = ""
+
+    def seen_leaving() -> bool:
+        nonlocal err
+        err += capfd.readouterr().err
+        return "Traceback" in err or sum("went away" in r.getMessage() or "stopped early" in
+                                         r.getMessage() for r in caplog.records) >= 2
+
+    _wait(seen_leaving, 10, "both clients seen leaving")
     time.sleep(1.5)  # past the profile's own end, when an answer would have been written
     assert _get(server, STATUS)[0] == 200
-    err = capfd.readouterr().err
+    err += capfd.readouterr().err
     assert "Traceback" not in err and "Exception occurred" not in err, err
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
