@@ -239,7 +239,7 @@ class DebugServer:
         self.url = f"http://{_host_name(bound)}:{p}{PREFIX}/"
         self.login_url = f"{self.url}?token={self.token}"
         # Anything but a loopback bind can be reached from other hosts: it wants the token.
-        self.remote = allow_remote or not _is_loopback(bound)
+        self.reachable_remotely = allow_remote or not _is_loopback(bound)
         self._hosts = _allowed_hosts(bound, int(p), hosts)
         self.cookie = f"bigexec-debug-{p}"  # cookies are per host, not per port
         self._profiling = threading.Lock()
@@ -266,6 +266,8 @@ class DebugServer:
 
     def client_is_owner(self, client: tuple[Any, ...]) -> bool:
         """Whether a loopback client runs as the user running the driver."""
+        if not hasattr(os, "getuid"):  # no user ids to compare (Windows)
+            return False
         return peer_uid(client, self._httpd.server_address) == os.getuid()
 
     def start_profile(self, seconds: float) -> bool:
@@ -304,7 +306,7 @@ def _allowed_hosts(bound: str, port: int, extra: Iterable[str]) -> frozenset[str
 def _client_left(sock: socket.socket) -> bool:
     """Whether the client closed or reset the connection (it has nothing more to send)."""
     try:
-        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        return sock.recv(1, socket.MSG_PEEK | getattr(socket, "MSG_DONTWAIT", 0)) == b""
     except BlockingIOError:
         return False
     except OSError:
@@ -402,7 +404,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(500, f"{type(exc).__name__}: {exc}\n".encode())
 
     def _authorized(self, profile: bool, query_token: str | None) -> bool:
-        needed = self.debug.remote or (profile and not self.debug.client_is_owner(
+        needed = self.debug.reachable_remotely or (profile and not self.debug.client_is_owner(
             self.client_address))
         if self.debug.token_matches(query_token):
             self._set_cookie = True  # so that the page's links, without the token, work
@@ -463,8 +465,9 @@ class _Handler(BaseHTTPRequestHandler):
         include_driver = q.get("driver", "0") in ("1", "true", "yes")
         limit = int(q.get("limit", "40"))
         if not self.debug.start_profile(seconds):
-            self._busy(f"another profile is running, for {self.debug.profile_seconds_left():.0f} "
-                       f"s more; one profile runs at a time: try again then")
+            left = self.debug.profile_seconds_left()
+            self._busy(f"another profile is running, for {left:.0f} s more; one profile runs "
+                       f"at a time: try again then", left)
             return
         gone, done = threading.Event(), threading.Event()
         watcher = threading.Thread(target=_watch_client, args=(self.connection, gone, done),
@@ -477,8 +480,8 @@ class _Handler(BaseHTTPRequestHandler):
             log.info("a %g s profile stopped early: its client went away", seconds)
             self.close_connection = True
             return
-        except ProfileBusy as exc:
-            self._busy(f"{exc}; try again once it ends")
+        except ProfileBusy as exc:  # someone profiles the machines other than through here
+            self._busy(f"{exc}; try again once it ends", None)
             return
         finally:
             done.set()
@@ -489,9 +492,9 @@ class _Handler(BaseHTTPRequestHandler):
             extra["Content-Disposition"] = 'attachment; filename="bigexec.prof"'
         self._send(200, body, _CONTENT_TYPES[fmt], extra)
 
-    def _busy(self, message: str) -> None:
-        left = max(1, round(self.debug.profile_seconds_left()))
-        self._send(409, f"{message}\n".encode(), extra={"Retry-After": str(left)})
+    def _busy(self, message: str, seconds_left: float | None) -> None:
+        extra = {} if seconds_left is None else {"Retry-After": str(max(1, round(seconds_left)))}
+        self._send(409, f"{message}\n".encode(), extra=extra)
 
     def _vars(self, q: dict[str, str]) -> None:
         body = json.dumps(observe.metrics(self.debug.b), indent=1, default=str)
