@@ -296,7 +296,8 @@ def _allowed_hosts(bound: str, port: int, extra: Iterable[str]) -> frozenset[str
             for addrs in psutil.net_if_addrs().values():
                 names.update(a.address.split("%", 1)[0] for a in addrs
                              if a.family in (socket.AF_INET, socket.AF_INET6))
-    names.discard("")
+    # "0.0.0.0" is no name of a server: a browser sends it, to reach loopback, from any page.
+    names.difference_update(_WILDCARDS)
     allowed = {f"{_host_name(n.lower())}:{port}" for n in names}
     if port == 80:  # the default port goes unwritten
         allowed.update(_host_name(n.lower()) for n in names)

@@ -116,7 +116,7 @@ def test_a_host_header_that_names_another_site_is_refused(session):
     server = session.serve_debug(port=0)
     p = server.port
     for bad in (f"evil.example:{p}", f"127.0.0.1.evil.example:{p}", f"127.0.0.1:{p + 1}",
-                "127.0.0.1", None):
+                "127.0.0.1", f"0.0.0.0:{p}", None):
         status, _, body = _get(server, STATUS, host=bad)
         assert status == 403 and b"Host" in body, (bad, status, body)
     for good in (f"127.0.0.1:{p}", f"localhost:{p}", f"LOCALHOST:{p}", f"[::1]:{p}"):
