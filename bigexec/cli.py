@@ -7,6 +7,10 @@
 URL is the driver's debug server, e.g. ``http://127.0.0.1:3333`` (start it with
 ``b.serve_debug()`` or ``BIGEXEC_DEBUG_ADDR=127.0.0.1:3333``). Machines themselves are started
 with ``python -m bigexec.worker`` by their driver, never by hand.
+
+The server's token, which it wants from other hosts and for other users' profiles, comes from
+the URL the driver printed (``...?token=...``), ``--token`` or ``BIGEXEC_DEBUG_TOKEN``, and is
+sent as an ``Authorization: Bearer`` header.
 """
 
 from __future__ import annotations
@@ -15,12 +19,14 @@ import argparse
 import os
 import sys
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import requests
 
 __all__ = ["main"]
 
 _PREFIX = "/debug/bigexec"
+_TOKEN_ENV = "BIGEXEC_DEBUG_TOKEN"  # as bigexec.debug.TOKEN_ENV, without importing the library
 _BROKEN_PIPE_STATUS = 141  # what a shell reports for a command killed by SIGPIPE: 128 + 13
 
 # The help is plain text: argparse prints it as is, so it cannot reuse the reST docstring.
@@ -32,22 +38,37 @@ examples:
   bigexec top http://127.0.0.1:3333 --seconds 10
 
 URL is the driver's debug server. A driver starts one with b.serve_debug(), or when it runs
-with BIGEXEC_DEBUG_ADDR=127.0.0.1:3333 in its environment."""
+with BIGEXEC_DEBUG_ADDR=127.0.0.1:3333 in its environment. The server's token comes from the
+URL the driver printed (...?token=...), --token, or BIGEXEC_DEBUG_TOKEN."""
 _URL_HELP = "the driver's debug server, e.g. http://127.0.0.1:3333"
+_TOKEN_HELP = (f"the debug server's token (default: the URL's ?token=, else ${_TOKEN_ENV}); "
+               "needed from other hosts, and for profiles as another user")
 
 
 def _base(url: str) -> str:
     if "://" not in url:
         url = "http://" + url
-    url = url.rstrip("/")
+    parts = urlsplit(url)
+    url = f"{parts.scheme}://{parts.netloc}{parts.path}".rstrip("/")
     if url.endswith(_PREFIX):
         url = url[: -len(_PREFIX)]
     return url + _PREFIX
 
 
-def _get(url: str, timeout: float, **params: Any) -> requests.Response:
+def _token(args: argparse.Namespace) -> str | None:
+    if args.token:
+        return str(args.token)
+    url = args.url if "://" in args.url else "http://" + args.url
+    in_url = parse_qs(urlsplit(url).query).get("token")
+    if in_url:
+        return in_url[-1]
+    return os.environ.get(_TOKEN_ENV) or None
+
+
+def _get(url: str, timeout: float, token: str | None, **params: Any) -> requests.Response:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
     try:
-        resp = requests.get(url, params=params, timeout=timeout)
+        resp = requests.get(url, params=params, headers=headers, timeout=timeout)
     except requests.RequestException as exc:
         raise SystemExit(f"bigexec: cannot reach {url}: {exc}") from None
     if resp.status_code != 200:
@@ -62,7 +83,7 @@ def _age(s: Any) -> str:
 
 
 def _status(args: argparse.Namespace) -> int:
-    data = _get(_base(args.url) + "/status", args.timeout, format="json").json()
+    data = _get(_base(args.url) + "/status", args.timeout, _token(args), format="json").json()
     rows = [("MACHINE", "STATE", "UPTIME", "MEM%", "LOAD1", "TASKS", "RPC", "ERRORS", "WHY")]
     for m in data["machines"]:
         mem, load = m.get("memory") or {}, m.get("load") or {}
@@ -84,7 +105,7 @@ def _profile(args: argparse.Namespace) -> int:
         params["machine"] = args.machine
     if args.driver:
         params["driver"] = "1"
-    resp = _get(_base(args.url) + "/profile", args.seconds + 120, **params)
+    resp = _get(_base(args.url) + "/profile", args.seconds + 120, _token(args), **params)
     if args.output in (None, "-"):
         if args.format == "pstats":
             raise SystemExit("bigexec: a pstats profile is binary: give -o FILE")
@@ -101,7 +122,8 @@ def _top(args: argparse.Namespace) -> int:
     params: dict[str, Any] = {"seconds": args.seconds, "format": "text", "limit": args.limit}
     if args.machine:
         params["machine"] = args.machine
-    sys.stdout.write(_get(_base(args.url) + "/profile", args.seconds + 120, **params).text)
+    resp = _get(_base(args.url) + "/profile", args.seconds + 120, _token(args), **params)
+    sys.stdout.write(resp.text)
     return 0
 
 
@@ -114,6 +136,7 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="list the machines of a running driver",
                        description=about)
     p.add_argument("url", help=_URL_HELP)
+    p.add_argument("--token", help=_TOKEN_HELP)
     p.add_argument("--timeout", type=float, default=30.0,
                    help="seconds to wait for the driver (default: 30)")
     p.set_defaults(fn=_status)
@@ -123,6 +146,7 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("profile", help="fetch one CPU profile merged from all machines",
                        description=about)
     p.add_argument("url", help=_URL_HELP)
+    p.add_argument("--token", help=_TOKEN_HELP)
     p.add_argument("--seconds", type=float, default=30.0,
                    help="how long to profile (default: 30)")
     p.add_argument("--format", choices=("pstats", "callgrind", "collapsed", "text"),
@@ -136,6 +160,7 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("top", help="the merged profile's top functions, as text",
                        description=about)
     p.add_argument("url", help=_URL_HELP)
+    p.add_argument("--token", help=_TOKEN_HELP)
     p.add_argument("--seconds", type=float, default=10.0,
                    help="how long to profile (default: 10)")
     p.add_argument("--limit", type=int, default=25,

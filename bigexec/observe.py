@@ -16,7 +16,7 @@ import pstats
 import socket
 import threading
 import time
-from concurrent.futures import Future
+from concurrent.futures import FIRST_EXCEPTION, CancelledError, Future, wait
 from typing import TYPE_CHECKING, Any
 
 from .machine import RUNNING, STOPPED, Machine
@@ -31,6 +31,7 @@ __all__ = ["status", "metrics", "profile", "sample", "thread_dumps", "PROFILE_FO
 _STATUS_TIMEOUT = 10.0
 _METRICS_TIMEOUT = 30.0
 _PROFILE_SLACK = 60.0  # beyond the profile's own seconds: boot of yappi, transfer
+_STOP_POLL = 0.1  # how often a profile in flight looks at its stop event
 PROFILE_FORMATS = ("pstats", "callgrind", "collapsed", "text")
 
 
@@ -150,47 +151,99 @@ def _driver_in(machines: list[Machine]) -> bool:
 
 
 def _collect(b: B, method: str, local: Any, seconds: float, machines: list[Machine] | None,
-             include_driver: bool) -> list[tuple[str, Any]]:
+             include_driver: bool, stop: threading.Event | None = None
+             ) -> list[tuple[str, Any]]:
+    """Run ``method`` (a profiler) on every target machine at once, ``local(seconds, stop)``
+    in the driver if asked, and return the results.
+
+    Setting ``stop`` ends the profile early everywhere: every machine's call is cancelled at
+    once (the Supervisor's profilers watch their call's context) and CancelledError raised.
+    A machine that fails ends the others' profiles too: a merged profile without it is not
+    the one asked for, and the others need not keep running under the profiler for nothing.
+    """
+    from . import profiling
+
     targets = _targets(b, machines)
-    box: list[Any] = []
+    halt = threading.Event()  # ends the driver's own profile early
+    driver: Future = Future()
     thread = None
     if include_driver and not _driver_in(targets):
-        thread = threading.Thread(target=lambda: box.append(local(seconds)),
-                                  name="bigexec-profile-driver", daemon=True)
+        def run_local() -> None:
+            try:
+                driver.set_result(local(seconds, halt))
+            except BaseException as exc:  # reported below, with the machines' failures
+                driver.set_exception(exc)
+
+        thread = threading.Thread(target=run_local, name="bigexec-profile-driver", daemon=True)
         thread.start()
-    results = _gather(targets, method, (seconds,), seconds + _PROFILE_SLACK)
+    futures: dict[Machine, Future] = {}
+    for m in targets:
+        try:
+            futures[m] = m.submit(method, seconds, timeout=seconds + _PROFILE_SLACK)
+        except Exception as exc:
+            failed: Future = Future()
+            failed.set_exception(exc)
+            futures[m] = failed
+    pending = set(futures.values()) | ({driver} if thread is not None else set())
+    stopped = False
+    while pending:
+        if stop is not None and stop.is_set():
+            stopped = True
+            break
+        done, pending = wait(pending, timeout=_STOP_POLL, return_when=FIRST_EXCEPTION)
+        if any(f.exception() is not None for f in done):
+            break
+    if pending:  # stopped, or something failed: end every profile still running, at once
+        halt.set()
+        for f in pending:
+            if f is not driver:
+                f.cancel()  # tells its machine without waiting for the others
     if thread is not None:
         thread.join()
+    if stopped:
+        raise CancelledError("the profile was stopped before it ended")
     out = []
-    for m, r in results.items():
-        if isinstance(r, BaseException):
-            raise RuntimeError(f"profiling machine {m.addr} failed: {r}") from r
-        out.append((m.addr, r))
-    if box:
-        out.append(("driver", box[0]))
+    parts = list(futures.items()) + ([("driver", driver)] if thread is not None else [])
+    for who, f in parts:
+        if f.cancelled():
+            continue  # ended because another part failed; that one is reported
+        name = who if isinstance(who, str) else f"machine {who.addr}"
+        r = f.exception()
+        if r is None:
+            out.append((who if isinstance(who, str) else who.addr, f.result()))
+        elif isinstance(r, profiling.ProfileBusy):
+            raise profiling.ProfileBusy(f"{name}: {r}") from r
+        else:
+            raise RuntimeError(f"profiling {name} failed: {r}") from r
     if not out:
         raise RuntimeError("no running machine to profile")
     return out
 
 
 def profile(b: B, seconds: float = 30.0, machines: list[Machine] | None = None,
-            include_driver: bool = False) -> pstats.Stats:
-    """A CPU profile (yappi) of the machines (default: every running one), merged."""
+            include_driver: bool = False, stop: threading.Event | None = None) -> pstats.Stats:
+    """A CPU profile (yappi) of the machines (default: every running one), merged.
+
+    Setting ``stop`` ends it early on every machine and raises CancelledError; a machine
+    already being profiled raises ``profiling.ProfileBusy``."""
     from . import profiling
 
     parts = _collect(b, "Supervisor.profile",
-                     lambda s: profiling.cpu_profile(s, builtins=True), seconds, machines,
-                     include_driver)
+                     lambda s, halt: profiling.cpu_profile(s, stop=halt, builtins=True),
+                     seconds, machines, include_driver, stop)
     return profiling.merge_pstats([blob for _, blob in parts])
 
 
 def sample(b: B, seconds: float = 30.0, machines: list[Machine] | None = None,
-           include_driver: bool = False) -> dict[str, int]:
-    """On-CPU stack samples of the machines, merged: collapsed stack -> count."""
+           include_driver: bool = False, stop: threading.Event | None = None
+           ) -> dict[str, int]:
+    """On-CPU stack samples of the machines, merged: collapsed stack -> count. ``stop`` as
+    for ``profile``."""
     from . import profiling
 
-    parts = _collect(b, "Supervisor.sample", profiling.sample_stacks, seconds, machines,
-                     include_driver)
+    parts = _collect(b, "Supervisor.sample",
+                     lambda s, halt: profiling.sample_stacks(s, stop=halt),
+                     seconds, machines, include_driver, stop)
     return profiling.merge_collapsed([counts for _, counts in parts])
 
 
@@ -212,16 +265,18 @@ def thread_dumps(b: B) -> str:
 
 
 def render_profile(b: B, fmt: str, seconds: float, machines: list[Machine] | None = None,
-                   include_driver: bool = False, limit: int = 40) -> bytes:
-    """A merged profile in one of ``PROFILE_FORMATS``, as bytes ready to save or serve."""
+                   include_driver: bool = False, limit: int = 40,
+                   stop: threading.Event | None = None) -> bytes:
+    """A merged profile in one of ``PROFILE_FORMATS``, as bytes ready to save or serve.
+    ``stop`` ends it early everywhere (CancelledError), as for ``profile``."""
     from . import profiling
 
     if fmt not in PROFILE_FORMATS:
         raise ValueError(f"unknown profile format {fmt!r}; formats: {', '.join(PROFILE_FORMATS)}")
     if fmt == "collapsed":
-        counts = sample(b, seconds, machines, include_driver)
+        counts = sample(b, seconds, machines, include_driver, stop)
         return profiling.collapsed_text(counts).encode()
-    stats = profile(b, seconds, machines, include_driver)
+    stats = profile(b, seconds, machines, include_driver, stop)
     if fmt == "pstats":
         return profiling.pstats_bytes(stats)
     if fmt == "callgrind":

@@ -45,6 +45,7 @@ import psutil
 import yappi
 
 __all__ = [
+    "ProfileBusy",
     "collapsed_text",
     "cpu_profile",
     "merge_collapsed",
@@ -61,6 +62,12 @@ __all__ = [
 FuncKey = tuple[str, int, str]
 
 _BUSY = "a CPU profile is already running in this process"
+
+
+class ProfileBusy(RuntimeError):
+    """A CPU profile is already running in the process asked to profile: yappi has one session
+    per process, so a second profile has to wait until the first ends."""
+
 _CLOCKS = ("cpu", "wall")
 
 # yappi has one global session per process.
@@ -174,19 +181,19 @@ def cpu_profile(
     ``clock="cpu"`` (the default) measures each thread's CPU time; ``clock="wall"`` measures
     elapsed time, which includes waiting for locks, I/O and the GIL.
 
-    The result is the marshal'd dict that ``pstats.Stats(path)`` loads. Raises RuntimeError
-    if another profile is running in this process, ValueError on bad arguments.
+    The result is the marshal'd dict that ``pstats.Stats(path)`` loads. Raises ProfileBusy (a
+    RuntimeError) if another profile is running in this process, ValueError on bad arguments.
     """
     if not seconds >= 0:
         raise ValueError(f"seconds must be >= 0, not {seconds!r}")
     if clock not in _CLOCKS:
         raise ValueError(f"clock must be one of {_CLOCKS}, not {clock!r}")
     if not _session_lock.acquire(blocking=False):
-        raise RuntimeError(_BUSY)
+        raise ProfileBusy(_BUSY)
     try:
         if yappi.is_running():
             # Someone else drives yappi directly: stopping or clearing it would ruin theirs.
-            raise RuntimeError(_BUSY)
+            raise ProfileBusy(_BUSY)
         previous_clock = yappi.get_clock_type()
         try:
             return _run_profile(seconds, stop, builtins, clock)

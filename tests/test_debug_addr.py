@@ -50,12 +50,15 @@ def test_a_second_session_takes_the_next_free_port(monkeypatch, capfd):
         with bigexec.start("threads") as inner:
             assert outer._debug.port == port
             assert inner._debug.port == port + 1
+            printed = (outer._debug.login_url, inner._debug.login_url)
             # each serves its own session
             assert [row["addr"] for row in _status_of(outer)] == [m.addr]
             assert _status_of(inner) == []
     err = capfd.readouterr().err
-    assert f"bigexec debug server at http://127.0.0.1:{port}/debug/bigexec/" in err, err
-    assert f"at http://127.0.0.1:{port + 1}/debug/bigexec/ (port {port} was taken" in err, err
+    # printed with the token, so that the URL opens every page from anywhere
+    assert printed[0] == f"http://127.0.0.1:{port}/debug/bigexec/?token={outer._debug.token}"
+    assert f"bigexec debug server at {printed[0]}\n" in err, err
+    assert f"at {printed[1]} (port {port} was taken" in err, err
 
 
 def test_an_executor_inside_a_session_does_not_crash(monkeypatch):

@@ -18,6 +18,7 @@ import yappi
 
 from bigexec import profiling
 from bigexec.profiling import (
+    ProfileBusy,
     collapsed_text,
     cpu_profile,
     merge_collapsed,
@@ -214,7 +215,7 @@ def test_merge_sums_calls_of_a_function():
 def test_concurrent_profile_raises():
     t, stop, out = profile_in_background()
     try:
-        with pytest.raises(RuntimeError, match="a CPU profile is already running in this process"):
+        with pytest.raises(ProfileBusy, match="a CPU profile is already running in this process"):
             cpu_profile(0.1)
     finally:
         stop.set()
@@ -223,7 +224,7 @@ def test_concurrent_profile_raises():
     # yappi started by someone else is not ours to stop either.
     yappi.start()
     try:
-        with pytest.raises(RuntimeError, match="already running"):
+        with pytest.raises(ProfileBusy, match="already running"):
             cpu_profile(0.1)
     finally:
         yappi.stop()

@@ -1,0 +1,395 @@
+"""The debug server on a network: Host header, token, profile limits, abandoned requests, IPv6."""
+
+from __future__ import annotations
+
+import http.client
+import logging
+import os
+import shutil
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from concurrent.futures import CancelledError
+
+import pytest
+
+import bigexec
+from bigexec import cli, debug, observe
+from bigexec.debug import DebugServer
+
+pytestmark = pytest.mark.timeout(120)
+
+STATUS = "/debug/bigexec/status?format=json"
+
+
+def _has_ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+needs_ipv6 = pytest.mark.skipif(not _has_ipv6_loopback(), reason="this host has no IPv6 loopback")
+
+
+def _get(server: DebugServer, path: str, host: str | None = "",
+         headers: dict[str, str] | None = None, addr: str = "127.0.0.1",
+         timeout: float = 60) -> tuple[int, http.client.HTTPResponse, bytes]:
+    """GET ``path``; ``host`` is the Host header to send ("" for the right one, None for none)."""
+    conn = http.client.HTTPConnection(addr, server.port, timeout=timeout)
+    try:
+        conn.putrequest("GET", path, skip_host=True)
+        if host == "":
+            host = f"{'[' + addr + ']' if ':' in addr else addr}:{server.port}"
+        if host is not None:
+            conn.putheader("Host", host)
+        for k, v in (headers or {}).items():
+            conn.putheader(k, v)
+        conn.endheaders()
+        resp = conn.getresponse()
+        return resp.status, resp, resp.read()
+    finally:
+        conn.close()
+
+
+def _send_and_leave(port: int, path: str, token: str | None = None, reset: bool = False
+                    ) -> socket.socket:
+    """Send a whole GET for ``path`` and return the socket, for the caller to close unread."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=10)
+    auth = f"Authorization: Bearer {token}\r\n" if token else ""
+    s.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n{auth}\r\n".encode())
+    if reset:  # close with a RST rather than a FIN, as a killed client's kernel may
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    return s
+
+
+def _wait(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout} s: {what}")
+        time.sleep(0.05)
+
+
+@pytest.fixture
+def session():
+    with bigexec.start("threads") as b:
+        yield b
+
+
+class Work:
+    def spin(self, seconds: float) -> int:
+        end = time.perf_counter() + seconds
+        n = 0
+        while time.perf_counter() < end:
+            n += 1
+        return n
+
+
+@pytest.fixture
+def two_machines():
+    """A session with two machine processes, each spinning so a profile has work to see."""
+    with bigexec.start("local") as b:
+        ms = b.start(2, services={"Work": Work()})
+        for m in ms:
+            assert m.wait(bigexec.RUNNING, 60) and m.err is None
+        futs = [m.submit("Work.spin", 90.0) for m in ms]
+        yield b, ms
+        for f in futs:
+            f.cancel()
+
+
+def _profiling(m) -> bool:
+    return "Supervisor.profile" in m.call("Supervisor.metrics", timeout=30)["running_calls"]
+
+
+# --- Host header -----------------------------------------------------------------------------
+
+
+def test_a_host_header_that_names_another_site_is_refused(session):
+    server = session.serve_debug(port=0)
+    p = server.port
+    for bad in (f"evil.example:{p}", f"127.0.0.1.evil.example:{p}", f"127.0.0.1:{p + 1}",
+                "127.0.0.1", f"0.0.0.0:{p}", None):
+        status, _, body = _get(server, STATUS, host=bad)
+        assert status == 403 and b"Host" in body, (bad, status, body)
+    for good in (f"127.0.0.1:{p}", f"localhost:{p}", f"LOCALHOST:{p}", f"[::1]:{p}"):
+        status, _, _ = _get(server, STATUS, host=good)
+        assert status == 200, (good, status)
+
+
+# --- token -----------------------------------------------------------------------------------
+
+
+def test_a_server_reachable_from_elsewhere_wants_its_token(session):
+    server = session.serve_debug(port=0, allow_remote=True)
+    assert server.login_url == f"{server.url}?token={server.token}"
+    assert len(server.token) >= 32
+    for path in (STATUS, "/debug/bigexec/", "/debug/bigexec/threads", "/debug/bigexec/vars"):
+        status, resp, _ = _get(server, path)
+        assert status == 401 and resp.getheader("WWW-Authenticate") == "Bearer", path
+    assert _get(server, STATUS + "&token=nope")[0] == 401
+    assert _get(server, STATUS, headers={"Authorization": "Bearer nope"})[0] == 401
+    assert _get(server, STATUS, headers={"Authorization": f"Bearer {server.token}"})[0] == 200
+    # The token in the query sets a cookie, which the page's links (without it) then carry.
+    status, resp, _ = _get(server, f"/debug/bigexec/?token={server.token}")
+    cookie = resp.getheader("Set-Cookie")
+    assert status == 200 and cookie and "HttpOnly" in cookie and "SameSite=Strict" in cookie
+    pair = cookie.split(";", 1)[0]
+    assert _get(server, STATUS, headers={"Cookie": f"other=1; {pair}"})[0] == 200
+    assert _get(server, STATUS, headers={"Cookie": f"{pair.split('=')[0]}=nope"})[0] == 401
+
+
+def test_the_bigexec_command_sends_the_token(session, monkeypatch, capsys):
+    server = session.serve_debug(port=0, allow_remote=True)
+    with pytest.raises(SystemExit, match="HTTP 401"):
+        cli.main(["status", server.url])
+    assert cli.main(["status", server.login_url]) == 0
+    assert cli.main(["status", server.url, "--token", server.token]) == 0
+    monkeypatch.setenv(debug.TOKEN_ENV, server.token)
+    assert cli.main(["status", f"127.0.0.1:{server.port}"]) == 0
+    assert capsys.readouterr().out.count("MACHINE") == 3
+
+
+def test_peer_uid_names_the_user_of_a_loopback_client():
+    families = [(socket.AF_INET, "127.0.0.1")]
+    if _has_ipv6_loopback():
+        families.append((socket.AF_INET6, "::1"))
+    for family, addr in families:
+        with socket.socket(family) as listener:
+            listener.bind((addr, 0))
+            listener.listen()
+            with socket.socket(family) as client:
+                client.connect(listener.getsockname())
+                conn, peer = listener.accept()
+                with conn:
+                    assert debug.peer_uid(peer, listener.getsockname()) == os.getuid(), addr
+                    # a connection that does not exist has no owner
+                    assert debug.peer_uid((addr, 1), listener.getsockname()) is None
+
+
+def _status_as(uid: int, port: int, path: str, token: str | None = None) -> int:
+    """The HTTP status a client running as user ``uid`` gets for ``path`` (a forked child)."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: only system calls from here on, then _exit
+        code = 1
+        try:
+            os.close(read)
+            os.setgroups([])
+            os.setgid(uid)
+            os.setuid(uid)
+            s = socket.socket()
+            s.settimeout(60)
+            s.connect(("127.0.0.1", port))
+            auth = f"Authorization: Bearer {token}\r\n" if token else ""
+            s.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n{auth}"
+                      f"Connection: close\r\n\r\n".encode())
+            head = s.recv(64)
+            os.write(write, head.split(b" ", 2)[1])
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write)
+    try:
+        status = os.read(read, 16)
+    finally:
+        os.close(read)
+        os.waitpid(pid, 0)
+    return int(status)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a client as another user")
+def test_on_loopback_another_user_needs_the_token_for_a_profile(session):
+    (m,) = session.start(1)
+    assert m.wait(bigexec.RUNNING, 30)
+    server = session.serve_debug(port=0)
+    profile = "/debug/bigexec/profile?seconds=0.2&format=text"
+    nobody = 65534
+    assert _status_as(nobody, server.port, STATUS) == 200  # the read-only pages are open
+    assert _status_as(nobody, server.port, profile) == 401
+    assert _status_as(nobody, server.port, profile, server.token) == 200
+    assert _get(server, profile)[0] == 200  # the driver's own user needs no token
+
+
+# --- profiles --------------------------------------------------------------------------------
+
+
+def test_a_profile_longer_than_the_maximum_is_refused(session):
+    server = session.serve_debug(port=0)
+    too_long = debug.MAX_PROFILE_SECONDS + 1
+    status, _, body = _get(server, f"/debug/bigexec/profile?seconds={too_long:g}")
+    assert status == 400 and b"seconds must be in (0, 120]" in body, body
+
+
+def test_an_abandoned_profile_stops_on_every_machine(two_machines, caplog):
+    b, ms = two_machines
+    server = b.serve_debug(port=0)
+    caplog.set_level(logging.INFO, logger="bigexec.debug")
+    client = _send_and_leave(server.port, "/debug/bigexec/profile?seconds=120&format=text")
+    try:
+        _wait(lambda: all(_profiling(m) for m in ms), 30, "both machines profiling")
+        # While it runs, a second profile waits its turn with a clear answer, not a 500.
+        status, resp, body = _get(server, "/debug/bigexec/profile?seconds=1&format=text")
+        assert status == 409 and b"another profile is running" in body, (status, body)
+        assert 60 <= int(resp.getheader("Retry-After")) <= 120
+    finally:
+        client.close()  # the client goes away without reading
+    _wait(lambda: not any(_profiling(m) for m in ms), 5, "the machines' profilers stopped")
+    assert any("stopped early" in r.getMessage() for r in caplog.records)
+    status, _, body = _get(server, "/debug/bigexec/profile?seconds=0.5&format=text")
+    assert status == 200 and b"spin" in body, body
+
+
+def test_a_profile_running_outside_the_server_answers_409(session):
+    (m,) = session.start(1)
+    assert m.wait(bigexec.RUNNING, 30)
+    server = session.serve_debug(port=0)
+    stop = threading.Event()
+    outcome: list[BaseException] = []
+
+    def profile_elsewhere() -> None:
+        try:
+            observe.profile(session, 30, stop=stop)
+        except BaseException as exc:
+            outcome.append(exc)
+
+    elsewhere = threading.Thread(target=profile_elsewhere)
+    elsewhere.start()
+    try:
+        _wait(lambda: _profiling(m), 30, "the machine profiling")
+        status, _, body = _get(server, "/debug/bigexec/profile?seconds=1&format=text")
+        assert status == 409 and b"already running" in body, (status, body)
+    finally:
+        stop.set()
+        elsewhere.join(30)
+    assert not elsewhere.is_alive() and isinstance(outcome[0], CancelledError)
+    _wait(lambda: not _profiling(m), 5, "the machine's profiler stopped")
+
+
+# --- abandoned and half-sent requests --------------------------------------------------------
+
+
+def test_a_half_sent_request_times_out(session):
+    server = DebugServer(session, "127.0.0.1", 0, request_timeout=0.5)
+    try:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=30) as s:
+            s.sendall(b"GET /debug/bigexec/status HTTP/1.1\r\nHost: 127.0.")  # and no more
+            started = time.monotonic()
+            assert s.recv(1024) == b""  # the server hung up
+            assert time.monotonic() - started < 20
+        # and serves the next client as ever
+        assert _get(server, STATUS)[0] == 200
+    finally:
+        server.close()
+
+
+def test_a_client_that_goes_away_leaves_no_traceback(session, capfd, caplog):
+    (m,) = session.start(1)
+    assert m.wait(bigexec.RUNNING, 30)
+    server = session.serve_debug(port=0)
+    caplog.set_level(logging.DEBUG, logger="bigexec.debug")
+    # one leaves halfway through its request's head, with a reset
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
+        s.sendall(b"GET /debug/bigexec/status HTTP/1.1\r\nHo")
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    # one asks for a profile and leaves, with a reset, before the answer
+    _send_and_leave(server.port, "/debug/bigexec/profile?seconds=1&format=text",
+                    reset=True).close()
+    err = ""
+
+    def seen_leaving() -> bool:
+        nonlocal err
+        err += capfd.readouterr().err
+        return "Traceback" in err or sum("went away" in r.getMessage() or "stopped early" in
+                                         r.getMessage() for r in caplog.records) >= 2
+
+    _wait(seen_leaving, 10, "both clients seen leaving")
+    time.sleep(1.5)  # past the profile's own end, when an answer would have been written
+    assert _get(server, STATUS)[0] == 200
+    err += capfd.readouterr().err
+    assert "Traceback" not in err and "Exception occurred" not in err, err
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+# --- IPv6 ------------------------------------------------------------------------------------
+
+
+def test_parse_addr_takes_ipv6_in_brackets():
+    assert debug.parse_addr("[::1]:3333") == ("::1", 3333)
+    assert debug.parse_addr("[fe80::1%eth0]:80") == ("fe80::1%eth0", 80)
+    assert debug.parse_addr(":4000") == ("127.0.0.1", 4000)
+    assert debug.parse_addr("4000") == ("127.0.0.1", 4000)
+    with pytest.raises(ValueError, match="in brackets"):
+        debug.parse_addr("::1:3333")
+
+
+@needs_ipv6
+def test_a_server_on_ipv6_loopback(session):
+    server = session.serve_debug(port=0, host="::1")
+    assert server.url == f"http://[::1]:{server.port}/debug/bigexec/"
+    status, _, body = _get(server, STATUS, addr="::1")
+    assert status == 200 and b'"machines"' in body
+    assert _get(server, STATUS, addr="::1", host=f"evil.example:{server.port}")[0] == 403
+
+
+@needs_ipv6
+def test_debug_addr_in_brackets_from_the_environment(monkeypatch, capfd):
+    monkeypatch.setenv("BIGEXEC_DEBUG_ADDR", "[::1]:0")
+    with bigexec.start("threads") as b:
+        assert b._debug is not None and b._debug.url.startswith("http://[::1]:")
+        assert _get(b._debug, STATUS, addr="::1")[0] == 200
+    assert f"bigexec debug server at {b._debug.login_url}" in capfd.readouterr().err
+
+
+# --- from another host -----------------------------------------------------------------------
+
+
+def _netns_available() -> bool:
+    if os.geteuid() != 0 or shutil.which("ip") is None:
+        return False
+    name = f"bxprobe{uuid.uuid4().hex[:6]}"
+    ok = subprocess.run(["ip", "netns", "add", name], capture_output=True).returncode == 0
+    if ok:
+        subprocess.run(["ip", "netns", "del", name], capture_output=True)
+    return ok
+
+
+@pytest.mark.skipif(not _netns_available(), reason="needs root and `ip netns` for a test host")
+def test_a_client_on_another_host_needs_the_token(session):
+    """A client in a network namespace (a second host, reached over a veth pair only)."""
+    tag = uuid.uuid4().hex[:6]
+    ns, host_if, ns_if = f"bt{tag}", f"bth{tag}", f"btn{tag}"
+    host_ip, ns_ip = "10.213.78.1", "10.213.78.2"
+    run = lambda *cmd: subprocess.run(cmd, check=True, capture_output=True)  # noqa: E731
+    run("ip", "netns", "add", ns)
+    try:
+        run("ip", "link", "add", host_if, "type", "veth", "peer", "name", ns_if)
+        run("ip", "link", "set", ns_if, "netns", ns)
+        run("ip", "addr", "add", f"{host_ip}/30", "dev", host_if)
+        run("ip", "link", "set", host_if, "up")
+        run("ip", "netns", "exec", ns, "ip", "addr", "add", f"{ns_ip}/30", "dev", ns_if)
+        run("ip", "netns", "exec", ns, "ip", "link", "set", ns_if, "up")
+        server = session.serve_debug(port=0, host=host_ip, allow_remote=True)
+        assert server.login_url.startswith(f"http://{host_ip}:{server.port}/")
+        url = f"http://{host_ip}:{server.port}{STATUS}"
+        probe = ("import sys, urllib.request, urllib.error\n"
+                 "for url in sys.argv[1:]:\n"
+                 "    try:\n"
+                 "        print(urllib.request.urlopen(url, timeout=10).status)\n"
+                 "    except urllib.error.HTTPError as e:\n"
+                 "        print(e.code)\n")
+        out = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c", probe,
+                              url, url + "&token=" + server.token, url + "&token=x"],
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.split() == ["401", "200", "401"]
+    finally:
+        subprocess.run(["ip", "link", "del", host_if], capture_output=True)
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
