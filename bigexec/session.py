@@ -248,7 +248,10 @@ class B:
     def serve_debug(self, port: int = 3333, host: str = "127.0.0.1",
                     allow_remote: bool = False) -> Any:
         """Start the debug HTTP server (status page, profiles, metrics, stacks) and return it;
-        its ``url`` says where. Loopback only unless ``allow_remote``; port 0 picks one."""
+        its ``url`` says where, and its ``login_url`` carries its ``token``: every page needs
+        the token when the server is reachable from other hosts, and profiles do for
+        loopback clients of another user. Loopback only unless ``allow_remote``; port 0
+        picks one."""
         from .debug import DebugServer
 
         if self._debug is None:

@@ -207,7 +207,8 @@ def test_debug_server_refuses_non_loopback_clients(allow_remote):
         run("ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up")
         with bigexec.start("threads") as b:
             server = b.serve_debug(port=0, host=host_ip, allow_remote=allow_remote)
-            url = f"http://{host_ip}:{server.port}/debug/bigexec/status?format=json"
+            url = (f"http://{host_ip}:{server.port}/debug/bigexec/status?format=json"
+                   f"&token={server.token}")
             probe = ("import urllib.request, urllib.error, sys\n"
                      "try:\n"
                      f"    r = urllib.request.urlopen({url!r}, timeout=10); print(r.status)\n"
