@@ -195,13 +195,13 @@ def main() -> None:
     logging.basicConfig(level=os.environ.get("BIGEXEC_LOG_LEVEL", "WARNING"),
                         format="%(levelname)s %(name)s: %(message)s")
     stdin = sys.stdin.fileno()
-    creds = tls.Credentials.from_pem(_read_credentials(stdin))
+    served, calling = tls.machine_credentials_from_pem(_read_credentials(stdin))
     runtime = MachineRuntime(
         system_name=os.environ.get("BIGEXEC_SYSTEM", "local"),
         exit=_exit_process,
         lease=float(os.environ.get("BIGEXEC_LEASE", "60")),
-        server_ssl=tls.server_context(creds),
-        client_ssl=tls.client_context(creds),
+        server_ssl=tls.server_context(served),
+        client_ssl=tls.client_context(calling),
         maxprocs=int(os.environ.get("BIGEXEC_MAXPROCS", "1")),
         host=os.environ.get("BIGEXEC_HOST", "127.0.0.1"),
         namespaces=ns_mod.process_namespaces(),

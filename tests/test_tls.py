@@ -342,8 +342,16 @@ def test_threads_system_with_tls_end_to_end():
     assert m2.state == bigexec.STOPPED and m2.err is None
 
 
-def test_threads_system_without_tls_is_plain_http():
+def test_threads_system_is_tls_by_default():
     with bigexec.start("threads") as b:
+        (m,) = b.start(1, services={"Hello": Hello()})
+        assert m.wait(bigexec.RUNNING, timeout=20) and m.err is None
+        assert m.addr.startswith("https://")
+        assert m.call("Hello.hi", "closed") == "hi closed"
+
+
+def test_threads_system_with_tls_off_is_plain_http():
+    with bigexec.start("threads", tls=False) as b:
         (m,) = b.start(1, services={"Hello": Hello()})
         assert m.wait(bigexec.RUNNING, timeout=20) and m.err is None
         assert m.addr.startswith("http://")

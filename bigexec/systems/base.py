@@ -6,18 +6,33 @@ driver over RPC and is the same on every system. That keeps the interface small 
 backend whose machines boot slowly on other hosts (``ec2``): ``address`` may block for minutes,
 ``died`` may only know what the cloud API says, and ``client_ssl`` is all the driver needs to
 reach them.
+
+What environment a machine gets is the system's policy (``System.inherits_environment``): on
+this host (``threads``, ``local``) a machine runs as the driver's user and inherits the driver's
+whole environment; a machine on another host gets only what ``machine_environment`` lets
+through, so that the driver's cloud credentials do not travel to every worker.
 """
 
 from __future__ import annotations
 
+import fnmatch
+import os
 import ssl
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
-__all__ = ["KeepaliveConfig", "MachineHandle", "System"]
+__all__ = ["CREDENTIAL_PATTERNS", "KeepaliveConfig", "MachineHandle", "System"]
+
+#: Variables that hold credentials (cloud providers' and the usual tokens and secrets). A remote
+#: machine gets one only if ``env_allow`` names it exactly, never through a wildcard.
+CREDENTIAL_PATTERNS: tuple[str, ...] = (
+    "AWS_*", "GOOGLE_*", "GCLOUD_*", "CLOUDSDK_*", "AZURE_*", "ARM_*", "ALIBABA_CLOUD_*",
+    "DIGITALOCEAN_*", "HCLOUD_*", "OS_PASSWORD", "*SECRET*", "*TOKEN*", "*PASSWORD*",
+    "*PASSWD*", "*CREDENTIAL*", "*API_KEY*", "*PRIVATE_KEY*",
+)
 
 
 @dataclass(frozen=True)
@@ -96,6 +111,9 @@ class System(ABC):
     """A backend that provides machines: ``threads``, ``local``, ``ec2``."""
 
     name: ClassVar[str]
+    #: Whether machines get the driver's whole environment (plus ``env``). True only for
+    #: systems whose machines run on this host as this user; a remote system leaves it False.
+    inherits_environment: ClassVar[bool] = False
     default_keepalive: ClassVar[KeepaliveConfig] = KeepaliveConfig()
     default_boot_timeout: ClassVar[float] = 120.0
 
@@ -108,6 +126,7 @@ class System(ABC):
         keepalive_lease: float | None = None,
         keepalive_timeout: float | None = None,
         keepalive_rpc_timeout: float | None = None,
+        env_allow: Iterable[str] = (),
     ) -> None:
         cfg = keepalive or self.default_keepalive
         overrides: dict[str, Any] = {
@@ -118,10 +137,39 @@ class System(ABC):
         }
         self.keepalive = replace(cfg, **overrides) if overrides else cfg
         self.boot_timeout = self.default_boot_timeout if boot_timeout is None else boot_timeout
+        if isinstance(env_allow, str):
+            env_allow = (env_allow,)
+        #: Names or ``fnmatch`` patterns of the driver's variables that remote machines get.
+        self.env_allow: tuple[str, ...] = tuple(env_allow)
 
     @abstractmethod
     def start(self, count: int, env: Mapping[str, str]) -> list[MachineHandle]:
         """Launch ``count`` machines with extra environment ``env``; do not wait for them."""
+
+    def machine_environment(self, env: Mapping[str, str],
+                            source: Mapping[str, str] | None = None) -> dict[str, str]:
+        """The environment to give a machine: ``env`` (given to ``start``) over what it takes
+        from ``source`` (default ``os.environ``, the driver's).
+
+        A system that ``inherits_environment`` takes all of ``source``. Any other takes only
+        bigexec's own ``BIGEXEC_*`` settings and the variables ``env_allow`` matches, and
+        never a credential (``CREDENTIAL_PATTERNS``) unless ``env_allow`` names it exactly.
+        """
+        source = os.environ if source is None else source
+        if self.inherits_environment:
+            return {**source, **env}
+        exact = {p for p in self.env_allow if not any(c in p for c in "*?[")}
+        patterns = [p for p in self.env_allow if p not in exact]
+        out: dict[str, str] = {}
+        for key, value in source.items():
+            if key in exact or key.startswith("BIGEXEC_"):
+                out[key] = value
+            elif any(fnmatch.fnmatchcase(key, p) for p in patterns) and not any(
+                fnmatch.fnmatchcase(key.upper(), c) for c in CREDENTIAL_PATTERNS
+            ):
+                out[key] = value
+        out.update(env)
+        return out
 
     def client_ssl(self) -> ssl.SSLContext | None:
         """The driver's TLS client context for reaching this system's machines (None: plain)."""

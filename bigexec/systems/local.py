@@ -14,8 +14,10 @@ dies, the worker reads EOF and exits at once, without waiting for its lease to l
 lease still ends a worker whose driver hangs). Forked children of the driver let go of
 their copies, so they do not keep it alive. It gets the driver's ``sys.path`` (through
 ``PYTHONPATH``) so the user's modules import, and the driver's working directory. It never
-re-runs the user's ``__main__``. Credentials travel on stdin, so no key touches the disk
-except for the instant ``ssl`` needs a file to load it from.
+re-runs the user's ``__main__``. Credentials travel on stdin, so no key touches the disk (see
+``bigexec.tls`` for how ``ssl`` loads them). A worker inherits the driver's whole environment,
+as any child process does (``System.inherits_environment``): it runs as the same user on the
+same host, so it could read it anyway, and services read it through ``Supervisor.getenv``.
 Lines the worker prints before it listens (interpreter start-up) are boot noise: they are held
 back, and shown only if the machine fails to boot or ``boot_logs=True``. A worker that dies
 before it listens fails its machine with a ``BootError`` that quotes its last output lines
@@ -242,6 +244,7 @@ class LocalSystem(System):
     """
 
     name = "local"
+    inherits_environment = True  # a child process, as this user, on this host
     default_keepalive = KeepaliveConfig(period=5.0, lease=60.0, timeout=30.0, rpc_timeout=10.0)
     default_boot_timeout = 60.0
 
@@ -251,7 +254,7 @@ class LocalSystem(System):
         self.python = python or sys.executable
         self.boot_logs = boot_logs or os.environ.get("BIGEXEC_BOOT_LOGS") == "1"
         self.authority = Authority(authority)
-        self._client_ssl = tls.client_context(self.authority.issue("driver"))
+        self._client_ssl = tls.client_context(self.authority.issue_driver())
         self._handles: list[_LocalHandle] = []  # of machines not yet exited
         self._handles_lock = threading.Lock()
         #: Boots that failed in a row; past a few, workers' start-up output is shown.
@@ -261,8 +264,7 @@ class LocalSystem(System):
         return self._client_ssl
 
     def _environment(self, env: Mapping[str, str], fd: int) -> dict[str, str]:
-        environ = dict(os.environ)
-        environ.update(env)
+        environ = self.machine_environment(env)
         path = [os.getcwd() if p == "" else p for p in sys.path]
         if environ.get("PYTHONPATH"):
             path.append(environ["PYTHONPATH"])
@@ -279,7 +281,7 @@ class LocalSystem(System):
     def start(self, count: int, env: Mapping[str, str]) -> list[MachineHandle]:
         handles: list[MachineHandle] = []
         for _ in range(count):
-            creds = self.authority.issue("machine", ips=["127.0.0.1"], dns=["localhost"])
+            served, calling = self.authority.issue_machine(ips=["127.0.0.1"], dns=["localhost"])
             r, w = os.pipe()
             try:
                 proc = subprocess.Popen(
@@ -298,7 +300,8 @@ class LocalSystem(System):
                 os.close(w)
             assert proc.stdin is not None
             try:
-                proc.stdin.write(creds.to_pem() + tls.CREDENTIALS_END)
+                proc.stdin.write(tls.machine_credentials_to_pem(served, calling)
+                                 + tls.CREDENTIALS_END)
                 proc.stdin.flush()
             except OSError:
                 pass  # it died at once; address() reports how

@@ -9,6 +9,12 @@ makes it stop answering while its connections stay open, as a hung or partitione
 
 Machines share the process, so ``env`` is not put into ``os.environ``: each machine sees it
 through ``Supervisor.getenv`` (an overlay on the process environment).
+
+A machine's port is open to every local user, and what it receives is unpickled in this
+process. So machines speak mutual TLS with a CA that lives in this session's memory, as on
+``local``: only the driver and the session's machines hold certificates it accepts.
+``tls=False`` serves plain HTTP instead and is unsafe: anyone who can reach the port can
+run code in the test process. Use it only on a host where every local user is trusted.
 """
 
 from __future__ import annotations
@@ -70,13 +76,15 @@ class _ThreadHandle(MachineHandle):
 
 
 class ThreadsSystem(System):
-    """In-process machines. Options: ``tls`` (default False), ``maxprocs`` (default 1)."""
+    """In-process machines. Options: ``maxprocs`` (default 1); ``tls`` (default True;
+    ``tls=False`` is unsafe, see the module's doc)."""
 
     name = "threads"
+    inherits_environment = True  # machines live in this very process
     default_keepalive = KeepaliveConfig(period=1.0, lease=30.0, timeout=5.0, rpc_timeout=2.0)
     default_boot_timeout = 30.0
 
-    def __init__(self, *, tls: bool = False, maxprocs: int = 1, **options: Any) -> None:
+    def __init__(self, *, tls: bool = True, maxprocs: int = 1, **options: Any) -> None:
         super().__init__(**options)
         if maxprocs < 1:
             raise ValueError("maxprocs must be at least 1")
@@ -91,7 +99,7 @@ class ThreadsSystem(System):
             from ..authority import Authority
 
             self._authority = Authority()
-            self._client_ssl = tlsmod.client_context(self._authority.issue("driver"))
+            self._client_ssl = tlsmod.client_context(self._authority.issue_driver())
 
     def client_ssl(self) -> ssl.SSLContext | None:
         return self._client_ssl
@@ -104,9 +112,10 @@ class ThreadsSystem(System):
             if self._authority is not None:
                 from .. import tls as tlsmod
 
-                creds = self._authority.issue("machine", ips=["127.0.0.1"], dns=["localhost"])
-                server_ssl = tlsmod.server_context(creds)
-                client_ssl = tlsmod.client_context(creds)
+                served, calling = self._authority.issue_machine(ips=["127.0.0.1"],
+                                                                dns=["localhost"])
+                server_ssl = tlsmod.server_context(served)
+                client_ssl = tlsmod.client_context(calling)
             holder: list[_ThreadHandle] = []
             runtime = MachineRuntime(
                 system_name=self.name,
@@ -115,6 +124,8 @@ class ThreadsSystem(System):
                 server_ssl=server_ssl,
                 client_ssl=client_ssl,
                 maxprocs=self.maxprocs,
+                # machine_environment's policy as an overlay, not a copy: the machine shares
+                # this process's environment and sees its later changes.
                 environ=ChainMap(dict(env), os.environ),  # type: ignore[arg-type]
                 mark_logs=True,  # machines share our log handlers: say whose records are whose
             )
