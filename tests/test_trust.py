@@ -115,6 +115,16 @@ def test_default_threads_machine_refuses_a_plain_pickle_before_unpickling(tmp_pa
     assert not touched.exists()
 
 
+def test_another_session_cannot_dial_a_threads_machine():
+    with bigexec.start("threads") as owner, bigexec.start("threads") as other:
+        (m,) = owner.start(1, services={"Hello": Hello()})
+        assert m.wait(bigexec.RUNNING, timeout=20) and m.err is None
+        d = other.dial(m.addr)
+        d.wait(bigexec.STOPPED, timeout=20)
+        assert isinstance(d.err, bigexec.MachineLost) and "certificate" in str(d.err)
+        assert m.call("Hello.hi", "owner") == "hi owner"
+
+
 # --- 2. separate usages, one identity per party -----------------------------------------
 
 

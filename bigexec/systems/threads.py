@@ -77,14 +77,16 @@ class _ThreadHandle(MachineHandle):
 
 class ThreadsSystem(System):
     """In-process machines. Options: ``maxprocs`` (default 1); ``tls`` (default True;
-    ``tls=False`` is unsafe, see the module's doc)."""
+    ``tls=False`` is unsafe, see the module's doc); ``authority`` (path of a persistent CA file,
+    for sessions that dial each other's machines; default: in memory only)."""
 
     name = "threads"
     inherits_environment = True  # machines live in this very process
     default_keepalive = KeepaliveConfig(period=1.0, lease=30.0, timeout=5.0, rpc_timeout=2.0)
     default_boot_timeout = 30.0
 
-    def __init__(self, *, tls: bool = True, maxprocs: int = 1, **options: Any) -> None:
+    def __init__(self, *, tls: bool = True, maxprocs: int = 1, authority: str | None = None,
+                 **options: Any) -> None:
         super().__init__(**options)
         if maxprocs < 1:
             raise ValueError("maxprocs must be at least 1")
@@ -94,11 +96,13 @@ class ThreadsSystem(System):
         self._authority: Any = None
         self._handles: list[_ThreadHandle] = []  # of machines whose runtime still runs
         self._handles_lock = threading.Lock()
+        if authority is not None and not tls:
+            raise ValueError("authority= is for TLS: it cannot go with tls=False")
         if tls:
             from .. import tls as tlsmod
             from ..authority import Authority
 
-            self._authority = Authority()
+            self._authority = Authority(authority)
             self._client_ssl = tlsmod.client_context(self._authority.issue_driver())
 
     def client_ssl(self) -> ssl.SSLContext | None:
