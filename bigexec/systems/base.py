@@ -108,7 +108,12 @@ class MachineHandle(ABC):
 
 
 class System(ABC):
-    """A backend that provides machines: ``threads``, ``local``, ``ec2``."""
+    """A backend that provides machines: ``threads``, ``local``, ``ec2``.
+
+    Options every system takes: the keepalive settings, ``boot_timeout``, and ``env_allow``
+    (names or patterns of the driver's environment variables that machines of a system that
+    does not ``inherits_environment`` get; see ``machine_environment``).
+    """
 
     name: ClassVar[str]
     #: Whether machines get the driver's whole environment (plus ``env``). True only for
@@ -144,7 +149,10 @@ class System(ABC):
 
     @abstractmethod
     def start(self, count: int, env: Mapping[str, str]) -> list[MachineHandle]:
-        """Launch ``count`` machines with extra environment ``env``; do not wait for them."""
+        """Launch ``count`` machines with extra environment ``env``; do not wait for them.
+
+        A machine's environment is ``machine_environment(env)``: a remote system must send
+        that and nothing else."""
 
     def machine_environment(self, env: Mapping[str, str],
                             source: Mapping[str, str] | None = None) -> dict[str, str]:
