@@ -202,7 +202,6 @@ class Authority:
         """A new machine's (server, client) credentials, both named "machine <n>" with ``n``
         new in this authority's life; the server certificate carries ``ips`` and ``dns``."""
         name = f"machine {next(self._machines)}"
-        ips, dns = list(ips), list(dns)
         return (self.issue(name, ttl, ips, dns, usage="server"),
                 self.issue(name, ttl, usage="client"))
 

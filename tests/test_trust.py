@@ -352,6 +352,7 @@ _DRIVER_ENV = {
     "GOOGLE_APPLICATION_CREDENTIALS": "/home/me/gcp.json",
     "AZURE_CLIENT_SECRET": "az",
     "GITHUB_TOKEN": "ghp",
+    "TOKENIZERS_PARALLELISM": "false",
 }
 
 
@@ -367,7 +368,7 @@ def test_a_remote_system_sends_only_what_it_is_allowed():
 
 def test_a_remote_system_never_sends_credentials_through_a_wildcard():
     got = _RemoteSystem(env_allow=("*",)).machine_environment({}, _DRIVER_ENV)
-    assert {"HOME", "PATH", "MYAPP_MODE", "BIGEXEC_LOG_LEVEL"} <= set(got)
+    assert {"HOME", "PATH", "MYAPP_MODE", "BIGEXEC_LOG_LEVEL", "TOKENIZERS_PARALLELISM"} <= set(got)
     for secret in ("AWS_SECRET_ACCESS_KEY", "AWS_REGION", "GOOGLE_APPLICATION_CREDENTIALS",
                    "AZURE_CLIENT_SECRET", "GITHUB_TOKEN", "MYAPP_DB_PASSWORD"):
         assert secret not in got

@@ -227,9 +227,9 @@ class Server:
         except ssl.SSLError as exc:
             log.debug("TLS handshake or read with %s failed: %s", caller, exc)
         except (OSError, ProtocolError) as exc:
-            log.debug("connection dropped: %s", exc)
+            log.debug("connection with %s dropped: %s", caller, exc)
         except Exception:  # never let a bad connection take the thread down silently
-            log.exception("unexpected error serving a connection")
+            log.exception("unexpected error serving a connection with %s", caller)
         finally:
             with self._lock:
                 self._conns.discard(raw)

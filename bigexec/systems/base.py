@@ -30,8 +30,8 @@ __all__ = ["CREDENTIAL_PATTERNS", "KeepaliveConfig", "MachineHandle", "System"]
 #: machine gets one only if ``env_allow`` names it exactly, never through a wildcard.
 CREDENTIAL_PATTERNS: tuple[str, ...] = (
     "AWS_*", "GOOGLE_*", "GCLOUD_*", "CLOUDSDK_*", "AZURE_*", "ARM_*", "ALIBABA_CLOUD_*",
-    "DIGITALOCEAN_*", "HCLOUD_*", "OS_PASSWORD", "*SECRET*", "*TOKEN*", "*PASSWORD*",
-    "*PASSWD*", "*CREDENTIAL*", "*API_KEY*", "*PRIVATE_KEY*",
+    "DIGITALOCEAN_*", "HCLOUD_*", "*SECRET*", "*TOKEN", "*TOKEN_*", "*PASSWORD*", "*PASSWD*",
+    "*CREDENTIAL*", "*API_KEY*", "*ACCESS_KEY*", "*PRIVATE_KEY*",
 )
 
 
