@@ -34,6 +34,7 @@ from concurrent.futures import CancelledError, Future, InvalidStateError
 from enum import IntEnum
 from typing import TYPE_CHECKING, Any
 
+from . import tls
 from .errors import BootError, MachineLost, MachineStopped, NetworkError
 from .rpc.client import CallHandle, PendingCall, new_call_id
 from .rpc.wire import Stream
@@ -298,12 +299,14 @@ class Machine:
         """Hand the machine a fresh certificate; a failure is retried at the next keepalive
         (a third of the old one's life is left for that)."""
         system = self._b.system
-        creds = system.machine_credentials(self._handle) if system is not None else None
+        creds = (system.renewed_machine_credentials(self._handle)
+                 if system is not None and self._handle is not None else None)
         if creds is None:
             self._renew_at = None
             return
         try:
-            self._call_raw("Supervisor.renew_credentials", (creds.to_pem(),), {}, timeout)
+            self._call_raw("Supervisor.renew_credentials",
+                           (tls.machine_credentials_to_pem(*creds),), {}, timeout)
         except Exception as exc:
             if not self._stop_event.is_set():
                 log.warning("renewing the certificate of machine %s failed (retrying): %s",

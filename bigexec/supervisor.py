@@ -86,9 +86,10 @@ class Supervisor:
         return {"next": lease, "healthy": self._runtime.healthy}
 
     def renew_credentials(self, pem: bytes) -> bool:
-        """Use the credentials in ``pem`` (CA certificate, leaf, leaf key) for new
-        connections, served and made; the driver sends them before the old leaf expires."""
-        self._runtime.renew_credentials(tls.Credentials.from_pem(pem))
+        """Use the credentials in ``pem`` (``tls.machine_credentials_to_pem``: the server's,
+        then the client's) for new connections, served and made; the driver sends them before
+        the old ones expire."""
+        self._runtime.renew_credentials(*tls.machine_credentials_from_pem(pem))
         return True
 
     def shutdown(self, delay: float = 0.0, message: str = "") -> None:

@@ -116,13 +116,13 @@ class MachineRuntime:
             self._deadline = time.monotonic() + lease
             self.keepalives += 1
 
-    def renew_credentials(self, creds: tls.Credentials) -> None:
-        """Serve, and call other machines, with ``creds`` from now on: new connections get
-        them, connections already open stay as they are."""
+    def renew_credentials(self, server: tls.Credentials, client: tls.Credentials) -> None:
+        """Serve with ``server`` and call other machines with ``client`` from now on: new
+        connections get them, connections already open stay as they are."""
         if self.server.ssl_context is None:
             raise RuntimeError("this machine serves without TLS: it has no credentials to renew")
-        server_ssl = tls.server_context(creds)
-        client_ssl = tls.client_context(creds)
+        server_ssl = tls.server_context(server)
+        client_ssl = tls.client_context(client)
         self.server.ssl_context = server_ssl
         self.session.renew_client_ssl(client_ssl)
         with self._lock:
@@ -261,13 +261,13 @@ def main() -> None:
     logging.basicConfig(level=os.environ.get("BIGEXEC_LOG_LEVEL", "WARNING"),
                         format="%(levelname)s %(name)s: %(message)s")
     stdin = sys.stdin.fileno()
-    creds = tls.Credentials.from_pem(_read_credentials(stdin))
+    served, calling = tls.machine_credentials_from_pem(_read_credentials(stdin))
     runtime = MachineRuntime(
         system_name=os.environ.get("BIGEXEC_SYSTEM", "local"),
         exit=_exit_process,
         lease=float(os.environ.get("BIGEXEC_LEASE", "60")),
-        server_ssl=tls.server_context(creds),
-        client_ssl=tls.client_context(creds),
+        server_ssl=tls.server_context(served),
+        client_ssl=tls.client_context(calling),
         maxprocs=int(os.environ.get("BIGEXEC_MAXPROCS", "1")),
         host=os.environ.get("BIGEXEC_HOST", "127.0.0.1"),
         namespaces=ns_mod.process_namespaces(),

@@ -87,7 +87,7 @@ def running(b, n=1, **services):
 
 def test_boot_reaches_running_with_info(threads_b):
     (m,) = running(threads_b)
-    assert m.addr.startswith("http://127.0.0.1:")
+    assert m.addr.startswith("https://127.0.0.1:")
     assert m.owned and m.maxprocs == 1
     info = m.call("Supervisor.info")
     assert info["system"] == "threads" and info["bigexec_version"] == bigexec.__version__
@@ -232,16 +232,18 @@ def test_machine_watchdog_exits_when_the_lease_lapses():
         assert runtime.server.closed
 
 
-def test_dial_does_not_own_and_shutdown_leaves_it(threads_b):
-    (m,) = running(threads_b)
-    with bigexec.start("threads") as other:
-        d = other.dial(m.addr)
-        assert d.wait(bigexec.RUNNING, 5) and d.err is None
-        assert not d.owned
-        assert d.call("Counter.incr", 3) == 3
-    assert d.state == bigexec.STOPPED and d.err is None
-    assert m.state == bigexec.RUNNING
-    assert m.call("Counter.get") == 3
+def test_dial_does_not_own_and_shutdown_leaves_it(tmp_path):
+    ca = str(tmp_path / "ca.pem")  # sessions trust each other's machines if they share a CA
+    with bigexec.start("threads", authority=ca) as owner:
+        (m,) = running(owner)
+        with bigexec.start("threads", authority=ca) as other:
+            d = other.dial(m.addr)
+            assert d.wait(bigexec.RUNNING, 5) and d.err is None
+            assert not d.owned
+            assert d.call("Counter.incr", 3) == 3
+        assert d.state == bigexec.STOPPED and d.err is None
+        assert m.state == bigexec.RUNNING
+        assert m.call("Counter.get") == 3
 
 
 def test_services_call_other_machines(threads_b):

@@ -130,6 +130,21 @@ def test_credentials_pem_bundle_round_trip():
         Credentials.from_pem(creds.cert_pem + creds.key_pem)
 
 
+def test_machine_credentials_bundle_round_trip():
+    ca = Authority()
+    served, calling = ca.issue_machine(ips=["127.0.0.1"])
+    back_served, back_calling = tls.machine_credentials_from_pem(
+        tls.machine_credentials_to_pem(served, calling))
+    assert (back_served.cert_pem, back_served.key_pem) == (served.cert_pem, served.key_pem)
+    assert (back_calling.cert_pem, back_calling.key_pem) == (calling.cert_pem, calling.key_pem)
+    # a single bundle (from a driver that issued one leaf for both) serves as both
+    legacy = ca.issue("both", ips=["127.0.0.1"])
+    one, two = tls.machine_credentials_from_pem(legacy.to_pem())
+    assert one.cert_pem == two.cert_pem == legacy.cert_pem
+    with pytest.raises(ValueError):
+        tls.machine_credentials_from_pem(served.cert_pem)
+
+
 # --- mutual TLS on a bare server ---------------------------------------------------------
 
 
@@ -342,8 +357,16 @@ def test_threads_system_with_tls_end_to_end():
     assert m2.state == bigexec.STOPPED and m2.err is None
 
 
-def test_threads_system_without_tls_is_plain_http():
+def test_threads_system_is_tls_by_default():
     with bigexec.start("threads") as b:
+        (m,) = b.start(1, services={"Hello": Hello()})
+        assert m.wait(bigexec.RUNNING, timeout=20) and m.err is None
+        assert m.addr.startswith("https://")
+        assert m.call("Hello.hi", "closed") == "hi closed"
+
+
+def test_threads_system_with_tls_off_is_plain_http():
+    with bigexec.start("threads", tls=False) as b:
         (m,) = b.start(1, services={"Hello": Hello()})
         assert m.wait(bigexec.RUNNING, timeout=20) and m.err is None
         assert m.addr.startswith("http://")

@@ -27,7 +27,7 @@ import threading
 import time
 from typing import Any
 
-from .. import logs, namespaces
+from .. import logs, namespaces, tls
 from ..context import Context
 from ..errors import ProtocolError, UnknownMethodError
 from ..metrics import StatsTable
@@ -196,7 +196,9 @@ class Server:
             namespaces.set_current(self.namespaces)
         with self._lock:
             self._conns.add(raw)
+        caller = "an unauthenticated peer"
         try:
+            caller = "{}:{} (unauthenticated)".format(*raw.getpeername()[:2])
             wire.tune_socket(raw)
             if self.ssl_context is not None:
                 raw.settimeout(HANDSHAKE_TIMEOUT)
@@ -211,22 +213,25 @@ class Server:
                 finally:
                     with self._lock:
                         self._handshaking.pop(sock, None)
+                # Whom the session's CA vouched for: named in what this server refuses them.
+                caller = tls.peer_name(sock) or caller
             sock.settimeout(self.idle_timeout)  # per read: a silent peer is let go
             rfile = sock.makefile("rb", buffering=256 * 1024)
             while not self._closed.is_set():
                 try:
                     head = wire.read_head(rfile)
                 except ProtocolError as exc:
-                    self._respond(sock, 400, f"malformed request: {exc}".encode(), close=True)
+                    self._respond(sock, 400, f"malformed request: {exc}".encode(), caller,
+                                  close=True)
                     break
-                if head is None or not self._handle(sock, rfile, head):
+                if head is None or not self._handle(sock, rfile, head, caller):
                     break
         except ssl.SSLError as exc:
-            log.debug("TLS handshake or read failed: %s", exc)
+            log.debug("TLS handshake or read with %s failed: %s", caller, exc)
         except (OSError, ProtocolError) as exc:
-            log.debug("connection dropped: %s", exc)
+            log.debug("connection with %s dropped: %s", caller, exc)
         except Exception:  # never let a bad connection take the thread down silently
-            log.exception("unexpected error serving a connection")
+            log.exception("unexpected error serving a connection with %s", caller)
         finally:
             with self._lock:
                 self._conns.discard(raw)
@@ -238,8 +243,12 @@ class Server:
                     pass
             _hard_close(sock)
 
-    def _respond(self, sock: socket.socket, status: int, body: bytes,
+    def _respond(self, sock: socket.socket, status: int, body: bytes, caller: str,
                  ctype: str = "text/plain; charset=utf-8", close: bool = False) -> None:
+        """Refuse a request of ``caller``, telling it and the log who was refused."""
+        log.info("refused a request from %s: HTTP %d: %s", caller, status,
+                 body.decode("utf-8", "replace"))
+        body += f" (caller: {caller})".encode()
         head = (
             f"HTTP/1.1 {status} {wire.REASONS.get(status, 'Unknown')}\r\n"
             f"Content-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
@@ -249,14 +258,14 @@ class Server:
         sock.sendall(head + body)
 
     def _handle(self, sock: socket.socket, rfile: Any,
-                head: tuple[list[str], dict[str, str]]) -> bool:
+                head: tuple[list[str], dict[str, str]], caller: str) -> bool:
         """Serve one request; return whether the connection may carry another."""
         if self._frozen.is_set():
             self._frozen_wait()
             return False
         start, headers = head
         if len(start) != 3 or not start[2].startswith("HTTP/1."):
-            self._respond(sock, 400, b"malformed request line", close=True)
+            self._respond(sock, 400, b"malformed request line", caller, close=True)
             return False
         verb, target = start[0], start[1]
         chunked = headers.get("transfer-encoding", "").lower() == "chunked"
@@ -266,24 +275,24 @@ class Server:
             if length is not None and length < 0:
                 raise ValueError
         except ValueError:
-            self._respond(sock, 400, b"bad Content-Length", close=True)
+            self._respond(sock, 400, b"bad Content-Length", caller, close=True)
             return False
         if verb != "POST":
-            self._respond(sock, 405, b"bigrpc takes POST only", close=True)
+            self._respond(sock, 405, b"bigrpc takes POST only", caller, close=True)
             return False
         path = target.split("?", 1)[0]
         at = path.rfind("/bigrpc/")
         name = path[at + 8 :] if at >= 0 else ""
         if at < 0 or "." not in name:
             self._respond(sock, 404, f"no such path {path!r}; use /bigrpc/Service.method".encode(),
-                          close=True)
+                          caller, close=True)
             return False
         call_id = headers.get("x-bigexec-call") or os.urandom(8).hex()
         try:
             t = headers.get("x-bigexec-timeout")
             timeout = float(t) if t is not None else None
         except ValueError:
-            self._respond(sock, 400, b"bad X-Bigexec-Timeout", close=True)
+            self._respond(sock, 400, b"bad X-Bigexec-Timeout", caller, close=True)
             return False
 
         stream: wire.Stream | None = None
@@ -295,7 +304,7 @@ class Server:
                 message = wire.read_message(rfile, length)
             else:
                 self._respond(sock, 400, b"a body with Content-Length or chunked is required",
-                              close=True)
+                              caller, close=True)
                 return False
             call = codec.loads(message)
             if not (isinstance(call, tuple) and len(call) == 2 and isinstance(call[0], tuple)
@@ -304,7 +313,7 @@ class Server:
             args, kwargs = call
         except (codec.DecodeError, ProtocolError, ValueError) as exc:
             self._respond(sock, 400, f"cannot decode the call to {name}: {exc}".encode(),
-                          close=True)
+                          caller, close=True)
             return False
         if stream is not None:
             args, kwargs = _put_stream(args, kwargs, stream)
@@ -313,7 +322,7 @@ class Server:
             fn, wants_ctx = self.registry.resolve(name)
         except UnknownMethodError as exc:
             keep = stream is None or stream.drain(1 << 62)
-            self._respond(sock, 404, str(exc).encode(), close=not keep)
+            self._respond(sock, 404, str(exc).encode(), caller, close=not keep)
             return keep
 
         # Only a method that takes ctx can notice a cancel: only those are registered for one.

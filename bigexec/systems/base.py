@@ -13,11 +13,18 @@ option, 7 days by default) and is renewed when ``renew_after`` of them have pass
 driver's client context by ``client_ssl`` (for new connections; pooled ones stay), each
 machine's by its keepalive thread, which hands the machine a fresh leaf from
 ``machine_credentials`` over RPC. Machines never see the CA's key.
+
+What environment a machine gets is the system's policy (``System.inherits_environment``): on
+this host (``threads``, ``local``) a machine runs as the driver's user and inherits the driver's
+whole environment; a machine on another host gets only what ``machine_environment`` lets
+through, so that the driver's cloud credentials do not travel to every worker.
 """
 
 from __future__ import annotations
 
 import datetime
+import fnmatch
+import os
 import ssl
 import threading
 import time
@@ -31,13 +38,20 @@ from .. import tls
 if TYPE_CHECKING:
     from ..authority import Authority
 
-__all__ = ["DEFAULT_CERT_LIFETIME", "RENEW_FRACTION", "KeepaliveConfig", "MachineHandle",
-           "System"]
+__all__ = ["CREDENTIAL_PATTERNS", "DEFAULT_CERT_LIFETIME", "RENEW_FRACTION", "KeepaliveConfig",
+           "MachineHandle", "System"]
 
 #: How long the leaf certificates a system issues live, in seconds, unless ``cert_lifetime``.
 DEFAULT_CERT_LIFETIME = 7 * 24 * 3600.0
 #: The part of a leaf's lifetime after which it is renewed: a third of it is left to renew in.
 RENEW_FRACTION = 2 / 3
+#: Variables that hold credentials (cloud providers' and the usual tokens and secrets). A remote
+#: machine gets one only if ``env_allow`` names it exactly, never through a wildcard.
+CREDENTIAL_PATTERNS: tuple[str, ...] = (
+    "AWS_*", "GOOGLE_*", "GCLOUD_*", "CLOUDSDK_*", "AZURE_*", "ARM_*", "ALIBABA_CLOUD_*",
+    "DIGITALOCEAN_*", "HCLOUD_*", "*SECRET*", "*TOKEN", "*TOKEN_*", "*PASSWORD*", "*PASSWD*",
+    "*CREDENTIAL*", "*API_KEY*", "*ACCESS_KEY*", "*PRIVATE_KEY*",
+)
 
 
 @dataclass(frozen=True)
@@ -72,6 +86,11 @@ class MachineHandle(ABC):
     def __init__(self) -> None:
         self._lost_callback: Callable[[BaseException], None] | None = None
         self._expect_exit = threading.Event()
+        #: The machine's name in its certificates (``System.new_machine_identity``), and the
+        #: (ips, dns) names its server certificate carries; None on a system without TLS.
+        self.identity: str | None = None
+        self.cert_names: tuple[tuple[str, ...], tuple[str, ...]] = (("127.0.0.1",),
+                                                                     ("localhost",))
 
     @abstractmethod
     def address(self, timeout: float) -> str:
@@ -113,9 +132,17 @@ class MachineHandle(ABC):
 
 
 class System(ABC):
-    """A backend that provides machines: ``threads``, ``local``, ``ec2``."""
+    """A backend that provides machines: ``threads``, ``local``, ``ec2``.
+
+    Options every system takes: the keepalive settings, ``boot_timeout``, and ``env_allow``
+    (names or patterns of the driver's environment variables that machines of a system that
+    does not ``inherits_environment`` get; see ``machine_environment``).
+    """
 
     name: ClassVar[str]
+    #: Whether machines get the driver's whole environment (plus ``env``). True only for
+    #: systems whose machines run on this host as this user; a remote system leaves it False.
+    inherits_environment: ClassVar[bool] = False
     default_keepalive: ClassVar[KeepaliveConfig] = KeepaliveConfig()
     default_boot_timeout: ClassVar[float] = 120.0
 
@@ -129,6 +156,7 @@ class System(ABC):
         keepalive_timeout: float | None = None,
         keepalive_rpc_timeout: float | None = None,
         cert_lifetime: float | None = None,
+        env_allow: Iterable[str] = (),
     ) -> None:
         cfg = keepalive or self.default_keepalive
         overrides: dict[str, Any] = {
@@ -145,10 +173,42 @@ class System(ABC):
         self._client_lock = threading.Lock()
         self._client_ctx: ssl.SSLContext | None = None
         self._client_renew_at = 0.0
+        if isinstance(env_allow, str):
+            env_allow = (env_allow,)
+        #: Names or ``fnmatch`` patterns of the driver's variables that remote machines get.
+        self.env_allow: tuple[str, ...] = tuple(env_allow)
 
     @abstractmethod
     def start(self, count: int, env: Mapping[str, str]) -> list[MachineHandle]:
-        """Launch ``count`` machines with extra environment ``env``; do not wait for them."""
+        """Launch ``count`` machines with extra environment ``env``; do not wait for them.
+
+        A machine's environment is ``machine_environment(env)``: a remote system must send
+        that and nothing else."""
+
+    def machine_environment(self, env: Mapping[str, str],
+                            source: Mapping[str, str] | None = None) -> dict[str, str]:
+        """The environment to give a machine: ``env`` (given to ``start``) over what it takes
+        from ``source`` (default ``os.environ``, the driver's).
+
+        A system that ``inherits_environment`` takes all of ``source``. Any other takes only
+        bigexec's own ``BIGEXEC_*`` settings and the variables ``env_allow`` matches, and
+        never a credential (``CREDENTIAL_PATTERNS``) unless ``env_allow`` names it exactly.
+        """
+        source = os.environ if source is None else source
+        if self.inherits_environment:
+            return {**source, **env}
+        exact = {p for p in self.env_allow if not any(c in p for c in "*?[")}
+        patterns = [p for p in self.env_allow if p not in exact]
+        out: dict[str, str] = {}
+        for key, value in source.items():
+            if key in exact or key.startswith("BIGEXEC_"):
+                out[key] = value
+            elif any(fnmatch.fnmatchcase(key, p) for p in patterns) and not any(
+                fnmatch.fnmatchcase(key.upper(), c) for c in CREDENTIAL_PATTERNS
+            ):
+                out[key] = value
+        out.update(env)
+        return out
 
     # --- credentials ---------------------------------------------------------------------
 
@@ -161,22 +221,39 @@ class System(ABC):
         """Seconds after which a leaf this system issued is replaced by a fresh one."""
         return self.cert_lifetime * RENEW_FRACTION
 
-    def issue_credentials(self, common_name: str, *, ips: Iterable[str] = (),
-                          dns: Iterable[str] = ()) -> tls.Credentials:
-        """A fresh leaf from ``credentials_authority()``, living ``cert_lifetime`` seconds."""
+    def _authority(self) -> Authority:
         authority = self.credentials_authority()
         if authority is None:
             raise RuntimeError(f"the {self.name} system has no certificate authority")
-        return authority.issue(common_name, ttl=datetime.timedelta(seconds=self.cert_lifetime),
-                               ips=ips, dns=dns)
+        return authority
 
-    def machine_credentials(self, handle: MachineHandle | None = None) -> tls.Credentials | None:
-        """Fresh credentials for a machine (``handle``: one that runs, to renew them); None
-        when the system has no TLS. Machines on this host are named by loopback; a system
-        whose machines live elsewhere names them by what the handle knows."""
+    def _ttl(self) -> datetime.timedelta:
+        return datetime.timedelta(seconds=self.cert_lifetime)
+
+    def new_machine_identity(self) -> str:
+        """A name for a machine about to start, unique in this system's CA ("machine <n>"):
+        its certificates carry it, and the servers it calls name it in what they log."""
+        return self._authority().new_machine_name()
+
+    def machine_credentials(self, identity: str, *, ips: Iterable[str] = ("127.0.0.1",),
+                            dns: Iterable[str] = ("localhost",),
+                            ) -> tuple[tls.Credentials, tls.Credentials] | None:
+        """Fresh (server, client) credentials for machine ``identity``, living
+        ``cert_lifetime`` seconds; None when the system has no TLS. The server certificate
+        names the machine's addresses: loopback by default, for machines on this host."""
         if self.credentials_authority() is None:
             return None
-        return self.issue_credentials("machine", ips=["127.0.0.1"], dns=["localhost"])
+        return self._authority().issue_machine(ips=ips, dns=dns, ttl=self._ttl(),
+                                               name=identity)
+
+    def renewed_machine_credentials(self, handle: MachineHandle,
+                                    ) -> tuple[tls.Credentials, tls.Credentials] | None:
+        """Fresh credentials for the running machine of ``handle``, under the same identity
+        and names (see ``MachineHandle.identity`` and ``MachineHandle.cert_names``)."""
+        if handle.identity is None:
+            return None
+        ips, dns = handle.cert_names
+        return self.machine_credentials(handle.identity, ips=ips, dns=dns)
 
     def client_ssl(self) -> ssl.SSLContext | None:
         """The driver's TLS client context for new connections to this system's machines
@@ -186,7 +263,8 @@ class System(ABC):
         with self._client_lock:
             now = time.monotonic()
             if self._client_ctx is None or now >= self._client_renew_at:
-                self._client_ctx = tls.client_context(self.issue_credentials("driver"))
+                creds = self._authority().issue_driver(ttl=self._ttl())
+                self._client_ctx = tls.client_context(creds)
                 self._client_renew_at = now + self.renew_after
             return self._client_ctx
 

@@ -17,8 +17,10 @@ dies, the worker reads EOF and exits at once, without waiting for its lease to l
 lease still ends a worker whose driver hangs). Forked children of the driver let go of
 their copies, so they do not keep it alive. It gets the driver's ``sys.path`` (through
 ``PYTHONPATH``) so the user's modules import, and the driver's working directory. It never
-re-runs the user's ``__main__``. Credentials travel on stdin, so no key touches the disk
-except for the instant ``ssl`` needs a file to load it from.
+re-runs the user's ``__main__``. Credentials travel on stdin, so no key touches the disk (see
+``bigexec.tls`` for how ``ssl`` loads them). A worker inherits the driver's whole environment,
+as any child process does (``System.inherits_environment``): it runs as the same user on the
+same host, so it could read it anyway, and services read it through ``Supervisor.getenv``.
 Lines the worker prints before it listens (interpreter start-up) are boot noise: they are held
 back, and shown only if the machine fails to boot or ``boot_logs=True``. A worker that dies
 before it listens fails its machine with a ``BootError`` that quotes its last output lines
@@ -258,6 +260,7 @@ class LocalSystem(System):
     """
 
     name = "local"
+    inherits_environment = True  # a child process, as this user, on this host
     default_keepalive = KeepaliveConfig(period=5.0, lease=60.0, timeout=30.0, rpc_timeout=10.0)
     default_boot_timeout = 60.0
 
@@ -276,8 +279,7 @@ class LocalSystem(System):
         return self.authority
 
     def _environment(self, env: Mapping[str, str], fd: int) -> dict[str, str]:
-        environ = dict(os.environ)
-        environ.update(env)
+        environ = self.machine_environment(env)
         path = [os.getcwd() if p == "" else p for p in sys.path]
         if environ.get("PYTHONPATH"):
             path.append(environ["PYTHONPATH"])
@@ -294,8 +296,10 @@ class LocalSystem(System):
     def start(self, count: int, env: Mapping[str, str]) -> list[MachineHandle]:
         handles: list[MachineHandle] = []
         for _ in range(count):
-            creds = self.machine_credentials()
+            identity = self.new_machine_identity()
+            creds = self.machine_credentials(identity)
             assert creds is not None
+            served, calling = creds
             r, w = os.pipe()
             try:
                 proc = subprocess.Popen(
@@ -316,13 +320,15 @@ class LocalSystem(System):
                 os.close(w)
             assert proc.stdin is not None
             try:
-                proc.stdin.write(creds.to_pem() + tls.CREDENTIALS_END)
+                proc.stdin.write(tls.machine_credentials_to_pem(served, calling)
+                                 + tls.CREDENTIALS_END)
                 proc.stdin.flush()
             except OSError:
                 pass  # it died at once; address() reports how
             # Boot noise is shown when asked for, or when boots keep failing.
             show = self.boot_logs or self.boot_failures >= _SHOW_BOOT_LOGS_AFTER
             handle = _LocalHandle(proc, r, show, self)
+            handle.identity = identity
             handles.append(handle)
             with self._handles_lock:
                 self._handles.append(handle)

@@ -9,6 +9,12 @@ makes it stop answering while its connections stay open, as a hung or partitione
 
 Machines share the process, so ``env`` is not put into ``os.environ``: each machine sees it
 through ``Supervisor.getenv`` (an overlay on the process environment).
+
+A machine's port is open to every local user, and what it receives is unpickled in this
+process. So machines speak mutual TLS with a CA that lives in this session's memory, as on
+``local``: only the driver and the session's machines hold certificates it accepts.
+``tls=False`` serves plain HTTP instead and is unsafe: anyone who can reach the port can
+run code in the test process. Use it only on a host where every local user is trusted.
 """
 
 from __future__ import annotations
@@ -69,13 +75,17 @@ class _ThreadHandle(MachineHandle):
 
 
 class ThreadsSystem(System):
-    """In-process machines. Options: ``tls`` (default False), ``maxprocs`` (default 1)."""
+    """In-process machines. Options: ``maxprocs`` (default 1); ``tls`` (default True;
+    ``tls=False`` is unsafe, see the module's doc); ``authority`` (path of a persistent CA file,
+    for sessions that dial each other's machines; default: in memory only)."""
 
     name = "threads"
+    inherits_environment = True  # machines live in this very process
     default_keepalive = KeepaliveConfig(period=1.0, lease=30.0, timeout=5.0, rpc_timeout=2.0)
     default_boot_timeout = 30.0
 
-    def __init__(self, *, tls: bool = False, maxprocs: int = 1, **options: Any) -> None:
+    def __init__(self, *, tls: bool = True, maxprocs: int = 1, authority: str | None = None,
+                 **options: Any) -> None:
         super().__init__(**options)
         if maxprocs < 1:
             raise ValueError("maxprocs must be at least 1")
@@ -84,10 +94,12 @@ class ThreadsSystem(System):
         self._authority: Any = None
         self._handles: list[_ThreadHandle] = []  # of machines whose runtime still runs
         self._handles_lock = threading.Lock()
+        if authority is not None and not tls:
+            raise ValueError("authority= is for TLS: it cannot go with tls=False")
         if tls:
             from ..authority import Authority
 
-            self._authority = Authority()
+            self._authority = Authority(authority)
 
     def credentials_authority(self) -> Any:
         return self._authority
@@ -97,13 +109,15 @@ class ThreadsSystem(System):
         handles: list[MachineHandle] = []
         for _ in range(count):
             server_ssl = client_ssl = None
+            identity = None
             if self._authority is not None:
                 from .. import tls as tlsmod
 
-                creds = self.machine_credentials()
+                identity = self.new_machine_identity()
+                creds = self.machine_credentials(identity)
                 assert creds is not None
-                server_ssl = tlsmod.server_context(creds)
-                client_ssl = tlsmod.client_context(creds)
+                server_ssl = tlsmod.server_context(creds[0])
+                client_ssl = tlsmod.client_context(creds[1])
             holder: list[_ThreadHandle] = []
             runtime = MachineRuntime(
                 system_name=self.name,
@@ -112,10 +126,13 @@ class ThreadsSystem(System):
                 server_ssl=server_ssl,
                 client_ssl=client_ssl,
                 maxprocs=self.maxprocs,
+                # machine_environment's policy as an overlay, not a copy: the machine shares
+                # this process's environment and sees its later changes.
                 environ=ChainMap(dict(env), os.environ),  # type: ignore[arg-type]
                 mark_logs=True,  # machines share our log handlers: say whose records are whose
             )
             handle = _ThreadHandle(runtime, self.maxprocs)
+            handle.identity = identity
             holder.append(handle)
             runtime.start()
             handles.append(handle)
