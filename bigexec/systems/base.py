@@ -221,7 +221,7 @@ class System(ABC):
         """Seconds after which a leaf this system issued is replaced by a fresh one."""
         return self.cert_lifetime * RENEW_FRACTION
 
-    def _authority(self) -> Authority:
+    def _required_authority(self) -> Authority:
         authority = self.credentials_authority()
         if authority is None:
             raise RuntimeError(f"the {self.name} system has no certificate authority")
@@ -233,7 +233,7 @@ class System(ABC):
     def new_machine_identity(self) -> str:
         """A name for a machine about to start, unique in this system's CA ("machine <n>"):
         its certificates carry it, and the servers it calls name it in what they log."""
-        return self._authority().new_machine_name()
+        return self._required_authority().new_machine_name()
 
     def machine_credentials(self, identity: str, *, ips: Iterable[str] = ("127.0.0.1",),
                             dns: Iterable[str] = ("localhost",),
@@ -243,7 +243,7 @@ class System(ABC):
         names the machine's addresses: loopback by default, for machines on this host."""
         if self.credentials_authority() is None:
             return None
-        return self._authority().issue_machine(ips=ips, dns=dns, ttl=self._ttl(),
+        return self._required_authority().issue_machine(ips=ips, dns=dns, ttl=self._ttl(),
                                                name=identity)
 
     def renewed_machine_credentials(self, handle: MachineHandle,
@@ -263,7 +263,7 @@ class System(ABC):
         with self._client_lock:
             now = time.monotonic()
             if self._client_ctx is None or now >= self._client_renew_at:
-                creds = self._authority().issue_driver(ttl=self._ttl())
+                creds = self._required_authority().issue_driver(ttl=self._ttl())
                 self._client_ctx = tls.client_context(creds)
                 self._client_renew_at = now + self.renew_after
             return self._client_ctx

@@ -30,6 +30,7 @@ the address pipe or through the process's exit.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import select
 import signal
@@ -140,8 +141,10 @@ class _LocalHandle(MachineHandle):
         finally:
             os.close(self._addr_fd)
             self._addr_fd = -1
-        self._addr = f"https://127.0.0.1:{int(data)}"
-        self._label = f"127.0.0.1:{int(data)}"
+        host = self._system.host
+        netloc = f"[{host}]:{int(data)}" if ":" in host else f"{host}:{int(data)}"
+        self._addr = f"https://{netloc}"
+        self._label = netloc
         self._listening = True
         self._printing = True
         return self._addr
@@ -256,7 +259,9 @@ class LocalSystem(System):
 
     Options: ``python`` (interpreter, default ``sys.executable``), ``boot_logs`` (show worker
     start-up output), ``authority`` (path of a persistent CA file; default: in memory only),
-    and those of every system (``cert_lifetime``, ``keepalive``, ``boot_timeout``, ...).
+    ``host`` (the IP address workers listen on and are reached at, default 127.0.0.1: another
+    address of this host, or one in a network namespace that ``python`` enters), and those
+    of every system (``cert_lifetime``, ``keepalive``, ``boot_timeout``, ...).
     """
 
     name = "local"
@@ -265,8 +270,14 @@ class LocalSystem(System):
     default_boot_timeout = 60.0
 
     def __init__(self, *, python: str | None = None, boot_logs: bool = False,
-                 authority: str | None = None, **options: Any) -> None:
+                 authority: str | None = None, host: str = "127.0.0.1",
+                 **options: Any) -> None:
         super().__init__(**options)
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            raise ValueError(f"host must be an IP address of this host, not {host!r}") from None
+        self.host = host
         self.python = python or sys.executable
         self.boot_logs = boot_logs or os.environ.get("BIGEXEC_BOOT_LOGS") == "1"
         self.authority = Authority(authority)
@@ -278,6 +289,11 @@ class LocalSystem(System):
     def credentials_authority(self) -> Authority:
         return self.authority
 
+    def _cert_names(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """What a worker's server certificate names: its address (and localhost on loopback)."""
+        loopback = ipaddress.ip_address(self.host).is_loopback
+        return (self.host,), (("localhost",) if loopback else ())
+
     def _environment(self, env: Mapping[str, str], fd: int) -> dict[str, str]:
         environ = self.machine_environment(env)
         path = [os.getcwd() if p == "" else p for p in sys.path]
@@ -288,6 +304,7 @@ class LocalSystem(System):
             BIGEXEC_SYSTEM=self.name,
             BIGEXEC_LEASE=str(max(self.keepalive.lease, self.boot_timeout)),
             BIGEXEC_ADDR_FD=str(fd),
+            BIGEXEC_HOST=self.host,
             PYTHONUNBUFFERED="1",
             PYTHONPATH=os.pathsep.join(dict.fromkeys(p for p in path if p)),
         )
@@ -297,7 +314,8 @@ class LocalSystem(System):
         handles: list[MachineHandle] = []
         for _ in range(count):
             identity = self.new_machine_identity()
-            creds = self.machine_credentials(identity)
+            names = self._cert_names()
+            creds = self.machine_credentials(identity, ips=names[0], dns=names[1])
             assert creds is not None
             served, calling = creds
             r, w = os.pipe()
@@ -329,6 +347,7 @@ class LocalSystem(System):
             show = self.boot_logs or self.boot_failures >= _SHOW_BOOT_LOGS_AFTER
             handle = _LocalHandle(proc, r, show, self)
             handle.identity = identity
+            handle.cert_names = names
             handles.append(handle)
             with self._handles_lock:
                 self._handles.append(handle)

@@ -8,10 +8,10 @@
 
 Traffic stays inside namespaces the test made: a connect to any address that neither holds
 fails with ENETUNREACH, as neither has a default route. The driver runs in ``hub`` as a
-subprocess; it cuts the link itself (``ip link set ... down``) mid-map, checks that the cut
-machine is declared stopped within its keepalive budget and that its tasks ran on the other
-machine, heals the link and checks that the machine stays stopped. Everything is torn down
-at the end, also when the test fails.
+subprocess. Mid-map it cuts the link itself (the far end goes down, so packets vanish
+silently), checks that the cut machine is declared stopped within its keepalive budget and
+that its tasks ran on the other machine, heals the link and checks that the machine stays
+stopped. Everything is torn down at the end, also when the test fails.
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ def partitionable(tmp_path):
         _ip("-n", m, "addr", "add", f"10.200.{k}.2/24", "dev", m_if)
         _ip("-n", hub, "link", "set", hub_if, "up")
         _ip("-n", m, "link", "set", m_if, "up")
-        yield {"hub": hub, "m": m, "hub_if": hub_if, "m_addr": f"10.200.{k}.2"}
+        yield {"hub": hub, "m": m, "m_if": m_if, "m_addr": f"10.200.{k}.2"}
     finally:
         for ns in made:  # deleting a namespace deletes the veth pair but kills no process:
             pids = subprocess.run(["ip", "netns", "pids", ns], capture_output=True,
@@ -70,10 +70,14 @@ def partitionable(tmp_path):
 
 
 _DRIVER = textwrap.dedent("""
-    import json, subprocess, sys, time
+    import json, os, subprocess, sys, time
     import bigexec
 
-    HUB_IF, M_ADDR, WRAPPER = sys.argv[1:4]
+    M_NS, M_IF, M_ADDR, WRAPPER = sys.argv[1:5]
+    # Cut on the far side: the hub's end keeps its address and route, so packets to the machine
+    # vanish silently (no carrier), as in a real partition, rather than failing at once.
+    CUT = ["ip", "-n", M_NS, "link", "set", M_IF, "down"]
+    HEAL = ["ip", "-n", M_NS, "link", "set", M_IF, "up"]
     FAST = dict(keepalive_period=0.2, keepalive_lease=4.0, keepalive_timeout=2.0,
                 keepalive_rpc_timeout=0.5, boot_timeout=60)
 
@@ -90,10 +94,11 @@ _DRIVER = textwrap.dedent("""
         for m in (cut, kept):
             assert m.wait(bigexec.RUNNING, 60) and m.err is None, m.err
         out["cut_addr"] = cut.addr
+        pid = cut.info["pid"]
         with bigexec.Executor(machines=[cut, kept]) as ex:
             futures = [ex.submit(square, x) for x in range(600)]
             time.sleep(1.0)  # both machines busy
-            subprocess.run(["ip", "link", "set", HUB_IF, "down"], check=True)
+            subprocess.run(CUT, check=True)
             t_cut = time.monotonic()
             while cut.state != bigexec.STOPPED and time.monotonic() - t_cut < 60:
                 time.sleep(0.05)
@@ -101,9 +106,11 @@ _DRIVER = textwrap.dedent("""
             out["err"] = str(cut.err)
             out["results_ok"] = [f.result(timeout=120) for f in futures] == [
                 x * x for x in range(600)]
-            subprocess.run(["ip", "link", "set", HUB_IF, "up"], check=True)
+            subprocess.run(HEAL, check=True)
             time.sleep(3.0)  # healed: the machine must not come back
-            out["state_after_heal"] = cut.state
+            out["state_after_heal"] = cut.state.name
+            out["worker_gone"] = not os.path.exists(f"/proc/{pid}") or open(
+                f"/proc/{pid}/stat").read().split()[2] == "Z"
             out["more_ok"] = list(ex.map(square, range(50))) == [x * x for x in range(50)]
         out["tasks_on_kept"] = kept.call("Supervisor.info")["pid"] > 0
         print(json.dumps(out), flush=True)
@@ -120,7 +127,7 @@ def test_a_partitioned_machine_is_declared_stopped_and_stays_stopped(partitionab
     script = tmp_path / "driver.py"
     script.write_text(_DRIVER)
     run = subprocess.run(
-        ["ip", "netns", "exec", net["hub"], sys.executable, str(script), net["hub_if"],
+        ["ip", "netns", "exec", net["hub"], sys.executable, str(script), net["m"], net["m_if"],
          net["m_addr"], str(wrapper)],
         cwd=str(REPO), capture_output=True, text=True, timeout=150)
     assert run.returncode == 0, run.stderr[-3000:]
@@ -130,6 +137,7 @@ def test_a_partitioned_machine_is_declared_stopped_and_stays_stopped(partitionab
     # keepalive budget: the lease (4 s) plus a keepalive timeout and some slack
     assert out["declared_stopped_after"] < 4.0 + 2.0 + 4.0, out
     assert out["state_after_heal"] == "STOPPED", out
+    assert out["worker_gone"], out  # killed by the driver, or its lease lapsed
     print(f"chaos: partition: the cut machine was declared stopped "
           f"{out['declared_stopped_after']:.1f}s after its link went down ({out['err']}); "
           f"all 600 results correct; still stopped after the link healed")
