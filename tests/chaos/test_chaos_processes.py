@@ -214,7 +214,7 @@ _DRIVER = textwrap.dedent("""
         return x * x
 
     if __name__ == "__main__":
-        ex = bigexec.Executor(2, system="local", keepalive_period=0.2, keepalive_lease=30.0,
+        ex = bigexec.Executor(2, system="local", keepalive_period=0.2, keepalive_lease=8.0,
                               keepalive_timeout=1.0, keepalive_rpc_timeout=0.5)
         list(ex.map(abs, range(20)))
         while len(ex.machines()) < 2:
@@ -264,12 +264,12 @@ def busy_driver(tmp_path):
 @pytest.mark.parametrize("sig", ["SIGKILL", "SIGTERM", "SIGSTOP"])
 def test_no_worker_outlives_its_driver(busy_driver, sig):
     # SIGKILL and SIGTERM end the driver: the workers read EOF on their lifeline at once.
-    # SIGSTOP leaves it hanging: the workers leave when their lease (30 s here) lapses.
+    # SIGSTOP leaves it hanging: the workers leave when their lease (8 s here) lapses.
     driver, workers = busy_driver()
     time.sleep(0.5)  # mid-map
     driver.send_signal(getattr(signal, sig))
     t0 = time.monotonic()
-    budget = 45.0 if sig == "SIGSTOP" else 10.0
+    budget = 25.0 if sig == "SIGSTOP" else 10.0
     while not all(_gone(w) for w in workers) and time.monotonic() - t0 < budget:
         time.sleep(0.02)
     took = time.monotonic() - t0
