@@ -47,7 +47,8 @@ MAX_MESSAGE_BYTES = 8 << 30
 #: ``STREAM_FRAME_MAX`` bytes, so this only refuses peers that are not bigexec.
 MAX_CHUNK_BYTES = 64 << 20
 STREAM_CHUNK = 1 << 20
-#: The largest frame ``send_stream`` sends: a larger chunk goes as several frames.
+#: The largest frame ``send_stream`` sends (its tag byte included): a larger chunk goes as
+#: several frames.
 STREAM_FRAME_MAX = 16 << 20
 _SMALL = 64 * 1024
 #: Headers that say where a body ends: a second copy of one is refused (request smuggling).
@@ -295,13 +296,13 @@ def send_stream(sock: socket.socket, source: Any) -> BaseException | None:
             sock.sendall(b"0\r\n\r\n")
             return exc
         n = memoryview(chunk).nbytes
-        if n <= STREAM_FRAME_MAX:
+        if n < STREAM_FRAME_MAX:
             if n:
                 send_frame(sock, b"D", chunk)
-        else:  # within every receiver's frame limit (MAX_CHUNK_BYTES)
+        else:  # within every receiver's frame limit (MAX_CHUNK_BYTES); the tag counts too
             with memoryview(chunk).cast("B") as view:
-                for at in range(0, n, STREAM_FRAME_MAX):
-                    send_frame(sock, b"D", view[at : at + STREAM_FRAME_MAX])
+                for at in range(0, n, STREAM_FRAME_MAX - 1):
+                    send_frame(sock, b"D", view[at : at + STREAM_FRAME_MAX - 1])
     send_frame(sock, b"Z")
     sock.sendall(b"0\r\n\r\n")
     return None
