@@ -180,9 +180,9 @@ def test_an_absurd_chunk_size_gets_413_without_a_traceback(plain_server, caplog,
     _assert_quiet(caplog)
 
 
-@pytest.mark.parametrize("size_line", [b"-5", b"+5", b"0x5", b"5_0", b" ", b"zz"])
+@pytest.mark.parametrize("size_line", [b"-1", b"+5", b"0x5", b"5_0", b" ", b"zz"])
 def test_a_bad_chunk_size_is_refused_not_read_to_the_end(plain_server, size_line):
-    # int(x, 16) takes "-5" (and read(-5) reads until the peer closes: the server hung)
+    # int(x, 16) takes "-1" (and read(-1) reads until the peer closes: the server hung)
     server, client = plain_server
     with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
         s.sendall(_CHUNKED_HEAD + size_line + b"\r\nHxx\r\n")
