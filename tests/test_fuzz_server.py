@@ -33,6 +33,7 @@ EXAMPLES = int(os.environ.get("BIGEXEC_FUZZ_EXAMPLES", "400"))
 ANSWERS = {200, 400, 404, 405, 413, wire.STATUS_APP_ERROR}
 #: Long enough for any answer on a loaded machine; a hang runs into it.
 EXCHANGE_SECONDS = 15.0
+DECIDE_SECONDS = 5.0
 
 
 class _Records(logging.Handler):
@@ -86,37 +87,63 @@ def target():
         logger.setLevel(level)
 
 
-def _exchange(port: int, client_ssl: ssl.SSLContext,
-              data: bytes) -> tuple[bytes, bool, str]:
-    """Send ``data`` on a new TLS connection, close our sending side, and read until the
-    server closes: (what came back, whether it closed within ``EXCHANGE_SECONDS``, how)."""
+def _exchange(port: int, client_ssl: ssl.SSLContext, data: bytes,
+              decided: bool) -> tuple[bytes, str | None]:
+    """Send ``data`` on a new TLS connection and read until the server closes; return what
+    came back and what went wrong, if anything.
+
+    When the request is ``decided`` the server must answer (or close) before we close our
+    sending side; then, or at once for a request that may wait for more, we close it (a bare
+    FIN: TLS has no half-close) and the server must close within ``EXCHANGE_SECONDS``.
+    """
     raw = socket.create_connection(("127.0.0.1", port), timeout=EXCHANGE_SECONDS)
     sock = client_ssl.wrap_socket(raw, server_hostname="127.0.0.1")
     out = b""
-    how = f"port {sock.getsockname()[1]}"
     try:
-        deadline = time.monotonic() + EXCHANGE_SECONDS
         try:
             sock.sendall(data)
-            socket.socket.shutdown(sock, socket.SHUT_WR)  # the server sees the end of it
-        except (ssl.SSLError, ConnectionError) as exc:  # refused, closed before we finished
-            how += f", sending: {exc!r}"
+        except (ssl.SSLError, ConnectionError):  # refused and closed before we finished
+            return out, None
+        deadline = time.monotonic() + (DECIDE_SECONDS if decided else 0)
+        sent_fin = False
         while True:
             left = deadline - time.monotonic()
-            if left <= 0:
-                return out, False, how
+            if left <= 0 or (decided and _answered(out)):
+                if sent_fin:
+                    return out, f"the server did not close within {EXCHANGE_SECONDS}s"
+                if not _answered(out) and decided:
+                    return out, f"no answer within {DECIDE_SECONDS}s to a whole request"
+                try:
+                    socket.socket.shutdown(sock, socket.SHUT_WR)  # the server sees the end
+                except OSError:
+                    return out, None
+                sent_fin, decided = True, False
+                deadline = time.monotonic() + EXCHANGE_SECONDS
+                continue
             sock.settimeout(left)
             try:
                 got = sock.recv(65536)
             except TimeoutError:
-                return out, False, how
-            except (ssl.SSLError, ConnectionError) as exc:
-                return out, True, f"{how}, receiving: {exc!r}"
+                continue
+            except (ssl.SSLError, ConnectionError):  # closed, by a TLS alert or a reset
+                return out, None
             if not got:
-                return out, True, how
+                return out, None
             out += got
     finally:
         sock.close()
+
+
+def _answered(reply: bytes) -> bool:
+    """Whether ``reply`` holds a whole answer (its body too), or a streamed one begun."""
+    head, sep, rest = reply.partition(b"\r\n\r\n")
+    if not sep:
+        return False
+    for h in head.split(b"\r\n")[1:]:
+        name, _, value = h.partition(b":")
+        if name.strip().lower() == b"content-length":
+            return len(rest) >= int(value)
+    return True
 
 
 def _statuses(reply: bytes) -> list[int | None]:
@@ -194,6 +221,10 @@ BODIES = st.one_of(
 )
 
 
+def _chunked(frames: list[bytes]) -> bytes:
+    return b"".join(b"%x\r\n%s\r\n" % (len(f), f) for f in frames) + b"0\r\n\r\n"
+
+
 @st.composite
 def chunked_bodies(draw: st.DrawFn) -> bytes:
     """Chunked framing, mostly right and now and then wrong: sizes, CRLFs, frames, the end."""
@@ -205,38 +236,80 @@ def chunked_bodies(draw: st.DrawFn) -> bytes:
     for frame in frames:
         size = draw(st.one_of(
             st.just(b"%x" % len(frame)), st.just(b"%X" % len(frame)),
-            st.just(b"%x;ext=1" % len(frame)),
-            st.sampled_from([b"ffffffffff", b"-1", b"+5", b"0x5", b"5_0", b"zz", b"", b" ",
-                             b"f" * 17, b"0"]),
+            st.just(b"%x;ext=1" % len(frame)), BAD_CHUNK_SIZES,
             st.integers(0, 2**64).map(lambda n: b"%x" % n)))
         end = draw(st.sampled_from([b"\r\n", b"\r\n", b"\r\n", b"\n", b"", b"xx"]))
         out += size + draw(st.sampled_from([b"\r\n", b"\r\n", b"\n", b""])) + frame + end
     return out + draw(st.sampled_from([b"0\r\n\r\n", b"0\r\n", b"", b"0\r\nX: y\r\n\r\n"]))
 
 
+BAD_CHUNK_SIZES = st.sampled_from([b"ffffffffff", b"-1", b"-0", b"+5", b"0x5", b"5_0", b"zz",
+                                   b"", b" ", b"f" * 17, b"1 1", b"\x00"])
+GOOD_STREAM_FRAMES = st.lists(st.binary(min_size=1, max_size=30).map(lambda b: b"D" + b),
+                              max_size=3).map(lambda ds: [*ds, b"Z"])
+
+
 @st.composite
-def requests(draw: st.DrawFn) -> bytes:
-    line = draw(st.one_of(REQUEST_LINES, st.just(b"POST /bigrpc/Echo.echo HTTP/1.1")))
-    headers = draw(st.lists(st.tuples(HEADER_NAMES, HEADER_VALUES), max_size=5))
-    framing = draw(st.sampled_from(["length", "wrong-length", "chunked", "none", "both"]))
-    body = draw(chunked_bodies()) if framing in ("chunked", "both") else draw(BODIES)
-    if framing in ("length", "both"):
-        headers.append(("Content-Length", str(len(body))))
-    elif framing == "wrong-length":
+def requests(draw: st.DrawFn) -> tuple[bytes, bool]:
+    """A request with one part fuzzed and the rest right (or, now and then, all of it), and
+    whether it is *decided*: the server has all it needs to answer without more bytes."""
+    target = draw(st.sampled_from([b"/bigrpc/Echo.echo", b"/bigrpc/Echo.add",
+                                   b"/bigrpc/Streams.digest"]))
+    line = b"POST " + target + b" HTTP/1.1"
+    headers = [("Host", "x"), ("X-Bigexec-Call", "fuzz")]
+    call = draw(GOOD_CALLS)
+    chunked = draw(st.booleans())
+    frames = [b"H" + call, *draw(GOOD_STREAM_FRAMES)]
+    body = _chunked(frames) if chunked else call
+    part = draw(st.sampled_from(["line", "header", "length", "chunk-size", "chunk-end", "body",
+                                 "cut", "all"]))
+    decided = True
+    if part == "line":
+        line = draw(REQUEST_LINES)
+    elif part == "header":
+        name, value = draw(HEADER_NAMES), draw(HEADER_VALUES)
+        headers.insert(draw(st.integers(0, len(headers))), (name, value))
+        decided = name.strip().lower() not in ("content-length", "transfer-encoding")
+    elif part == "length":  # Content-Length values, once or twice; a large one waits
+        chunked = False
         headers += [("Content-Length", v) for v in draw(st.lists(LENGTHS, min_size=1,
                                                                  max_size=2))]
-    if framing in ("chunked", "both"):
-        headers.append(("Transfer-Encoding", "chunked"))
+        decided = False
+    elif part == "chunk-size":  # a bad size token on one frame
+        chunked = True
+        at = draw(st.integers(0, len(frames) - 1))
+        body = (_chunked(frames[:at])[:-5] + draw(BAD_CHUNK_SIZES) + b"\r\n" + frames[at]
+                + b"\r\n" + _chunked(frames[at + 1 :]))
+    elif part == "chunk-end":  # a frame not followed by CRLF, or a bad last chunk
+        chunked = True
+        at = draw(st.integers(0, len(frames) - 1))
+        body = (_chunked(frames[:at])[:-5] + b"%x\r\n" % len(frames[at]) + frames[at]
+                + draw(st.sampled_from([b"xx", b"\n0", b"\r0", b"00"])) + b"\r\n"
+                + _chunked(frames[at + 1 :]))
+        decided = False
+    elif part == "body":  # garbage, cut or wrongly shaped call messages, framed right
+        message = draw(BODIES)
+        body = _chunked([b"H" + message, b"Z"]) if chunked else message
+    elif part == "cut":
+        decided = False
+    else:
+        chunked = draw(st.booleans())
+        body = draw(chunked_bodies()) if chunked else draw(BODIES)
+        line = draw(st.one_of(REQUEST_LINES, st.just(line)))
+        headers = draw(st.lists(st.tuples(HEADER_NAMES, HEADER_VALUES), max_size=5))
+        decided = False
+    if part != "length" and (part != "all" or draw(st.booleans())):
+        headers.append(("Transfer-Encoding", "chunked") if chunked
+                       else ("Content-Length", str(len(body))))
     order = draw(st.permutations(headers))
-    head = line + b"\r\n" + b"".join(
-        f"{n}: {v}\r\n".encode() for n, v in order) + b"\r\n"
-    data = head + body
-    if draw(st.booleans()):  # cut anywhere
+    data = line + b"\r\n" + b"".join(f"{n}: {v}\r\n".encode() for n, v in order) + b"\r\n"
+    data += body
+    if part in ("cut", "all"):  # cut anywhere
         data = data[: draw(st.integers(0, len(data)))]
-    if draw(st.integers(0, 9)) == 0:  # a stray CR or LF anywhere
+    if part == "all" and draw(st.integers(0, 4)) == 0:  # a stray CR or LF anywhere
         at = draw(st.integers(0, len(data)))
         data = data[:at] + draw(st.sampled_from([b"\r", b"\n", b"\r\n"])) + data[at:]
-    return data
+    return data, decided
 
 
 CASES = {"tried": 0}
@@ -244,12 +317,13 @@ CASES = {"tried": 0}
 
 @settings(max_examples=EXAMPLES, deadline=None, database=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-@given(data=requests())
-def test_fuzzed_requests_get_an_answer_or_a_close_never_a_hang(target, data):
+@given(case=requests())
+def test_fuzzed_requests_get_an_answer_or_a_close_never_a_hang(target, case):
     server, client, client_ssl, records = target
+    data, decided = case
     CASES["tried"] += 1
-    reply, closed, how = _exchange(server.port, client_ssl, data)
-    assert closed, f"no answer and no close within {EXCHANGE_SECONDS}s for {data[:300]!r}"
+    reply, wrong = _exchange(server.port, client_ssl, data, decided)
+    assert wrong is None, (wrong, data[:300], reply[:300])
     statuses = _statuses(reply)
     assert all(s in ANSWERS for s in statuses), (statuses, reply[:300], data[:300])
     # Every record so far: an earlier connection's server thread may log after its client
