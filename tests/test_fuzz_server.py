@@ -25,9 +25,8 @@ from test_rpc import _tls_pair, serving
 from bigexec.rpc import codec, wire
 from bigexec.rpc.client import Client
 
-pytestmark = pytest.mark.timeout(300)
-
 EXAMPLES = int(os.environ.get("BIGEXEC_FUZZ_EXAMPLES", "400"))
+pytestmark = pytest.mark.timeout(max(300, EXAMPLES // 20))  # a soak runs ~100 cases a second
 #: What an answer may be: success, a method's error, or a refusal.
 ANSWERS = {200, 400, 404, 405, 413, wire.STATUS_APP_ERROR}
 #: Long enough for any answer on a loaded machine; a hang runs into it.
