@@ -307,9 +307,9 @@ class Server:
             raise _Refusal(400, "malformed request line")
         verb, target = start[0], start[1]
         encoding = headers.get("transfer-encoding")
-        chunked = encoding is not None
-        if chunked and encoding.lower() != "chunked":
+        if encoding is not None and encoding.lower() != "chunked":
             raise _Refusal(400, f"unsupported Transfer-Encoding {encoding[:40]!r}")
+        chunked = encoding is not None
         try:
             length = wire.parse_content_length(headers.get("content-length"))
         except ProtocolError as exc:

@@ -97,7 +97,7 @@ def parse_head(head: bytes) -> tuple[list[str], dict[str, str]]:
     lines = head.decode("latin-1").split("\r\n")
     if len(lines) - 3 > MAX_HEADERS:  # the start line, the headers, then two empty strings
         raise ProtocolError(f"request head over {MAX_HEADERS} headers")
-    headers = {}
+    headers: dict[str, str] = {}
     for line in lines[1:-2]:
         name, sep, value = line.partition(":")
         if not sep:
