@@ -544,6 +544,8 @@ class Client:
         text = bytes(body).decode("utf-8", "replace")
         if status == 404:
             raise UnknownMethodError(text)
+        if status == wire.STATUS_TOO_LARGE:  # the text names the limit and how to raise it
+            raise wire.TooLargeError(f"{method} on {addr} refused: {text}")
         raise ProtocolError(f"{method} on {addr}: HTTP {status}: {text}")
 
 

@@ -32,15 +32,15 @@ import pickle
 import struct
 import sys
 import types
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, cast
 
 import cloudpickle
 
 from .. import namespaces
 
 __all__ = ["EncodeError", "DecodeError", "Encoded", "Message", "dumps", "loads", "dumps_bytes",
-           "read"]
+           "read", "read_buffer", "read_into"]
 
 _OOB_MIN = 64 * 1024  # below this an extra buffer costs more than the copy it saves
 _WALK_MAX = 256  # containers longer than this are not searched for large bytes
@@ -260,77 +260,186 @@ class Message:
         return self.nbytes
 
 
-def _new_bytes_cpython(n: int) -> tuple[bytes, memoryview]:
-    """A new ``bytes`` of ``n`` bytes and a writable view of its contents, to read into.
+#: Bytes a receive allocates before any of them arrived; past it, its buffer grows as data
+#: comes in (see ``read_buffer``), so a peer that declares a huge length and sends little costs
+#: little memory.
+RECEIVE_STEP = 1 << 20
 
-    Safe while nobody else holds the object: it is new, unhashed, and filled before anyone
-    sees it. Only on CPython, where a bytes object's data sits at a fixed offset.
+
+class _GrowingBytes:
+    """A new ``bytes`` object that grows in place as data is read into it (CPython only).
+
+    The object is held by a raw pointer, its only reference, so ``_PyBytes_Resize`` (which a
+    new, unshared bytes object allows) can grow it; that is ``realloc``, which for large blocks
+    remaps pages instead of copying them, so a large message is still written once, where it
+    ends up. ``take`` hands the object to Python.
     """
-    b = _PyBytes_FromStringAndSize(None, n)
-    return b, memoryview((ctypes.c_ubyte * n).from_address(id(b) + _BYTES_DATA)).cast("B")
+
+    __slots__ = ("ptr",)
+
+    def __init__(self, n: int) -> None:
+        self.ptr = ctypes.c_void_p(_PyBytes_New(None, n))
+
+    def view(self, start: int, end: int) -> memoryview:
+        """A writable view of bytes ``start`` to ``end`` of the contents."""
+        addr = self.ptr.value + _BYTES_DATA + start  # type: ignore[operator]
+        return _PyMemoryView_FromMemory(addr, end - start, _PyBUF_WRITE)  # type: ignore[no-any-return]
+
+    def resize(self, n: int) -> None:
+        _PyBytes_Resize(ctypes.byref(self.ptr), n)  # on failure: freed, ptr NULL, raises
+
+    def take(self) -> bytes:
+        obj = ctypes.cast(self.ptr, ctypes.py_object).value  # a new reference...
+        self.release()  # ...and ours goes
+        return obj
+
+    def release(self) -> None:
+        if self.ptr.value:
+            _Py_DecRef(self.ptr)
+            self.ptr = ctypes.c_void_p()
 
 
-def _new_bytes_copying(n: int) -> tuple[Any, memoryview]:
-    buf = bytearray(n)  # _bytes_from_buffer copies it into bytes
-    return buf, memoryview(buf)
+def _growing_bytes_work() -> bool:
+    """Whether ``_GrowingBytes`` works on this interpreter (probed once, at import)."""
+    probe = _GrowingBytes(8)
+    try:
+        probe.view(0, 8)[:] = b"bigexec-"
+        probe.resize(16)
+        probe.view(8, 16)[:] = b"bytes-ok"
+        return probe.take() == b"bigexec-bytes-ok"
+    finally:
+        probe.release()
 
 
-_new_bytes: Callable[[int], tuple[Any, memoryview]] = _new_bytes_copying
+_BYTES_IN_PLACE = False
 if sys.implementation.name == "cpython":
     try:
-        _PyBytes_FromStringAndSize = ctypes.pythonapi.PyBytes_FromStringAndSize
-        _PyBytes_FromStringAndSize.restype = ctypes.py_object
-        _PyBytes_FromStringAndSize.argtypes = (ctypes.c_void_p, ctypes.c_ssize_t)
+        _PyBytes_New = ctypes.pythonapi.PyBytes_FromStringAndSize
+        _PyBytes_New.restype = ctypes.c_void_p  # a raw new reference: see _GrowingBytes
+        _PyBytes_New.argtypes = (ctypes.c_void_p, ctypes.c_ssize_t)
+        _PyBytes_Resize = ctypes.pythonapi._PyBytes_Resize
+        _PyBytes_Resize.restype = ctypes.c_int
+        _PyBytes_Resize.argtypes = (ctypes.POINTER(ctypes.c_void_p), ctypes.c_ssize_t)
+        _Py_DecRef = ctypes.pythonapi.Py_DecRef
+        _Py_DecRef.restype = None
+        _Py_DecRef.argtypes = (ctypes.c_void_p,)
+        # not a ctypes array type per size: ctypes keeps every one it makes
+        _PyMemoryView_FromMemory = ctypes.pythonapi.PyMemoryView_FromMemory
+        _PyMemoryView_FromMemory.restype = ctypes.py_object
+        _PyMemoryView_FromMemory.argtypes = (ctypes.c_void_p, ctypes.c_ssize_t, ctypes.c_int)
+        _PyBUF_WRITE = 0x200
         _BYTES_DATA = bytes.__basicsize__ - 1  # offsetof(PyBytesObject, ob_sval)
-        _probe, _probe_view = _new_bytes_cpython(16)
-        _probe_view[:] = b"bigexec-bytes-ok"
-        if _probe == b"bigexec-bytes-ok":
-            _new_bytes = _new_bytes_cpython
-        del _probe, _probe_view
+        _BYTES_IN_PLACE = _growing_bytes_work()
     except Exception:  # no ctypes, or a layout we do not know: copy instead
-        pass
+        _BYTES_IN_PLACE = False
 
 
-def read_into(readinto: Callable[[memoryview], int | None], view: memoryview) -> None:
-    """Fill ``view`` with ``readinto`` (a file's); ``EOFError`` if the data ends first."""
+def read_into(readinto: Callable[[memoryview], int | None], view: memoryview,
+              done: int = 0, total: int | None = None) -> None:
+    """Fill ``view`` with ``readinto`` (a file's); ``EOFError`` if the data ends first.
+    ``done`` and ``total`` (bytes read before ``view``, and in all) word that error."""
     got, n = 0, len(view)
     while got < n:
         k = readinto(view[got:])
         if not k:
-            raise EOFError(f"connection closed after {got} of {n} bytes")
+            raise EOFError(f"connection closed after {done + got} of {total or n} bytes")
         got += k
 
 
-def _read_new(readinto: Callable[[memoryview], int | None], n: int) -> bytearray:
-    buf = bytearray(n)
-    read_into(readinto, memoryview(buf))
-    return buf
+def _steps(n: int) -> Iterator[int]:
+    """The sizes a receive buffer of ``n`` bytes takes: ``RECEIVE_STEP``, then doubling."""
+    size = min(n, RECEIVE_STEP)
+    while True:
+        yield size
+        if size == n:
+            return
+        size = min(n, size * 2)
+
+
+def read_buffer(readinto: Callable[[memoryview], int | None], n: int,
+                as_bytes: bool = False) -> bytes | bytearray:
+    """Read ``n`` bytes with ``readinto`` into a new ``bytearray`` (or ``bytes``); its memory
+    grows with the data that arrives, from ``RECEIVE_STEP`` by doubling, never ahead of it.
+
+    Growing is a ``realloc``, which remaps the pages of a large block rather than copying
+    them, so a large message is written once, where it ends up (on CPython; elsewhere a
+    ``bytes`` is copied once from the ``bytearray`` it was read into). ``EOFError`` if the
+    data ends first.
+    """
+    if as_bytes and _BYTES_IN_PLACE and n:
+        return _read_growing_bytes(readinto, n)
+    buf = bytearray()
+    done = 0
+    for size in _steps(n):
+        _grow_bytearray(buf, size)
+        with memoryview(buf) as view:
+            read_into(readinto, view[done:], done, n)
+        done = size
+    return bytes(buf) if as_bytes else buf
+
+
+def _grow_bytearray_copying(buf: bytearray, n: int) -> None:
+    buf.extend(bytes(n - len(buf)))
+
+
+_grow_bytearray: Callable[[bytearray, int], None] = _grow_bytearray_copying
+if sys.implementation.name == "cpython":
+    try:
+        _PyByteArray_Resize = ctypes.pythonapi.PyByteArray_Resize
+        _PyByteArray_Resize.restype = ctypes.c_int
+        _PyByteArray_Resize.argtypes = (ctypes.py_object, ctypes.c_ssize_t)
+
+        def _grow_bytearray_in_place(buf: bytearray, n: int) -> None:
+            """Grow ``buf`` to ``n`` bytes without writing the new ones (``realloc``)."""
+            _PyByteArray_Resize(buf, n)
+
+        _probe = bytearray(b"ok")
+        _grow_bytearray_in_place(_probe, 3)
+        if len(_probe) == 3 and _probe[:2] == b"ok":
+            _grow_bytearray = _grow_bytearray_in_place
+        del _probe
+    except Exception:  # no ctypes: grow by appending zeros
+        pass
+
+
+def _read_growing_bytes(readinto: Callable[[memoryview], int | None], n: int) -> bytes:
+    steps = _steps(n)
+    size = next(steps)
+    grow = _GrowingBytes(size)
+    try:
+        done = 0
+        while True:
+            read_into(readinto, grow.view(done, size), done, n)
+            done = size
+            size = next(steps, 0)
+            if not size:
+                return grow.take()
+            grow.resize(size)
+    finally:
+        grow.release()
 
 
 def read(readinto: Callable[[memoryview], int | None], length: int) -> bytearray | Message:
     """Read a message of ``length`` bytes with ``readinto`` (a file's); ``loads`` decodes it.
 
-    Raises ``EOFError`` if the connection ends early, ``DecodeError`` if the message's header
-    does not add up (the connection is then out of step and must be closed).
+    Memory grows with the bytes that arrive (see ``read_buffer``), not with what ``length``
+    or the message's header claim. Raises ``EOFError`` if the connection ends early,
+    ``DecodeError`` if the message's header does not add up (the connection is then out of
+    step and must be closed).
     """
     if length < _OOB_MIN:  # one buffer: no large buffers to place
-        return _read_new(readinto, length)
-    (n,) = _U32.unpack(_read_new(readinto, 4))
+        return cast(bytearray, read_buffer(readinto, length))
+    (n,) = _U32.unpack(read_buffer(readinto, 4))
     if 4 + 8 * (n + 1) > length:
         raise DecodeError(f"a message of {length} bytes cannot hold {n} buffers")
-    lens_raw = _read_new(readinto, 8 * (n + 1))
-    lens = [_U64.unpack_from(lens_raw, 8 * i)[0] for i in range(n + 1)]
+    lens_raw = read_buffer(readinto, 8 * (n + 1))
+    lens = [ln for (ln,) in _U64.iter_unpack(lens_raw)]
     if 4 + len(lens_raw) + sum(ln & ~_BYTES_FLAG for ln in lens) != length:
         raise DecodeError(f"message length {length} does not match its header")
-    body = _read_new(readinto, lens[0])
-    buffers: list[Any] = []
-    for ln in lens[1:]:
-        if ln & _BYTES_FLAG:
-            obj, view = _new_bytes(ln & ~_BYTES_FLAG)
-            read_into(readinto, view)
-        else:  # writable, as the sender's buffer was (a NumPy array's)
-            obj = _read_new(readinto, ln)
-        buffers.append(obj)
+    body = cast(bytearray, read_buffer(readinto, lens[0]))
+    # writable unless marked bytes, as the sender's buffer was (a NumPy array's)
+    buffers = [read_buffer(readinto, ln & ~_BYTES_FLAG, as_bytes=bool(ln & _BYTES_FLAG))
+               for ln in lens[1:]]
     return Message(body, buffers, length)
 
 

@@ -20,6 +20,7 @@ so a slow or hostile client cannot stall ``accept``.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import socket
 import ssl
@@ -47,10 +48,38 @@ MAX_HANDSHAKES = 64
 #: An authenticated connection that sends nothing for this long is closed (the client's pool
 #: opens another when it needs one): a silent client does not hold a thread for ever.
 IDLE_TIMEOUT = 300.0
+#: After refusing a request, the server reads (and drops) what the client still sends for up
+#: to this long before it closes, so that the client, which sends its whole request before it
+#: reads the reply, gets the refusal rather than a reset connection.
+LINGER_SECONDS = 2.0
+#: Environment variables that set a server's limits when the constructor does not; a machine
+#: started by a bigexec session inherits the driver's environment.
+MAX_MESSAGE_BYTES_ENV = "BIGEXEC_MAX_MESSAGE_BYTES"
+MAX_CHUNK_BYTES_ENV = "BIGEXEC_MAX_CHUNK_BYTES"
+
+
+def _limit(value: int | None, env: str, default: int) -> int:
+    if value is None:
+        text = os.environ.get(env)
+        try:
+            value = int(text) if text else default
+        except ValueError:
+            raise ValueError(f"{env} must be a number of bytes, not {text!r}") from None
+    if value < 1:
+        raise ValueError(f"a size limit must be a positive number of bytes, not {value}")
+    return value
 
 
 class Server:
-    """Serves the services of a ``ServiceRegistry`` over HTTP/1.1, with TLS when given."""
+    """Serves the services of a ``ServiceRegistry`` over HTTP/1.1, with TLS when given.
+
+    ``max_message_bytes`` caps a call's arguments (default: ``BIGEXEC_MAX_MESSAGE_BYTES``
+    from the environment, else ``wire.MAX_MESSAGE_BYTES``, 8 GiB); ``max_chunk_bytes`` caps
+    one frame of a streamed argument (``BIGEXEC_MAX_CHUNK_BYTES``, else
+    ``wire.MAX_CHUNK_BYTES``, 64 MiB). A request over either is answered 413 and its
+    connection closed; the caller gets ``wire.TooLargeError`` naming the limit. A malformed
+    request is answered 400. Either is logged as one warning naming the peer.
+    """
 
     def __init__(
         self,
@@ -61,8 +90,16 @@ class Server:
         port: int = 0,
         advertise_host: str | None = None,
         log_label: str | None = None,
+        max_message_bytes: int | None = None,
+        max_chunk_bytes: int | None = None,
     ) -> None:
         self.registry = registry
+        #: The largest call message (``Content-Length``, or a stream's call frame) accepted.
+        self.max_message_bytes = _limit(max_message_bytes, MAX_MESSAGE_BYTES_ENV,
+                                        wire.MAX_MESSAGE_BYTES)
+        #: The largest frame of a streamed argument accepted.
+        self.max_chunk_bytes = _limit(max_chunk_bytes, MAX_CHUNK_BYTES_ENV,
+                                      wire.MAX_CHUNK_BYTES)
         #: If set, log records made while serving are marked with it (see ``bigexec.logs``).
         self.log_label = log_label
         self.ssl_context = ssl_context
@@ -198,7 +235,7 @@ class Server:
             self._conns.add(raw)
         caller = "an unauthenticated peer"
         try:
-            caller = "{}:{} (unauthenticated)".format(*raw.getpeername()[:2])
+            caller = f"{_peer_name(raw)} (unauthenticated)"
             wire.tune_socket(raw)
             if self.ssl_context is not None:
                 raw.settimeout(HANDSHAKE_TIMEOUT)
@@ -221,11 +258,16 @@ class Server:
                 try:
                     head = wire.read_head(rfile)
                 except ProtocolError as exc:
-                    self._respond(sock, 400, f"malformed request: {exc}".encode(), caller,
-                                  close=True)
-                    break
-                if head is None or not self._handle(sock, rfile, head, caller):
-                    break
+                    refusal = _Refusal(400, f"malformed request: {exc}")
+                else:
+                    try:
+                        if head is not None and self._handle(sock, rfile, head, caller):
+                            continue
+                        break
+                    except _Refusal as exc:  # raised before any reply was sent
+                        refusal = exc
+                self._refuse(sock, rfile, caller, refusal)
+                break
         except ssl.SSLError as exc:
             log.debug("TLS handshake or read with %s failed: %s", caller, exc)
         except (OSError, ProtocolError) as exc:
@@ -243,12 +285,16 @@ class Server:
                     pass
             _hard_close(sock)
 
-    def _respond(self, sock: socket.socket, status: int, body: bytes, caller: str,
+    def _refuse(self, sock: socket.socket, rfile: Any, caller: str, refusal: _Refusal) -> None:
+        """Answer a bad request of ``caller``, telling it and the log who was refused, then
+        let it finish sending before closing."""
+        log.warning("refused a request from %s: %d %s", caller, refusal.status, refusal.text)
+        body = f"{refusal.text} (caller: {caller})".encode("utf-8", "replace")
+        self._respond(sock, refusal.status, body, close=True)
+        _linger(sock, rfile)
+
+    def _respond(self, sock: socket.socket, status: int, body: bytes,
                  ctype: str = "text/plain; charset=utf-8", close: bool = False) -> None:
-        """Refuse a request of ``caller``, telling it and the log who was refused."""
-        log.info("refused a request from %s: HTTP %d: %s", caller, status,
-                 body.decode("utf-8", "replace"))
-        body += f" (caller: {caller})".encode()
         head = (
             f"HTTP/1.1 {status} {wire.REASONS.get(status, 'Unknown')}\r\n"
             f"Content-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
@@ -265,56 +311,55 @@ class Server:
             return False
         start, headers = head
         if len(start) != 3 or not start[2].startswith("HTTP/1."):
-            self._respond(sock, 400, b"malformed request line", caller, close=True)
-            return False
+            raise _Refusal(400, "malformed request line")
         verb, target = start[0], start[1]
-        chunked = headers.get("transfer-encoding", "").lower() == "chunked"
-        length_text = headers.get("content-length")
+        encoding = headers.get("transfer-encoding")
+        if encoding is not None and encoding.lower() != "chunked":
+            raise _Refusal(400, f"unsupported Transfer-Encoding {encoding[:40]!r}")
+        chunked = encoding is not None
         try:
-            length = int(length_text) if length_text is not None else None
-            if length is not None and length < 0:
-                raise ValueError
-        except ValueError:
-            self._respond(sock, 400, b"bad Content-Length", caller, close=True)
-            return False
+            length = wire.parse_content_length(headers.get("content-length"))
+        except ProtocolError as exc:
+            raise _Refusal(400, str(exc)) from None
+        if chunked and length is not None:
+            raise _Refusal(400, "both Content-Length and Transfer-Encoding")
         if verb != "POST":
-            self._respond(sock, 405, b"bigrpc takes POST only", caller, close=True)
-            return False
+            raise _Refusal(405, "bigrpc takes POST only")
         path = target.split("?", 1)[0]
         at = path.rfind("/bigrpc/")
         name = path[at + 8 :] if at >= 0 else ""
         if at < 0 or "." not in name:
-            self._respond(sock, 404, f"no such path {path!r}; use /bigrpc/Service.method".encode(),
-                          caller, close=True)
-            return False
+            raise _Refusal(404, f"no such path {path[:200]!r}; use /bigrpc/Service.method")
         call_id = headers.get("x-bigexec-call") or os.urandom(8).hex()
+        t = headers.get("x-bigexec-timeout")
         try:
-            t = headers.get("x-bigexec-timeout")
             timeout = float(t) if t is not None else None
         except ValueError:
-            self._respond(sock, 400, b"bad X-Bigexec-Timeout", caller, close=True)
-            return False
+            timeout = math.nan
+        if timeout is not None and not math.isfinite(timeout):
+            raise _Refusal(400, "bad X-Bigexec-Timeout")
 
         stream: wire.Stream | None = None
         try:
             if chunked:
-                message = _read_head_frame(rfile)
-                stream = wire.Stream(rfile)
+                message = _read_head_frame(rfile, self.max_message_bytes)
+                stream = wire.Stream(rfile, max_frame=self.max_chunk_bytes,
+                                     how=_how(MAX_CHUNK_BYTES_ENV, "max_chunk_bytes"))
             elif length is not None:
+                wire.check_size(length, self.max_message_bytes, f"the call to {name}",
+                                _how(MAX_MESSAGE_BYTES_ENV, "max_message_bytes"))
                 message = wire.read_message(rfile, length)
             else:
-                self._respond(sock, 400, b"a body with Content-Length or chunked is required",
-                              caller, close=True)
-                return False
+                raise _Refusal(400, "a body with Content-Length or chunked is required")
             call = codec.loads(message)
             if not (isinstance(call, tuple) and len(call) == 2 and isinstance(call[0], tuple)
                     and isinstance(call[1], dict)):
                 raise codec.DecodeError("the call message must be (args tuple, kwargs dict)")
             args, kwargs = call
+        except wire.TooLargeError as exc:
+            raise _Refusal(exc.status, str(exc)) from None
         except (codec.DecodeError, ProtocolError, ValueError) as exc:
-            self._respond(sock, 400, f"cannot decode the call to {name}: {exc}".encode(),
-                          caller, close=True)
-            return False
+            raise _Refusal(400, f"cannot decode the call to {name}: {exc}") from None
         if stream is not None:
             args, kwargs = _put_stream(args, kwargs, stream)
 
@@ -322,7 +367,8 @@ class Server:
             fn, wants_ctx = self.registry.resolve(name)
         except UnknownMethodError as exc:
             keep = stream is None or stream.drain(1 << 62)
-            self._respond(sock, 404, str(exc).encode(), caller, close=not keep)
+            log.info("refused a request from %s: HTTP 404: %s", caller, exc)
+            self._respond(sock, 404, f"{exc} (caller: {caller})".encode(), close=not keep)
             return keep
 
         # Only a method that takes ctx can notice a cancel: only those are registered for one.
@@ -349,6 +395,8 @@ class Server:
                     keep = stream.spool()
                 else:
                     keep = stream.drain(1 << 62)
+                if isinstance(stream.failure, wire.TooLargeError):
+                    raise _Refusal(stream.failure.status, str(stream.failure))
             if self._frozen.is_set():
                 self._frozen_wait()
                 return False
@@ -404,16 +452,47 @@ class Server:
         self._closed.wait()
 
 
-def _read_head_frame(rfile: Any) -> bytes:
-    size_line = rfile.readline(wire.MAX_LINE)
-    try:
-        size = int(size_line.split(b";", 1)[0], 16)
-    except ValueError:
-        raise ProtocolError(f"bad chunk size line {size_line[:40]!r}") from None
-    frame = rfile.read(size)
-    if len(frame) != size or rfile.read(2) != b"\r\n" or frame[:1] != b"H":
+class _Refusal(Exception):
+    """A request the server answers with ``status`` and ``text``, then closes."""
+
+    def __init__(self, status: int, text: str) -> None:
+        super().__init__(status, text)
+        self.status = status
+        self.text = text
+
+
+def _how(env: str, keyword: str) -> str:
+    return f" (set {env} in the machine's environment, or Server({keyword}=...))"
+
+
+def _read_head_frame(rfile: Any, limit: int) -> memoryview:
+    frame = wire.read_chunk(rfile, limit, _how(MAX_MESSAGE_BYTES_ENV, "max_message_bytes"))
+    if frame[:1] != b"H":
         raise ProtocolError("a streamed request must start with its call frame")
     return memoryview(frame)[1:]
+
+
+def _peer_name(sock: socket.socket) -> str:
+    try:
+        host, port = sock.getpeername()[:2]
+    except (OSError, ValueError):
+        return "an unknown peer"
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _linger(sock: socket.socket, rfile: Any) -> None:
+    """Close our side, then drop what the peer sends until it closes or ``LINGER_SECONDS``
+    pass: closing with unread data would reset the connection, and the peer could lose our
+    answer."""
+    try:
+        socket.socket.shutdown(sock, socket.SHUT_WR)
+        deadline = time.monotonic() + LINGER_SECONDS
+        while (left := deadline - time.monotonic()) > 0:
+            sock.settimeout(left)
+            if not rfile.read1(1 << 16):
+                return
+    except (OSError, ValueError):  # timed out, reset or closed: done either way
+        pass
 
 
 def _put_stream(args: tuple, kwargs: dict, stream: wire.Stream) -> tuple[tuple, dict]:

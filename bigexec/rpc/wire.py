@@ -12,7 +12,12 @@ frame, tagged by its first byte::
     Z               the stream ended normally
 
 Status codes: 200 success, 590 the method raised (body: an error tuple), 400 malformed
-request, 404 unknown service or method, 405 not POST.
+request, 404 unknown service or method, 405 not POST, 413 a message or a frame over the
+receiver's limit (``MAX_MESSAGE_BYTES``, ``MAX_CHUNK_BYTES``).
+
+A receiver allocates memory as a body's bytes arrive, never from the length a peer declares
+(see ``codec.read_buffer``), and parses sizes strictly: decimal digits for ``Content-Length``,
+hex digits for a chunk, each header that frames the body at most once.
 """
 
 from __future__ import annotations
@@ -22,18 +27,66 @@ import socket
 import traceback
 import types
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, cast
 
 from ..errors import NetworkError, ProtocolError, RemoteError, RemoteTraceback
 from . import codec
 
 STATUS_APP_ERROR = 590
+STATUS_TOO_LARGE = 413
 REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
-           500: "Internal Server Error", 590: "Application Error"}
+           413: "Content Too Large", 500: "Internal Server Error", 590: "Application Error"}
 MAX_LINE = 65536  # bytes in a line, and in a whole head
 MAX_HEADERS = 64  # header lines in a head: bigexec sends fewer than ten
+#: Default limit on one message (a call's arguments or a reply), in bytes. A receiver's
+#: memory follows the bytes that arrive, so the limit only has to stop what no honest caller
+#: sends: 8 GiB is past the largest single value a worker of common size can hold twice (as
+#: it arrives and as the method uses it), and far below the 2**63 a peer could declare.
+MAX_MESSAGE_BYTES = 8 << 30
+#: Default limit on one frame of a byte stream. Senders cut streams into frames of at most
+#: ``STREAM_FRAME_MAX`` bytes, so this only refuses peers that are not bigexec.
+MAX_CHUNK_BYTES = 64 << 20
 STREAM_CHUNK = 1 << 20
+#: The largest frame ``send_stream`` sends (its tag byte included): a larger chunk goes as
+#: several frames.
+STREAM_FRAME_MAX = 16 << 20
 _SMALL = 64 * 1024
+#: Headers that say where a body ends: a second copy of one is refused (request smuggling).
+_FRAMING_HEADERS = ("content-length", "transfer-encoding")
+
+
+class TooLargeError(ProtocolError):
+    """A message or stream frame was over the receiving server's limit (HTTP 413)."""
+
+    status = STATUS_TOO_LARGE
+
+
+def parse_content_length(text: str | None) -> int | None:
+    """The value of a ``Content-Length`` header (None when absent); ``ProtocolError`` unless
+    it is decimal digits only (``int`` would take signs, spaces and underscores)."""
+    if text is None:
+        return None
+    if not (text.isascii() and text.isdigit()) or len(text) > 19:
+        raise ProtocolError(f"bad Content-Length {text[:40]!r}")
+    return int(text)
+
+
+def parse_chunk_size(line: bytes) -> int:
+    """The size on a chunk's size line (hex digits, then an optional ``;extension``, then
+    CRLF); ``ProtocolError`` for anything else, a missing line end or a sign included."""
+    if not line.endswith(b"\n"):
+        raise ProtocolError(f"chunk size line truncated: {line[:40]!r}")
+    digits = line.split(b";", 1)[0].rstrip(b"\r\n").strip(b" \t")
+    if not digits or len(digits) > 16 or digits.strip(b"0123456789abcdefABCDEF"):
+        raise ProtocolError(f"bad chunk size line {line[:40]!r}")
+    return int(digits, 16)
+
+
+def check_size(size: int, limit: int | None, what: str, how: str = "") -> None:
+    """``TooLargeError`` if ``size`` bytes of ``what`` are over ``limit`` (None: no limit);
+    ``how`` (appended to the message) says how to raise the limit."""
+    if limit is not None and size > limit:
+        raise TooLargeError(f"{what} of {size} bytes is over the limit of {limit} bytes{how}")
 
 
 def parse_head(head: bytes) -> tuple[list[str], dict[str, str]]:
@@ -44,13 +97,19 @@ def parse_head(head: bytes) -> tuple[list[str], dict[str, str]]:
     lines = head.decode("latin-1").split("\r\n")
     if len(lines) - 3 > MAX_HEADERS:  # the start line, the headers, then two empty strings
         raise ProtocolError(f"request head over {MAX_HEADERS} headers")
-    headers = {}
+    headers: dict[str, str] = {}
     for line in lines[1:-2]:
         name, sep, value = line.partition(":")
         if not sep:
             raise ProtocolError(f"malformed header line {line[:80]!r}")
-        headers[name.strip().lower()] = value.strip()
+        _add_header(headers, name.strip().lower(), value.strip())
     return lines[0].split(" ", 2), headers
+
+
+def _add_header(headers: dict[str, str], name: str, value: str) -> None:
+    if name in headers and name in _FRAMING_HEADERS:
+        raise ProtocolError(f"more than one {name} header")
+    headers[name] = value
 
 
 def read_head(rfile: Any) -> tuple[list[str], dict[str, str]] | None:
@@ -86,17 +145,57 @@ def read_head(rfile: Any) -> tuple[list[str], dict[str, str]] | None:
         name, sep, value = line.decode("latin-1").partition(":")
         if not sep:
             raise ProtocolError(f"malformed header line {line[:80]!r}")
-        headers[name.strip().lower()] = value.strip()
+        _add_header(headers, name.strip().lower(), value.strip())
 
 
 def read_exact(rfile: Any, n: int) -> bytearray:
-    """Read exactly ``n`` body bytes into a fresh buffer (no intermediate copies)."""
-    buf = bytearray(n)
+    """Read exactly ``n`` body bytes into a fresh buffer, which grows as they arrive."""
     try:
-        codec.read_into(rfile.readinto, memoryview(buf))
+        return cast(bytearray, codec.read_buffer(rfile.readinto, n))
     except EOFError as exc:
         raise NetworkError(str(exc)) from None
-    return buf
+
+
+def read_chunk(rfile: Any, limit: int | None = None, how: str = "") -> bytes:
+    """Read one chunk of a chunked body: size line, data, CRLF; ``b""`` for the last chunk
+    (size 0), whose trailer the caller reads. ``ProtocolError`` if malformed,
+    ``TooLargeError`` over ``limit`` (see ``check_size``), ``NetworkError`` if cut short."""
+    line = rfile.readline(MAX_LINE)
+    if not line:
+        raise NetworkError("connection closed in the middle of a chunked body")
+    size = parse_chunk_size(line)
+    if size == 0:
+        return b""
+    check_size(size, limit, "a chunk", how)
+    if size <= codec.RECEIVE_STEP:  # small: one read, one allocation
+        data = rfile.read(size)
+        if len(data) != size:
+            raise NetworkError("connection closed in the middle of a chunked body")
+    else:
+        try:
+            data = codec.read_buffer(_readinto_of(rfile), size, as_bytes=True)
+        except EOFError as exc:
+            raise NetworkError(f"chunk cut short: {exc}") from None
+    end = rfile.read(2)
+    if end != b"\r\n":
+        if len(end) < 2:
+            raise NetworkError("connection closed in the middle of a chunked body")
+        raise ProtocolError(f"chunk of {size} bytes not followed by CRLF")
+    return cast(bytes, data)
+
+
+def _readinto_of(f: Any) -> Callable[[memoryview], int]:
+    """``f.readinto``, or one made of ``f.read`` (3.10's ``SpooledTemporaryFile`` has none)."""
+    readinto = getattr(f, "readinto", None)
+    if readinto is not None:
+        return readinto  # type: ignore[no-any-return]
+
+    def via_read(view: memoryview) -> int:
+        data = f.read(len(view))
+        view[: len(data)] = data
+        return len(data)
+
+    return via_read
 
 
 def read_message(rfile: Any, length: int) -> bytearray | codec.Message:
@@ -196,8 +295,14 @@ def send_stream(sock: socket.socket, source: Any) -> BaseException | None:
             send_frame(sock, b"E", encode_error(exc))
             sock.sendall(b"0\r\n\r\n")
             return exc
-        if memoryview(chunk).nbytes:
-            send_frame(sock, b"D", chunk)
+        n = memoryview(chunk).nbytes
+        if n < STREAM_FRAME_MAX:
+            if n:
+                send_frame(sock, b"D", chunk)
+        else:  # within every receiver's frame limit (MAX_CHUNK_BYTES); the tag counts too
+            with memoryview(chunk).cast("B") as view:
+                for at in range(0, n, STREAM_FRAME_MAX - 1):
+                    send_frame(sock, b"D", view[at : at + STREAM_FRAME_MAX - 1])
     sock.sendall(END_FRAME)
     sock.sendall(b"0\r\n\r\n")
     return None
@@ -253,9 +358,14 @@ class Stream(io.RawIOBase):
     """
 
     def __init__(self, rfile: Any, on_done: Callable[[bool], None] | None = None,
-                 aborted: Callable[[], BaseException | None] | None = None) -> None:
+                 aborted: Callable[[], BaseException | None] | None = None, *,
+                 max_frame: int | None = MAX_CHUNK_BYTES, how: str = "") -> None:
         super().__init__()
         self._rfile = rfile
+        #: Frames over this many bytes fail the stream with ``TooLargeError``; ``how`` (in
+        #: its message) says how to raise the limit.
+        self.max_frame = max_frame
+        self._how = how
         self._done_callbacks = [on_done] if on_done is not None else []
         self._aborted = aborted
         self._frame: bytes = b""
@@ -278,19 +388,10 @@ class Stream(io.RawIOBase):
         if self._eof:
             return False
         try:
-            size_line = self._rfile.readline(MAX_LINE)
-            if not size_line:
-                raise NetworkError("connection closed in the middle of a stream")
-            try:
-                size = int(size_line.split(b";", 1)[0], 16)
-            except ValueError:
-                raise ProtocolError(f"bad chunk size line {size_line[:40]!r}") from None
-            if size == 0:
+            frame = read_chunk(self._rfile, self.max_frame, self._how)
+            if not frame:
                 raise ProtocolError("stream ended without an end frame")
-            frame = self._rfile.read(size)
-            if len(frame) != size or self._rfile.read(2) != b"\r\n":
-                raise NetworkError("connection closed in the middle of a stream")
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, ProtocolError) as exc:
             err: BaseException = exc if isinstance(exc, (NetworkError, ProtocolError)) \
                 else NetworkError(f"stream transport failed: {exc}")
             why = self._aborted() if self._aborted is not None else None
@@ -317,6 +418,11 @@ class Stream(io.RawIOBase):
             return False
         self._fail(ProtocolError(f"unknown stream frame tag {tag!r}"))
         raise self._error  # type: ignore[misc]
+
+    @property
+    def failure(self) -> BaseException | None:
+        """What the stream failed with (its sender's error, or a bad or cut-off frame)."""
+        return self._error
 
     def _fail(self, err: BaseException) -> None:
         self._error = err
@@ -389,22 +495,18 @@ class Stream(io.RawIOBase):
             return self._error is None
         spool = tempfile.SpooledTemporaryFile(max_size=memory)
         try:
-            while True:
-                size_line = self._rfile.readline(MAX_LINE)
-                if not size_line:
-                    raise NetworkError("connection closed in the middle of a stream")
-                spool.write(size_line)
-                size = int(size_line.split(b";", 1)[0], 16)
-                if size == 0:
-                    spool.write(self._rfile.readline(MAX_LINE))
+            while True:  # re-framed as it arrives: the spool is read back as a stream
+                frame = read_chunk(self._rfile, self.max_frame, self._how)
+                if not frame:
+                    spool.write(b"0\r\n" + self._rfile.readline(MAX_LINE))
                     break
-                frame = self._rfile.read(size + 2)
-                if len(frame) != size + 2:
-                    raise NetworkError("connection closed in the middle of a stream")
+                spool.write(b"%x\r\n" % len(frame))
                 spool.write(frame)
-        except (OSError, ValueError) as exc:
+                spool.write(b"\r\n")
+        except (OSError, ValueError, ProtocolError) as exc:
             spool.close()
-            self._fail(exc if isinstance(exc, NetworkError) else NetworkError(str(exc)))
+            self._fail(exc if isinstance(exc, (NetworkError, ProtocolError))
+                       else NetworkError(str(exc)))
             return False
         spool.seek(0)
         self._rfile = spool
