@@ -74,6 +74,8 @@ _PORT_TRIES = 100  # ports tried from the one asked for, when it is taken
 # A request's head has this long to arrive, and each later read or write of the connection
 # too: a client that sends half a request does not hold a thread for ever.
 REQUEST_TIMEOUT = 10.0
+#: Connections served at once; a page and its requests need a handful.
+MAX_CONNECTIONS = 32
 _DISCONNECT_POLL = 0.25  # how often a profile in flight looks whether its client left
 _WILDCARDS = ("0.0.0.0", "::", "")
 
@@ -196,14 +198,37 @@ def peer_uid(client: tuple[Any, ...], server: tuple[Any, ...]) -> int | None:
 
 
 class _HTTPServer(ThreadingHTTPServer):
+    """A thread per connection, at most ``MAX_CONNECTIONS`` of them: connections past that are
+    closed at once, so that a flood of idle ones cannot pile up threads in the driver."""
+
     daemon_threads = True
+    request_queue_size = 128  # the listen backlog: socketserver's 5 makes a busy page wait
 
     def __init__(self, host: str, port: int, handler: type[BaseHTTPRequestHandler]) -> None:
         # The address family follows the host: "::1" needs an IPv6 socket.
         infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
                                    flags=socket.AI_PASSIVE)
         self.address_family = infos[0][0]
+        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
         super().__init__((host, port), handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            log.debug("debug client %s refused: %d connections open", client_address,
+                      MAX_CONNECTIONS)
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:  # no thread: the slot is not taken after all
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         # The standard library prints a traceback on stderr for any error; a client that went

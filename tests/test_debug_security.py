@@ -290,6 +290,32 @@ def test_a_half_sent_request_times_out(session):
         server.close()
 
 
+def test_a_flood_of_idle_connections_holds_no_more_than_the_cap_of_threads(session):
+    server = DebugServer(session, "127.0.0.1", 0, request_timeout=30)
+    flood: list[socket.socket] = []
+    try:
+        before = threading.active_count()
+        for _ in range(debug.MAX_CONNECTIONS + 40):
+            flood.append(socket.create_connection(("127.0.0.1", server.port), timeout=30))
+        # the connections past the cap are closed at once; the first ones each hold a thread
+        refused = 0
+        for s in flood[debug.MAX_CONNECTIONS:]:
+            s.settimeout(10)
+            try:
+                refused += s.recv(1) == b""
+            except ConnectionResetError:
+                refused += 1
+        assert refused == 40
+        assert threading.active_count() - before <= debug.MAX_CONNECTIONS
+    finally:
+        for s in flood:
+            s.close()
+    try:
+        _wait(lambda: _get(server, STATUS, timeout=5)[0] == 200, 20, "served after the flood")
+    finally:
+        server.close()
+
+
 def test_a_client_that_goes_away_leaves_no_traceback(session, capfd, caplog):
     (m,) = session.start(1)
     assert m.wait(bigexec.RUNNING, 30)
