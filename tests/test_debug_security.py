@@ -5,16 +5,15 @@ from __future__ import annotations
 import http.client
 import logging
 import os
-import shutil
 import socket
 import struct
 import subprocess
 import sys
 import threading
 import time
-import uuid
 from concurrent.futures import CancelledError
 
+import netns_helpers
 import pytest
 
 import bigexec
@@ -377,31 +376,12 @@ def test_debug_addr_in_brackets_from_the_environment(monkeypatch, capfd):
 # --- from another host -----------------------------------------------------------------------
 
 
-def _netns_available() -> bool:
-    if os.geteuid() != 0 or shutil.which("ip") is None:
-        return False
-    name = f"bxprobe{uuid.uuid4().hex[:6]}"
-    ok = subprocess.run(["ip", "netns", "add", name], capture_output=True).returncode == 0
-    if ok:
-        subprocess.run(["ip", "netns", "del", name], capture_output=True)
-    return ok
-
-
-@pytest.mark.skipif(not _netns_available(), reason="needs root and `ip netns` for a test host")
+@pytest.mark.skipif(not netns_helpers.available(), reason=netns_helpers.reason)
 def test_a_client_on_another_host_needs_the_token(session):
     """A client in a network namespace (a second host, reached over a veth pair only)."""
-    tag = uuid.uuid4().hex[:6]
-    ns, host_if, ns_if = f"bt{tag}", f"bth{tag}", f"btn{tag}"
     host_ip, ns_ip = "10.213.78.1", "10.213.78.2"
-    run = lambda *cmd: subprocess.run(cmd, check=True, capture_output=True)  # noqa: E731
-    run("ip", "netns", "add", ns)
-    try:
-        run("ip", "link", "add", host_if, "type", "veth", "peer", "name", ns_if)
-        run("ip", "link", "set", ns_if, "netns", ns)
-        run("ip", "addr", "add", f"{host_ip}/30", "dev", host_if)
-        run("ip", "link", "set", host_if, "up")
-        run("ip", "netns", "exec", ns, "ip", "addr", "add", f"{ns_ip}/30", "dev", ns_if)
-        run("ip", "netns", "exec", ns, "ip", "link", "set", ns_if, "up")
+    with netns_helpers.linked_namespace(host_ip, ns_ip) as net:
+        ns = net["far"]
         server = session.serve_debug(port=0, host=host_ip, allow_remote=True)
         assert server.login_url.startswith(f"http://{host_ip}:{server.port}/")
         url = f"http://{host_ip}:{server.port}{STATUS}"
@@ -416,6 +396,3 @@ def test_a_client_on_another_host_needs_the_token(session):
                              capture_output=True, text=True, timeout=60)
         assert out.returncode == 0, out.stderr
         assert out.stdout.split() == ["401", "200", "401"]
-    finally:
-        subprocess.run(["ip", "link", "del", host_if], capture_output=True)
-        subprocess.run(["ip", "netns", "del", ns], capture_output=True)

@@ -12,8 +12,8 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-import uuid
 
+import netns_helpers
 import pytest
 
 import bigexec
@@ -178,33 +178,13 @@ def test_debug_addr_from_the_environment(monkeypatch):
         urllib.request.urlopen(url + "status", timeout=5)  # closed with the session
 
 
-def _netns_available() -> bool:
-    if os.geteuid() != 0 or shutil.which("ip") is None:
-        return False
-    name = f"bxprobe{uuid.uuid4().hex[:6]}"
-    ok = subprocess.run(["ip", "netns", "add", name], capture_output=True).returncode == 0
-    if ok:
-        subprocess.run(["ip", "netns", "del", name], capture_output=True)
-    return ok
-
-
-@pytest.mark.skipif(not _netns_available(), reason="needs root and `ip netns` for a test host")
+@pytest.mark.skipif(not netns_helpers.available(), reason=netns_helpers.reason)
 @pytest.mark.parametrize("allow_remote", [False, True])
 def test_debug_server_refuses_non_loopback_clients(allow_remote):
     """A client in a network namespace (a second host) is refused unless allowed."""
-    tag = uuid.uuid4().hex[:6]
-    ns, host_if, ns_if = f"bx{tag}", f"bxh{tag}", f"bxn{tag}"
     host_ip, ns_ip = "10.213.77.1", "10.213.77.2"
-    run = lambda *cmd: subprocess.run(cmd, check=True, capture_output=True)  # noqa: E731
-    run("ip", "netns", "add", ns)
-    try:
-        run("ip", "link", "add", host_if, "type", "veth", "peer", "name", ns_if)
-        run("ip", "link", "set", ns_if, "netns", ns)
-        run("ip", "addr", "add", f"{host_ip}/30", "dev", host_if)
-        run("ip", "link", "set", host_if, "up")
-        run("ip", "netns", "exec", ns, "ip", "addr", "add", f"{ns_ip}/30", "dev", ns_if)
-        run("ip", "netns", "exec", ns, "ip", "link", "set", ns_if, "up")
-        run("ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up")
+    with netns_helpers.linked_namespace(host_ip, ns_ip) as net:
+        ns = net["far"]
         with bigexec.start("threads") as b:
             server = b.serve_debug(port=0, host=host_ip, allow_remote=allow_remote)
             url = (f"http://{host_ip}:{server.port}/debug/bigexec/status?format=json"
@@ -218,9 +198,6 @@ def test_debug_server_refuses_non_loopback_clients(allow_remote):
                                  capture_output=True, text=True, timeout=60)
             assert out.returncode == 0, out.stderr
             assert out.stdout.strip() == ("200" if allow_remote else "403")
-    finally:
-        subprocess.run(["ip", "link", "del", host_if], capture_output=True)
-        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
 
 
 def test_threads_log_records_are_marked_with_their_machine(caplog):

@@ -927,23 +927,21 @@ def test_stream_transform_large(machine):
     assert h.hexdigest() == want.hexdigest()
 
 
-@pytest.fixture
-def plain_machine():
-    # Plain HTTP: dropping a TLS connection from another thread while its peer uploads can leave
-    # the upload blocked until its deadline (a server matter, apart from the retry tested here).
-    with bigexec.start("threads", tls=False) as b:
+@pytest.fixture(params=[True, False], ids=["tls", "plain"])
+def upload_machine(request):
+    with bigexec.start("threads", tls=request.param) as b:
         (m,) = b.start(1, services=SERVICES)
         assert m.wait(bigexec.RUNNING, timeout=20)
         assert m.state == bigexec.RUNNING, m.err
         yield m
 
 
-def test_retry_call_does_not_resend_a_consumed_stream(plain_machine):
+def test_retry_call_does_not_resend_a_consumed_stream(upload_machine):
     """A transport failure in the middle of an upload must not lead to a silent retry that
     sends only what was left of the (one-shot) source."""
     from bigexec.rpc.server import _hard_close
 
-    machine = plain_machine
+    machine = upload_machine
     server = machine._handle.runtime.server  # the threads machine's own server
     machine.retry_backoff = (0.05, 0.05, 1.0)
     total = 8 * MIB

@@ -24,6 +24,7 @@ import math
 import os
 import socket
 import ssl
+import struct
 import threading
 import time
 from typing import Any
@@ -234,6 +235,7 @@ class Server:
         with self._lock:
             self._conns.add(raw)
         caller = "an unauthenticated peer"
+        ended_cleanly = False  # a reply was sent whole, or the peer closed: close with a FIN
         try:
             caller = f"{_peer_name(raw)} (unauthenticated)"
             wire.tune_socket(raw)
@@ -268,6 +270,7 @@ class Server:
                         refusal = exc
                 self._refuse(sock, rfile, caller, refusal)
                 break
+            ended_cleanly = True
         except ssl.SSLError as exc:
             log.debug("TLS handshake or read with %s failed: %s", caller, exc)
         except (OSError, ProtocolError) as exc:
@@ -283,7 +286,7 @@ class Server:
                     rfile.close()
                 except OSError:
                     pass
-            _hard_close(sock)
+            _hard_close(sock, abort=not ended_cleanly)
 
     def _refuse(self, sock: socket.socket, rfile: Any, caller: str, refusal: _Refusal) -> None:
         """Answer a bad request of ``caller``, telling it and the log who was refused, then
@@ -503,7 +506,20 @@ def _put_stream(args: tuple, kwargs: dict, stream: wire.Stream) -> tuple[tuple, 
     return args, kwargs
 
 
-def _hard_close(sock: socket.socket) -> None:
+def _hard_close(sock: socket.socket, abort: bool = True) -> None:
+    """Close a connection, waking any thread blocked on it; ``abort``: with a reset.
+
+    A connection dropped in the middle (a failure, the server closing, a test's "network
+    drop") must be reset, not just shut down: its peer may be sending into a full receive
+    window, and a socket shut down and closed with nothing left to read sends a FIN only,
+    after which the peer's zero-window probes are answered for a minute (FIN-WAIT-2) while
+    its upload hangs. A reset makes its next send fail at once.
+    """
+    if abort:
+        try:  # SO_LINGER 0: close() resets the connection, whoever closes the descriptor last
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        except OSError:
+            pass
     # socket.socket.shutdown, not SSLSocket.shutdown: the latter tears down the SSL object
     # under a thread that may be blocked reading it.
     try:

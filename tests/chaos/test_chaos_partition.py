@@ -18,55 +18,27 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
+import netns_helpers
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.timeout(180)
 
 
-def _ip(*args: str) -> None:
-    subprocess.run(["ip", *args], check=True, capture_output=True, timeout=10)
-
-
 @pytest.fixture
-def partitionable(tmp_path):
+def partitionable():
     """Namespaces ``hub`` and ``m`` joined by a veth pair; yields their names and addresses."""
-    if os.geteuid() != 0 or shutil.which("ip") is None:
-        pytest.skip("needs root and iproute2 for network namespaces (CI has both)")
-    tag = f"{os.getpid() % 100000}"
+    if not netns_helpers.available():
+        pytest.skip(netns_helpers.reason)
     k = os.getpid() % 200 + 20  # 10.200.K.0/24, our own subnet inside our own namespaces
-    hub, m = f"bxhub{tag}", f"bxm{tag}"
-    hub_if, m_if = f"bxh{tag}", f"bxm{tag}"
-    made: list[str] = []
-    try:
-        for ns in (hub, m):
-            _ip("netns", "add", ns)
-            made.append(ns)
-            _ip("-n", ns, "link", "set", "lo", "up")
-        _ip("link", "add", hub_if, "type", "veth", "peer", "name", m_if)
-        _ip("link", "set", hub_if, "netns", hub)
-        _ip("link", "set", m_if, "netns", m)
-        _ip("-n", hub, "addr", "add", f"10.200.{k}.1/24", "dev", hub_if)
-        _ip("-n", m, "addr", "add", f"10.200.{k}.2/24", "dev", m_if)
-        _ip("-n", hub, "link", "set", hub_if, "up")
-        _ip("-n", m, "link", "set", m_if, "up")
-        yield {"hub": hub, "m": m, "m_if": m_if, "m_addr": f"10.200.{k}.2"}
-    finally:
-        for ns in made:  # deleting a namespace deletes the veth pair but kills no process:
-            pids = subprocess.run(["ip", "netns", "pids", ns], capture_output=True,
-                                  text=True).stdout.split()
-            for pid in pids:  # its processes go first
-                try:
-                    os.kill(int(pid), 9)
-                except (OSError, ValueError):
-                    pass
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+    with netns_helpers.namespace() as hub, netns_helpers.linked_namespace(
+            f"10.200.{k}.1", f"10.200.{k}.2", 24, near_ns=hub) as link:
+        yield {"hub": hub, "m": link["far"], "m_if": link["far_if"], "m_addr": f"10.200.{k}.2"}
 
 
 _DRIVER = textwrap.dedent("""
