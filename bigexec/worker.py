@@ -80,7 +80,8 @@ class MachineRuntime:
         self.registry = ServiceRegistry()
         self.server = Server(self.registry, ssl_context=server_ssl, host=host, port=port,
                              advertise_host=advertise_host, log_label="" if mark_logs else None)
-        self.server.faults = FaultInjector.from_spec(self.environ.get(FAULTS_ENV))
+        self.server.faults = FaultInjector.from_spec(self.environ.get(FAULTS_ENV),
+                                                     salt=str(self.server.port))
         self.session = B._for_machine(client_ssl)
         self.server.session = self.session
         #: The namespaces of this machine (see ``bigexec.namespaces``): its own unless given

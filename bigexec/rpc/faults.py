@@ -15,7 +15,8 @@ driver's environment) or ``b.start(n, env={"BIGEXEC_FAULTS": ...})`` for some. S
 
 - ``drop``, ``truncate``, ``delay``: the chance of each fault per call, from 0 to 1;
 - ``delay_seconds``: how late a delayed reply is (default 1);
-- ``seed``: makes the sequence of faults repeatable;
+- ``seed``: makes a machine's sequence of faults repeatable (machines mix their port into it,
+  so that machines seeded alike do not fail in step);
 - ``methods``: which methods suffer, ``|``-separated prefixes of ``Service.method`` names
   (``methods=Tasks.|Echo.add``); by default every method but the Supervisor's, whose
   keepalives decide whether a machine lives (a partition is a different test), and ``*`` for
@@ -51,7 +52,7 @@ class FaultInjector:
     """Chooses, per call, whether and how to break its reply; thread-safe."""
 
     def __init__(self, *, drop: float = 0.0, truncate: float = 0.0, delay: float = 0.0,
-                 delay_seconds: float = 1.0, seed: int | None = None,
+                 delay_seconds: float = 1.0, seed: int | str | None = None,
                  methods: tuple[str, ...] | None = None) -> None:
         rates = {"drop": drop, "truncate": truncate, "delay": delay}
         for kind, rate in rates.items():
@@ -70,8 +71,9 @@ class FaultInjector:
         self.injected: Counter[str] = Counter()
 
     @classmethod
-    def from_spec(cls, spec: str | None) -> FaultInjector | None:
-        """The injector that ``spec`` (``BIGEXEC_FAULTS``'s syntax) describes; None for none."""
+    def from_spec(cls, spec: str | None, salt: str = "") -> FaultInjector | None:
+        """The injector that ``spec`` (``BIGEXEC_FAULTS``'s syntax) describes; None for none.
+        ``salt`` is mixed into its seed (a machine passes its port)."""
         if not spec or not spec.strip():
             return None
         options: dict[str, Any] = {}
@@ -83,7 +85,7 @@ class FaultInjector:
                 if name in KINDS or name == "delay_seconds":
                     options[name] = float(value)
                 elif name == "seed":
-                    options[name] = int(value)
+                    options[name] = f"{int(value)}:{salt}" if salt else int(value)
                 elif name == "methods":
                     options[name] = tuple(p for p in value.split("|") if p)
                 else:
