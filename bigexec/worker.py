@@ -39,7 +39,7 @@ from .rpc.faults import FaultInjector
 from .rpc.server import Server
 from .service import ServiceRegistry
 
-__all__ = ["EXIT_DRIVER_GONE", "EXIT_LEASE_LAPSED", "MachineRuntime", "main"]
+__all__ = ["EXIT_DRIVER_GONE", "EXIT_LEASE_LAPSED", "MachineRuntime", "describe_exit", "main"]
 
 log = logging.getLogger("bigexec.worker")
 
@@ -50,6 +50,26 @@ _UNHEALTHY_MEMORY_PERCENT = 95.0
 EXIT_LEASE_LAPSED = 3
 #: Exit status of a worker whose lifeline (stdin) reached EOF: the driver process is gone.
 EXIT_DRIVER_GONE = 4
+
+
+def describe_exit(code: int | None, lease: float | None = None) -> str:
+    """How a worker that ended with status ``code`` (negative: killed by that signal) ended,
+    in words that complete "machine X ..."; ``lease`` is the one it held, if known."""
+    if code is None:
+        return "is still running"
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        return f"was killed by {name} ({code})"
+    if code == EXIT_LEASE_LAPSED:
+        return (f"exited (status {code}) because its lease lapsed: the driver's keepalives did "
+                f"not arrive for {lease:g}s" if lease is not None else
+                f"exited (status {code}) because its lease lapsed")
+    if code == EXIT_DRIVER_GONE:
+        return f"exited (status {code}) because its lifeline to the driver closed"
+    return f"exited with status {code}"
 
 
 class MachineRuntime:

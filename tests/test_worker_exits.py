@@ -54,8 +54,9 @@ def _kill_if_sleeper(pid: int) -> None:
         pass
 
 
-def test_a_lapsed_lease_is_reported_as_one():
-    with bigexec.start("local", boot_timeout=BOOT, keepalive_period=0.5, keepalive_lease=2.0,
+@pytest.mark.parametrize("system", ["threads", "local"])
+def test_a_lapsed_lease_is_reported_as_one(system):
+    with bigexec.start(system, boot_timeout=BOOT, keepalive_period=0.5, keepalive_lease=2.0,
                        keepalive_timeout=120.0) as b:
         (m,) = b.start(1)
         assert m.wait(bigexec.RUNNING, timeout=BOOT) and m.err is None, m.err

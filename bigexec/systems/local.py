@@ -46,31 +46,13 @@ from typing import IO, Any
 from .. import logsink, tls
 from ..authority import Authority
 from ..errors import BootError, MachineLost
-from ..worker import EXIT_DRIVER_GONE, EXIT_LEASE_LAPSED
+from ..worker import describe_exit
 from .base import KeepaliveConfig, MachineHandle, System
 
 __all__ = ["LocalSystem"]
 
 _SHOW_BOOT_LOGS_AFTER = 5  # consecutive boot failures
 _BOOT_OUTPUT_LINES = 20  # of a worker that failed to boot, quoted in its BootError
-
-
-def _describe_exit(code: int | None, lease: float | None = None) -> str:
-    if code is None:
-        return "is still running"
-    if code < 0:
-        try:
-            name = signal.Signals(-code).name
-        except ValueError:
-            name = f"signal {-code}"
-        return f"was killed by {name} ({code})"
-    if code == EXIT_LEASE_LAPSED:
-        return (f"exited (status {code}) because its lease lapsed: the driver's keepalives did "
-                f"not arrive for {lease:g}s" if lease is not None else
-                f"exited (status {code}) because its lease lapsed")
-    if code == EXIT_DRIVER_GONE:
-        return f"exited (status {code}) because its lifeline to the driver closed"
-    return f"exited with status {code}"
 
 
 def _kill_group(pgid: int) -> None:
@@ -136,7 +118,7 @@ class _LocalHandle(MachineHandle):
                 if not chunk:
                     code = self._wait_code(5.0)
                     self._pump.join(5.0)
-                    raise self._boot_error(f"{_describe_exit(code)} before it listened")
+                    raise self._boot_error(f"{describe_exit(code)} before it listened")
                 data += chunk
         finally:
             os.close(self._addr_fd)
@@ -164,9 +146,9 @@ class _LocalHandle(MachineHandle):
 
     def _exit_reason(self, code: int | None) -> BaseException:
         if not self._listening:
-            return self._boot_error(f"{_describe_exit(code)} before it listened")
+            return self._boot_error(f"{describe_exit(code)} before it listened")
         lease = self._system.keepalive.lease
-        return MachineLost(f"machine {self._label} {_describe_exit(code, lease)}")
+        return MachineLost(f"machine {self._label} {describe_exit(code, lease)}")
 
     def _pump_logs(self) -> None:
         # Always drain, or a chatty worker blocks on a full pipe.

@@ -27,7 +27,7 @@ from typing import Any
 
 from .. import logs
 from ..errors import MachineLost
-from ..worker import MachineRuntime
+from ..worker import MachineRuntime, describe_exit
 from .base import KeepaliveConfig, MachineHandle, System
 
 __all__ = ["ThreadsSystem"]
@@ -37,11 +37,12 @@ class _ThreadHandle(MachineHandle):
     """A machine of this process. Once its runtime has exited the handle lets go of it, so
     that a retired machine's server, services and threads can be collected."""
 
-    def __init__(self, runtime: MachineRuntime, maxprocs: int) -> None:
+    def __init__(self, runtime: MachineRuntime, maxprocs: int, lease: float) -> None:
         super().__init__()
         self.runtime: MachineRuntime | None = runtime
         self.addr = runtime.addr
         self.maxprocs = maxprocs
+        self.lease = lease  # the keepalive lease, for the words of a lapse
         self.exit_code: int | None = None
         self.killed = False
 
@@ -52,7 +53,7 @@ class _ThreadHandle(MachineHandle):
         if self.killed:
             return MachineLost(f"machine {self.addr} was killed")
         if self.exit_code is not None and not self._expect_exit.is_set():
-            return MachineLost(f"machine {self.addr} exited with status {self.exit_code}")
+            return MachineLost(f"machine {self.addr} {describe_exit(self.exit_code, self.lease)}")
         return None
 
     def _exited(self, code: int) -> None:
@@ -131,7 +132,7 @@ class ThreadsSystem(System):
                 environ=ChainMap(dict(env), os.environ),  # type: ignore[arg-type]
                 mark_logs=True,  # machines share our log handlers: say whose records are whose
             )
-            handle = _ThreadHandle(runtime, self.maxprocs)
+            handle = _ThreadHandle(runtime, self.maxprocs, self.keepalive.lease)
             handle.identity = identity
             holder.append(handle)
             runtime.start()

@@ -185,7 +185,10 @@ def test_an_oom_killed_task_fails_alone_and_the_others_complete(tmp_path):
                              capture_output=True, timeout=240)
         assert run.returncode == 0, run.stderr.decode()[-2000:]
         outcomes = eval(run.stdout.decode())  # a list of ints and strings, from our script
-        assert outcomes[7].startswith("lost: ") and "SIGKILL" in outcomes[7], outcomes[7]
+        # how the machine's death shows first: its SIGKILL, or its keepalives stalling as it
+        # thrashes under the limit
+        assert outcomes[7].startswith("lost: task hog(7) was running when its machine died"), \
+            outcomes[7]
         assert [o for i, o in enumerate(outcomes) if i != 7] == [
             x for x in range(200) if x != 7]
     finally:
