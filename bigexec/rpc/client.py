@@ -112,7 +112,7 @@ class CallHandle:
 
 
 class _Conn:
-    __slots__ = ("sock", "rfile", "reused", "dead", "timeout", "idle_since")
+    __slots__ = ("sock", "rfile", "reused", "dead", "timeout", "idle_since", "_poller")
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
@@ -121,6 +121,7 @@ class _Conn:
         self.dead = False
         self.timeout = sock.gettimeout()
         self.idle_since = 0.0  # when it went back to the pool
+        self._poller: select.poll | None = None  # made at the first reuse, kept for the next
 
     def closed_by_peer(self) -> bool:
         """Whether an idle connection has something to read: its peer closed it (or sent what
@@ -131,8 +132,10 @@ class _Conn:
             pending = getattr(self.sock, "pending", None)  # bytes TLS decrypted already
             if pending is not None and pending():
                 return True
-            poller = select.poll()
-            poller.register(self.sock, select.POLLIN)
+            poller = self._poller
+            if poller is None:
+                poller = self._poller = select.poll()
+                poller.register(self.sock, select.POLLIN)
             return bool(poller.poll(0))
         except (OSError, ValueError):  # closed under us
             return True

@@ -366,6 +366,10 @@ def read_buffer(readinto: Callable[[memoryview], int | None], n: int,
     ``bytes`` is copied once from the ``bytearray`` it was read into). ``EOFError`` if the
     data ends first.
     """
+    if n <= RECEIVE_STEP and not as_bytes:  # most messages: one buffer, no growing
+        small = bytearray(n)
+        read_into(readinto, memoryview(small))
+        return small
     if as_bytes and _BYTES_IN_PLACE and n:
         return _read_growing_bytes(readinto, n)
     buf = bytearray()
