@@ -53,7 +53,7 @@ from .profiling import ProfileBusy
 if TYPE_CHECKING:
     from .session import B
 
-__all__ = ["DebugServer", "parse_addr", "serve_on_free_port", "MAX_PROFILE_SECONDS",
+__all__ = ["DebugServer", "new_token", "parse_addr", "serve_on_free_port", "MAX_PROFILE_SECONDS",
            "TOKEN_ENV"]
 
 log = logging.getLogger("bigexec.debug")
@@ -78,6 +78,12 @@ REQUEST_TIMEOUT = 10.0
 MAX_CONNECTIONS = 32
 _DISCONNECT_POLL = 0.25  # how often a profile in flight looks whether its client left
 _WILDCARDS = ("0.0.0.0", "::", "")
+
+
+def new_token() -> str:
+    """A fresh debug-server token: 256 random bits in hex, which never starts with "-" (a
+    command line would take such a token for an option: ``--token -x...``)."""
+    return secrets.token_hex(32)
 
 
 def parse_addr(addr: str) -> tuple[str, int]:
@@ -256,7 +262,7 @@ class DebugServer:
                  request_timeout: float = REQUEST_TIMEOUT) -> None:
         self.b = b
         self.allow_remote = allow_remote
-        self.token = token or secrets.token_urlsafe(32)
+        self.token = token or new_token()
         handler = type("Handler", (_Handler,), {"debug": self, "timeout": request_timeout})
         self._httpd = _HTTPServer(host, port, handler)
         h, p = self._httpd.server_address[:2]

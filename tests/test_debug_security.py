@@ -156,6 +156,13 @@ def test_the_bigexec_command_sends_the_token(session, monkeypatch, capsys):
     assert capsys.readouterr().out.count("MACHINE") == 3
 
 
+def test_a_token_never_looks_like_an_option():
+    # A token starting with "-" broke `bigexec status URL --token TOKEN` (1 in 64 of them).
+    tokens = {debug.new_token() for _ in range(2000)}
+    assert len(tokens) == 2000 and all(len(t) >= 43 for t in tokens)
+    assert not [t for t in tokens if t.startswith("-")]
+
+
 def test_peer_uid_names_the_user_of_a_loopback_client():
     families = [(socket.AF_INET, "127.0.0.1")]
     if _has_ipv6_loopback():
