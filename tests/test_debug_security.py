@@ -15,6 +15,7 @@ from concurrent.futures import CancelledError
 
 import netns_helpers
 import pytest
+from test_observe import Work  # a service that spins, for profiles to see
 
 import bigexec
 from bigexec import cli, debug, observe
@@ -80,15 +81,6 @@ def _wait(predicate, timeout: float, what: str) -> None:
 def session():
     with bigexec.start("threads") as b:
         yield b
-
-
-class Work:
-    def spin(self, seconds: float) -> int:
-        end = time.perf_counter() + seconds
-        n = 0
-        while time.perf_counter() < end:
-            n += 1
-        return n
 
 
 @pytest.fixture
