@@ -391,7 +391,11 @@ def chatty(done: threading.Event) -> None:
     while not done.is_set():
         for _ in range(4):
             crunch()
-        time.sleep(0)  # gives the GIL away for a moment, every ~3 ms
+        # Gives the GIL away for a moment, every ~3 ms. Not sleep(0): on 3.10 that is a
+        # select() that returns at once, so this thread took the GIL straight back each time
+        # and a thread waiting for it (the test's own, after a sleep) starved for 20 s and
+        # more. A real sleep, however short, lets the waiter in.
+        time.sleep(0.0001)
 
 
 def test_sample_stacks_sees_where_cpu_goes_not_where_the_gil_is_released():
@@ -401,8 +405,8 @@ def test_sample_stacks_sees_where_cpu_goes_not_where_the_gil_is_released():
     # Samples follow CPU time, of which a loaded host gives a thread little in half a second:
     # sample until there are enough for a share to mean something.
     leaves: Counter = Counter()
-    deadline = time.monotonic() + 20
     with Running(chatty):
+        deadline = time.monotonic() + 20
         while sum(leaves.values()) < 100 and time.monotonic() < deadline:
             for stack, n in sample_stacks(0.5).items():
                 leaves[stack.split(";")[-1].split(" ")[0]] += n
