@@ -30,20 +30,23 @@ import sys
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import CancelledError, Future, InvalidStateError
 from enum import IntEnum
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 from . import tls
 from .errors import BootError, MachineLost, MachineStopped, NetworkError
-from .rpc.client import CallHandle, PendingCall, new_call_id
+from .rpc.client import CallHandle, PendingCall, PreparedCall, new_call_id
 from .rpc.wire import Stream
 
 if TYPE_CHECKING:
-    from .session import B
-    from .systems.base import MachineHandle
+    from .callpool import CallPool
+    from .rpc.client import Client
+    from .systems.base import KeepaliveConfig, MachineHandle, System
 
-__all__ = ["Machine", "State", "UNSTARTED", "STARTING", "RUNNING", "STOPPED"]
+__all__ = ["Machine", "Backoff", "SessionLink", "State", "UNSTARTED", "STARTING", "RUNNING",
+           "STOPPED"]
 
 log = logging.getLogger("bigexec.machine")
 
@@ -67,6 +70,34 @@ _SHUTDOWN_RPC_TIMEOUT = 5.0
 _DEATH_GRACE = 1.0  # how long a transport error waits for the system to confirm a death
 
 
+class SessionLink(Protocol):
+    """What a machine needs of the session it belongs to (``B`` and the machine side's
+    ``Dialer`` are two): the RPC client and call pool its calls go through, and the system
+    and liveness settings of its boot and lease."""
+
+    @property
+    def client(self) -> Client: ...
+
+    @property
+    def call_pool(self) -> CallPool: ...
+
+    @property
+    def system(self) -> System | None: ...
+
+    @property
+    def keepalive(self) -> KeepaliveConfig: ...
+
+    def renew_client_ssl(self, ctx: Any = None) -> None: ...
+
+
+class Backoff(NamedTuple):
+    """Waits between retries: ``first``, then each ``factor`` times longer, at most ``most``."""
+
+    first: float
+    most: float
+    factor: float
+
+
 class Machine:
     """One machine of a session, owned (started by it) or dialed.
 
@@ -74,9 +105,10 @@ class Machine:
     Supervisor reported), ``state``, ``err``, ``keepalive_reply_times``, ``next_keepalive``.
     """
 
-    retry_backoff = (1.0, 5.0, 1.5)  # first, max, factor: ``retry_call``'s waits
+    #: ``retry_call``'s waits between attempts.
+    retry_backoff = Backoff(first=1.0, most=5.0, factor=1.5)
 
-    def __init__(self, b: B, *, owned: bool, addr: str = "",
+    def __init__(self, b: SessionLink, *, owned: bool, addr: str = "",
                  handle: MachineHandle | None = None,
                  services: list[tuple[str, bytes]] | None = None) -> None:
         self._b = b
@@ -107,6 +139,23 @@ class Machine:
 
     def __repr__(self) -> str:
         return f"<Machine {self.addr or '(no address yet)'} {self._state.name}>"
+
+    @property
+    def session(self) -> SessionLink:
+        """The session this machine belongs to."""
+        return self._b
+
+    @property
+    def handle(self) -> MachineHandle | None:
+        """What the system knows of this machine (None for a dialed one)."""
+        return self._handle
+
+    def died(self, grace: float = 0.0) -> BaseException | None:
+        """Why the machine is known dead, if its system says it is (waiting up to ``grace``
+        seconds for word of it); None for one alive, or dialed (no system watches it)."""
+        if not self.owned or self._handle is None:
+            return None
+        return self._handle.died(grace)
 
     # --- state ---------------------------------------------------------------------------
 
@@ -166,7 +215,7 @@ class Machine:
             except Exception:
                 log.exception("a machine stop callback failed")
 
-    def _on_stop(self, callback: Any) -> None:
+    def on_stop(self, callback: Callable[[Machine], Any]) -> None:
         """Have ``callback(machine)`` called once the machine stops (now, if it has)."""
         with self._cond:
             if self._state != STOPPED:
@@ -175,6 +224,13 @@ class Machine:
         callback(self)
 
     # --- boot and lease (driver threads) -------------------------------------------------
+
+    def start_boot(self, boot_timeout: float) -> None:
+        """Boot the machine in a thread of its own (its session does, once): within
+        ``boot_timeout`` it is RUNNING, or STOPPED with ``err`` saying why."""
+        name = "bigexec-boot" if self.owned else "bigexec-dial"
+        threading.Thread(target=self._boot, args=(boot_timeout,), daemon=True,
+                         name=name).start()
 
     def _boot(self, boot_timeout: float) -> None:
         self._set_state(STARTING)
@@ -336,15 +392,16 @@ class Machine:
 
     def _call_raw(self, method: str, args: tuple, kwargs: dict, timeout: float | None) -> Any:
         """A call that ignores the machine's state (boot, keepalive)."""
-        return self._b._client.call(self.addr, method, args, kwargs, timeout=timeout)
+        return self._b.client.call(self.addr, method, args, kwargs, timeout=timeout)
 
-    def _call(self, method: str, prepared: Any, timeout: float | None, call_id: str,
+    def _call(self, method: str, prepared: PreparedCall, timeout: float | None, call_id: str,
               handle: CallHandle) -> Any:
-        return self._finish(self._begin(method, prepared, timeout, call_id, handle))
+        return self.finish_call(self.begin_call(method, prepared, timeout, call_id, handle))
 
-    def _begin(self, method: str, prepared: Any, timeout: float | None, call_id: str,
+    def begin_call(self, method: str, prepared: PreparedCall, timeout: float | None, call_id: str,
                handle: CallHandle) -> PendingCall:
-        """Send a call's request; ``_finish`` reads the reply, maybe in another thread.
+        """Send a call's request; ``finish_call`` reads the reply, maybe in another thread
+        (the scheduler's direct calls: see ``bigexec.direct``).
 
         ``timeout`` counts from now and covers waiting for a booting machine too."""
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -357,7 +414,7 @@ class Machine:
                 raise MachineStopped(self.addr, self._err)
             self._inflight.add(handle)
         try:
-            return self._b._client.begin(self.addr, method, prepared, timeout=timeout,
+            return self._b.client.begin(self.addr, method, prepared, timeout=timeout,
                                          call_id=call_id, handle=handle, deadline=deadline)
         except BaseException as exc:
             self._untrack(handle)
@@ -366,17 +423,17 @@ class Machine:
                 raise
             raise err from exc
 
-    def _reply_buffered(self, p: PendingCall, timeout: float) -> bool:
-        """Whether ``_finish(p)`` can read the whole reply without waiting (see
+    def reply_buffered(self, p: PendingCall, timeout: float) -> bool:
+        """Whether ``finish_call(p)`` can read the whole reply without waiting (see
         ``Client.reply_buffered``)."""
-        return self._b._client.reply_buffered(p, timeout)
+        return self._b.client.reply_buffered(p, timeout)
 
-    def _finish(self, p: PendingCall) -> Any:
+    def finish_call(self, p: PendingCall) -> Any:
         handle = p.handle
         assert handle is not None
         streaming = False
         try:
-            result = self._b._client.finish(p)
+            result = self._b.client.finish(p)
             if isinstance(result, Stream):
                 # the machine may still stop mid-stream: keep the call abortable till the end
                 streaming = True
@@ -420,7 +477,7 @@ class Machine:
             except Exception as exc:  # best effort: the machine may be gone
                 log.debug("cancelling call %s on %s failed: %s", call_id, self.addr, exc)
         if self._state < STOPPED:
-            self._b._pool.submit(cancel, bounded=False)  # never behind the calls it ends
+            self._b.call_pool.submit(cancel, bounded=False)  # never behind the calls it ends
 
     def call(self, method: str, *args: Any, timeout: float | None = None, **kwargs: Any) -> Any:
         """Call ``"Service.method"`` on this machine and return its result.
@@ -430,7 +487,7 @@ class Machine:
         waited for. Raises the remote exception, ``MachineStopped``, ``NetworkError``, or
         ``TypeError`` (before sending anything) for an argument that cannot be pickled.
         """
-        prepared = self._b._client.prepare(args, kwargs)
+        prepared = self._b.client.prepare(args, kwargs)
         return self._call(method, prepared, timeout, new_call_id(), CallHandle())
 
     def submit(self, method: str, *args: Any, timeout: float | None = None,
@@ -440,7 +497,7 @@ class Machine:
         The future stays pending until the reply arrives; ``cancel()`` on it therefore always
         succeeds before then, and also cancels the remote method's ``ctx``.
         """
-        prepared = self._b._client.prepare(args, kwargs)  # unpicklable: raise here
+        prepared = self._b.client.prepare(args, kwargs)  # unpicklable: raise here
         fut: Future = Future()
         handle = CallHandle()
         call_id = new_call_id()
@@ -470,7 +527,7 @@ class Machine:
                 self._remote_cancel(call_id)
 
         fut.add_done_callback(on_done)
-        self._b._pool.submit(run)
+        self._b.call_pool.submit(run)
         return fut
 
     def retry_call(self, method: str, *args: Any, timeout: float | None = None,
@@ -483,7 +540,7 @@ class Machine:
         first, most, factor = self.retry_backoff
         deadline = None if timeout is None else time.monotonic() + timeout
         wait = first
-        prepared = self._b._client.prepare(args, kwargs)
+        prepared = self._b.client.prepare(args, kwargs)
         while True:
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
@@ -494,7 +551,7 @@ class Machine:
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left < wait:
                     raise
-                if prepared[0] is not None:  # a stream is read once: it cannot be sent again
+                if prepared.stream is not None:  # a stream is read once: it cannot be sent again
                     raise
                 if self._stop_event.wait(wait):
                     raise MachineStopped(self.addr, self._err) from None

@@ -107,7 +107,7 @@ def metrics(b: B) -> dict[str, Any]:
     machines = {m.addr: r for m, r in reports.items() if isinstance(r, dict)}
     errors = {m.addr: repr(r) for m, r in reports.items() if not isinstance(r, dict)}
     driver: dict[str, Any] = {
-        "rpc": {"made": b._client.stats.snapshot(), "made_total": b._client.stats.totals()},
+        "rpc": {"made": b.client.stats.snapshot(), "made_total": b.client.stats.totals()},
         "machines": {s.name.lower(): sum(1 for m in _all_machines(b) if m.state == s)
                      for s in type(RUNNING)},
         "keepalive_reply_seconds": {

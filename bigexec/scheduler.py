@@ -84,7 +84,7 @@ def session_for(b: B | None, machines: list[Machine] | None, system: str | None,
     if system is not None or system_options:
         raise TypeError("system and its options are for a new session; not with b= or "
                         "machines=")
-    return (b if b is not None else machines[0]._b), False  # type: ignore[index]
+    return (b if b is not None else machines[0].session), False  # type: ignore[index]
 
 
 def _close(stream: Any) -> None:
@@ -198,12 +198,12 @@ class _Direct:
         there is nothing to wait for)."""
         if self.error is not None or self.pending is None:
             return True
-        return self.st.machine._reply_buffered(self.pending, timeout)
+        return self.st.machine.reply_buffered(self.pending, timeout)
 
     def finish(self) -> Any:
         if self.error is not None:
             raise self.error
-        return self.st.machine._finish(self.pending)
+        return self.st.machine.finish_call(self.pending)
 
 
 def _records(frame: Any) -> Iterator[tuple[int, int, float, Any]]:
@@ -367,7 +367,7 @@ class Scheduler:
             self._boot_failures = 0
             st.started = True
             st.slots = m.maxprocs
-        m._on_stop(lambda _m: self._wake(st))
+        m.on_stop(lambda _m: self._wake(st))
         for _ in range(m.maxprocs - 1):
             threading.Thread(target=self._slot_main, args=(st,), daemon=True,
                              name=f"bigexec-slot-{m.addr}").start()
@@ -687,8 +687,8 @@ class Scheduler:
         why: BaseException | None = None
         if m.state == STOPPED:
             why = m.err or exc
-        elif m.owned and m._handle is not None:
-            why = m._handle.died(grace)
+        else:
+            why = m.died(grace)
         if why is None and m.state != STOPPED:
             # a transport failure on a live machine: run the tasks again, but charge the one
             # that was running, so that a task that always breaks the transport ends
@@ -796,7 +796,7 @@ class Scheduler:
                                        task.kwargs), {})
         except codec.EncodeError:
             return False  # the queue's path fails it as it should
-        if wire.body_length(prepared[1]) > _DIRECT_MAX_BYTES:
+        if wire.body_length(prepared.body) > _DIRECT_MAX_BYTES:
             return False  # submit must not block on a large send
         with self._lock:
             st = self._direct_slot()
@@ -812,7 +812,7 @@ class Scheduler:
         if type(task.future) is _TaskFuture:
             task.future._direct = d  # before anyone can claim d, so a claim clears it
         try:
-            d.pending = st.machine._begin(f"{self._service}.run_one", prepared, None,
+            d.pending = st.machine.begin_call(f"{self._service}.run_one", prepared, None,
                                           new_call_id(), CallHandle())
         except BaseException as exc:  # the reader handles it, as a failed call
             d.error = exc

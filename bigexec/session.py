@@ -74,7 +74,7 @@ class B:
         self.keepalive: KeepaliveConfig = system.keepalive if system else KeepaliveConfig()
         ctx = system.client_ssl() if system is not None else _client_ssl
         self._client = Client(ctx)
-        self._pool = CallPool()
+        self._call_pool = CallPool()
         self._lock = threading.Lock()
         self._owned: list[Machine] = []  # started and not yet stopped
         # The last few owned machines that stopped, for the status page (why they stopped);
@@ -87,6 +87,16 @@ class B:
         self._debug: Any = None
         if system is not None:
             _sessions.add(self)
+
+    @property
+    def client(self) -> Client:
+        """The RPC client the session's machines share (its ``stats`` count every call)."""
+        return self._client
+
+    @property
+    def call_pool(self) -> CallPool:
+        """The threads that run the session's ``Machine.submit`` calls."""
+        return self._call_pool
 
     @classmethod
     def _for_machine(cls, client_ssl: ssl.SSLContext | None) -> B:
@@ -155,9 +165,8 @@ class B:
                 h.kill()
             raise RuntimeError("this bigexec session is shut down")
         for m in machines:
-            m._on_stop(self._forget)
-            threading.Thread(target=m._boot, args=(self.system.boot_timeout,), daemon=True,
-                             name="bigexec-boot").start()
+            m.on_stop(self._forget)
+            m.start_boot(self.system.boot_timeout)
         return machines
 
     def _forget(self, m: Machine) -> None:
@@ -177,11 +186,11 @@ class B:
         """How many ``Machine.submit`` calls of this session run at once (default 32); more
         wait their turn, in order. Calls that wait for one another (a barrier) need at least
         as many. Settable."""
-        return self._pool.max_threads
+        return self._call_pool.max_threads
 
     @max_concurrent_calls.setter
     def max_concurrent_calls(self, n: int) -> None:
-        self._pool.max_threads = n
+        self._call_pool.max_threads = n
 
     def known_machines(self) -> list[Machine]:
         """Every machine the session tracks: those it started that have not stopped, the
@@ -216,9 +225,7 @@ class B:
             if m is not None and m.state < STOPPED:
                 return m
             m = self._dialed[addr] = Machine(self, owned=False, addr=addr)
-        timeout = self.system.boot_timeout if self.system else 60.0
-        threading.Thread(target=m._boot, args=(timeout,), daemon=True,
-                         name="bigexec-dial").start()
+        m.start_boot(self.system.boot_timeout if self.system else 60.0)
         return m
 
     # --- looking inside ------------------------------------------------------------------
@@ -282,11 +289,11 @@ class B:
             with ThreadPoolExecutor(max_workers=min(256, len(live))) as ex:
                 list(ex.map(lambda m: m.shutdown(max(0.0, deadline - time.monotonic())), live))
         for m in dialed:
-            m._stop(None)
+            m.shutdown()  # a dialed machine is only let go of
         if self.system is not None:
             self.system.shutdown()
         self._client.close()
-        self._pool.close()
+        self._call_pool.close()
 
 
 def start(system: str | System | None = None, **options: Any) -> B:

@@ -152,7 +152,7 @@ class Supervisor:
             "credential_renewals": rt.credential_renewals,
             "running_calls": rt.server.running_calls(),
             "rpc": {"served": served, "served_total": rt.server.stats.totals(),
-                    "made": rt.session._client.stats.snapshot()},
+                    "made": rt.session.client.stats.snapshot()},
             "services": services,
         }
 

@@ -67,7 +67,7 @@ def test_calls_keep_working_past_the_first_expiry(system):
         assert time.monotonic() - t_booted > lifetime
         assert not failures, failures[:3]
         assert calls > 10
-        b._client.reset(m1.addr)  # the driver's next call dials afresh
+        b.client.reset(m1.addr)  # the driver's next call dials afresh
         assert m1.call("Relay.echo", "fresh", timeout=10) == "fresh"
         # machine to machine, both ways, on connections made now
         assert m1.call("Relay.ping_other", m2.addr, timeout=30) == 7

@@ -32,7 +32,7 @@ def _kill_one_when_busy(ex_or_pool, system, after: float) -> threading.Thread:
         victim = ex_or_pool._scheduler.machines()[0]
         assert victim.wait(bigexec.RUNNING, 30) and victim.err is None
         if system == "threads":
-            victim._b.system.kill(victim)
+            victim.session.system.kill(victim)
         else:
             os.kill(victim.info["pid"], signal.SIGKILL)
     t = threading.Thread(target=killer)
@@ -168,7 +168,7 @@ def test_an_interrupted_result_loses_nothing(monkeypatch):
     next ``result()`` gets its value; nothing hangs, shutdown included."""
     from bigexec.machine import Machine
 
-    real_finish = Machine._finish
+    real_finish = Machine.finish_call
     interrupted = []
 
     def finish_once(self, pending):
@@ -179,7 +179,7 @@ def test_an_interrupted_result_loses_nothing(monkeypatch):
 
     with bigexec.Executor(1, system="threads", **FAST) as ex:
         assert ex.submit(abs, -1).result(timeout=30) == 1  # machine up, slot idle
-        monkeypatch.setattr(Machine, "_finish", finish_once)
+        monkeypatch.setattr(Machine, "finish_call", finish_once)
         f = ex.submit(slow_square, 7)
         with pytest.raises(KeyboardInterrupt):
             f.result()

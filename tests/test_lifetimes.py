@@ -132,7 +132,7 @@ def test_pool_drops_results_once_delivered(system):
 
 
 def _machines_alive(b: bigexec.B) -> list[Machine]:
-    return [o for o in gc.get_objects() if type(o) is Machine and o._b is b]
+    return [o for o in gc.get_objects() if type(o) is Machine and o.session is b]
 
 
 @pytest.mark.parametrize("system", SYSTEMS)

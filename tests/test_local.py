@@ -348,7 +348,7 @@ def test_failing_init_fails_the_machine_fast():
         assert "Bad" in msg and "init exploded on purpose" in msg, msg
         assert "RuntimeError" in msg, msg
         # the process was killed (a machine we gave up on must not live on)
-        pid = m._handle.proc.pid
+        pid = m.handle.proc.pid
         assert _wait_gone(pid, 5), "the worker of a failed machine is still running"
         deadline = time.monotonic() + 5
         while _worker_children() and time.monotonic() < deadline:

@@ -226,7 +226,7 @@ def test_machine_watchdog_exits_when_the_lease_lapses():
     with bigexec.start("threads", keepalive_period=0.1, keepalive_lease=0.6,
                        keepalive_timeout=30, keepalive_rpc_timeout=0.5, boot_timeout=0.7) as b:
         (m,) = running(b)
-        runtime = m._handle.runtime
+        runtime = m.handle.runtime
         m._stop_event.set()  # the driver stops renewing, as a dead driver would
         assert runtime.wait(5), "the machine outlived its lease"
         assert runtime.server.closed

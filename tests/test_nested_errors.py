@@ -62,7 +62,7 @@ def test_dialing_a_dead_machine_fails_fast_with_the_transport_error():
 def test_a_remote_timeout_error_is_the_remote_methods_not_the_callers():
     b, (a, other) = _two_machines()
     with b:
-        other._b.system.kill(other, hang=True)  # answers nothing from now on
+        other.session.system.kill(other, hang=True)  # answers nothing from now on
         start = time.monotonic()
         with pytest.raises(TimeoutError) as info:
             a.call("Relay.call_other", other.addr, 1.0, timeout=20)

@@ -942,7 +942,7 @@ def test_retry_call_does_not_resend_a_consumed_stream(upload_machine):
     from bigexec.rpc.server import _hard_close
 
     machine = upload_machine
-    server = machine._handle.runtime.server  # the threads machine's own server
+    server = machine.handle.runtime.server  # the threads machine's own server
     machine.retry_backoff = (0.05, 0.05, 1.0)
     total = 8 * MIB
 
@@ -979,7 +979,7 @@ def test_50_concurrent_submits(machine):
     global _BARRIER
     # every call blocks until all 50 are running: passes only if none waits for another,
     # which takes a session that runs at least 50 calls at once (the default is fewer)
-    machine._b.max_concurrent_calls = 50
+    machine.session.max_concurrent_calls = 50
     _BARRIER = threading.Barrier(50, timeout=20)
     try:
         futures = [machine.submit("Streams.at_barrier", i) for i in range(50)]

@@ -32,14 +32,14 @@ import ssl
 import threading
 import time
 import weakref
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 from urllib.parse import urlsplit
 
 from ..errors import NetworkError, ProtocolError, UnknownMethodError
 from ..metrics import StatsTable
 from . import codec, wire
 
-__all__ = ["Client", "CallHandle", "IDEMPOTENT_METHODS"]
+__all__ = ["Client", "CallHandle", "IDEMPOTENT_METHODS", "PendingCall", "PreparedCall"]
 
 #: Methods that are safe to run twice, so that a call of one is resent after an ambiguous EOF.
 IDEMPOTENT_METHODS = frozenset({
@@ -300,10 +300,10 @@ class Client:
     # --- calls ---------------------------------------------------------------------------
 
     @staticmethod
-    def prepare(args: tuple, kwargs: dict) -> tuple[Any, list[Any]]:
+    def prepare(args: tuple, kwargs: dict) -> PreparedCall:
         """Encode a call's arguments now (an unpicklable one raises ``EncodeError`` here)."""
         source, args, kwargs = _split_stream(args, kwargs)
-        return source, codec.dumps((args, kwargs))
+        return PreparedCall(source, codec.dumps((args, kwargs)))
 
     def call(
         self,
@@ -315,7 +315,6 @@ class Client:
         timeout: float | None = None,
         call_id: str | None = None,
         handle: CallHandle | None = None,
-        prepared: tuple[Any, list[Any]] | None = None,
         idempotent: bool | None = None,
     ) -> Any:
         """Call ``method`` ("Service.method") on the machine at ``addr`` and return its reply.
@@ -324,12 +323,11 @@ class Client:
         past ``timeout`` seconds, ``codec.EncodeError`` (a ``TypeError``) for arguments that
         cannot be pickled, or ``handle.aborted`` when another thread aborted the call.
         """
-        if prepared is None:
-            prepared = self.prepare(args, kwargs or {})
+        prepared = self.prepare(args, kwargs or {})
         return self.finish(self.begin(addr, method, prepared, timeout=timeout, call_id=call_id,
                                       handle=handle, idempotent=idempotent))
 
-    def begin(self, addr: str, method: str, prepared: tuple[Any, list[Any]], *,
+    def begin(self, addr: str, method: str, prepared: PreparedCall, *,
               timeout: float | None = None, call_id: str | None = None,
               handle: CallHandle | None = None, deadline: float | None = None,
               idempotent: bool | None = None) -> PendingCall:
@@ -444,7 +442,7 @@ class Client:
         (no server runs a request it has not read whole), and otherwise only when ``p`` is
         idempotent. Never twice, never a stream (it is read once). Resets the pool for
         ``p``'s address when so."""
-        if not conn.reused or p.fresh or p.prepared[0] is not None:
+        if not conn.reused or p.fresh or p.prepared.stream is not None:
             return False
         if sent and not p.idempotent:
             return False
@@ -552,6 +550,16 @@ class Client:
         raise ProtocolError(f"{method} on {addr}: HTTP {status}: {text}")
 
 
+class PreparedCall(NamedTuple):
+    """A call's arguments, encoded (``Client.prepare``): ready to send, maybe several times."""
+
+    #: The ``Stream`` or iterable sent after the arguments, if the call streams (it can be
+    #: read once only, so such a call is never sent again).
+    stream: Any
+    #: The pickled ``(args, kwargs)``, as buffers.
+    body: list[Any]
+
+
 class PendingCall:
     """A call whose request is sent and whose reply is yet to be read (``Client.begin``)."""
 
@@ -559,12 +567,12 @@ class PendingCall:
                  "handle", "ep", "conn", "fresh", "source_error", "t0", "idempotent")
 
     def __init__(self, client: Client, addr: str, method: str,
-                 prepared: tuple[Any, list[Any]], timeout: float | None, call_id: str,
+                 prepared: PreparedCall, timeout: float | None, call_id: str,
                  handle: CallHandle | None, deadline: float | None = None) -> None:
         self.addr = addr
         self.method = method
         self.prepared = prepared
-        self.length = wire.body_length(prepared[1])
+        self.length = wire.body_length(prepared.body)
         self.timeout = timeout
         self.t0 = time.perf_counter()
         if deadline is None and timeout is not None:

@@ -337,7 +337,7 @@ class LocalSystem(System):
 
     def kill(self, machine: Any) -> None:
         """SIGKILL a machine's process (for tests of failure handling)."""
-        machine._handle.kill()
+        machine.handle.kill()
 
     def _forget(self, handle: _LocalHandle) -> None:
         with self._handles_lock:

@@ -149,7 +149,7 @@ class ThreadsSystem(System):
 
     def kill(self, machine: Any, *, hang: bool = False) -> None:
         """Make ``machine`` vanish as a crashed machine would (``hang``: stop answering)."""
-        handle = machine._handle
+        handle = machine.handle
         if not isinstance(handle, _ThreadHandle):
             raise ValueError(f"{machine!r} is not a machine of this threads system")
         runtime = handle.runtime
