@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 from .context import Context
+from .dialer import Dialer
 from .errors import (
     BigexecError,
     BootError,
@@ -59,6 +60,7 @@ __all__ = [
     "BootError",
     "BrokenCluster",
     "Context",
+    "Dialer",
     "Executor",
     "KeepaliveConfig",
     "Machine",

@@ -15,7 +15,7 @@ from concurrent.futures import CancelledError
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .session import B
+    from .dialer import Dialer
 
 __all__ = ["Context"]
 
@@ -26,7 +26,7 @@ class Context:
     __slots__ = ("call_id", "method", "deadline", "b", "_event")
 
     def __init__(
-        self, call_id: str, method: str, timeout: float | None, b: B | None = None
+        self, call_id: str, method: str, timeout: float | None, b: Dialer | None = None
     ) -> None:
         self.call_id = call_id
         self.method = method
@@ -35,6 +35,11 @@ class Context:
         #: The session of the machine running the call.
         self.b = b
         self._event = threading.Event()
+
+    @property
+    def cancel_event(self) -> threading.Event:
+        """Set when the call is cancelled: for code that waits on several things at once."""
+        return self._event
 
     def cancel(self) -> None:
         """Mark the call cancelled (the caller gave up)."""

@@ -44,17 +44,24 @@ import time
 from collections.abc import Iterable
 from concurrent.futures import CancelledError
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import parse_qs, urlsplit
 
 from . import observe
 from .profiling import ProfileBusy
 
 if TYPE_CHECKING:
-    from .session import B
+    from collections.abc import Callable
 
-__all__ = ["DebugServer", "new_token", "parse_addr", "serve_on_free_port", "MAX_PROFILE_SECONDS",
-           "TOKEN_ENV"]
+
+class ServedSession(observe.ObservedSession, Protocol):
+    """What a debug server needs of its session: the views' needs, and to end with it."""
+
+    def on_shutdown(self, callback: Callable[[], Any]) -> None: ...
+
+
+__all__ = ["DebugServer", "ServedSession", "new_token", "serve", "parse_addr",
+           "server_of", "serve_on_free_port", "MAX_PROFILE_SECONDS", "TOKEN_ENV"]
 
 log = logging.getLogger("bigexec.debug")
 
@@ -107,7 +114,38 @@ def parse_addr(addr: str) -> tuple[str, int]:
     return host, number
 
 
-def serve_on_free_port(b: B, host: str, port: int,
+_servers: dict[int, DebugServer] = {}  # by id() of the session they serve, while it lives
+_servers_lock = threading.Lock()
+
+
+def serve(b: ServedSession, port: int = 3333, host: str = "127.0.0.1",
+          allow_remote: bool = False) -> DebugServer:
+    """The debug server of session ``b``: started at the first call (on ``host:port``), the
+    same one after that; it closes when ``b`` shuts down (``B.on_shutdown``)."""
+    key = id(b)
+    with _servers_lock:
+        server = _servers.get(key)
+        if server is not None:
+            return server
+        server = _servers[key] = DebugServer(b, host, port, allow_remote)
+
+    def close() -> None:
+        with _servers_lock:
+            if _servers.get(key) is server:
+                del _servers[key]
+        server.close()
+
+    b.on_shutdown(close)
+    return server
+
+
+def server_of(b: ServedSession) -> DebugServer | None:
+    """The debug server of session ``b``, if it has one (``serve``)."""
+    with _servers_lock:
+        return _servers.get(id(b))
+
+
+def serve_on_free_port(b: ServedSession, host: str, port: int,
                        tries: int = _PORT_TRIES) -> DebugServer | None:
     """Serve ``b``'s debug server on ``port``, or on the next free port above it.
 
@@ -121,7 +159,7 @@ def serve_on_free_port(b: B, host: str, port: int,
     ports = [0] if port == 0 else range(port, min(port + tries, 65536))
     for p in ports:
         try:
-            server = b.serve_debug(p, host)
+            server = serve(b, p, host)
         except OSError as exc:
             if exc.errno == errno.EADDRINUSE:
                 continue
@@ -256,7 +294,7 @@ class DebugServer:
     connection, may take.
     """
 
-    def __init__(self, b: B, host: str = "127.0.0.1", port: int = 3333,
+    def __init__(self, b: ServedSession, host: str = "127.0.0.1", port: int = 3333,
                  allow_remote: bool = False, *, hosts: Iterable[str] = (),
                  token: str | None = None,
                  request_timeout: float = REQUEST_TIMEOUT) -> None:
@@ -577,7 +615,7 @@ def _fmt_seconds(s: Any) -> str:
     return f"{s / 3600:.1f} h"
 
 
-def _status_html(b: B, rows: list[dict[str, Any]]) -> bytes:
+def _status_html(b: ServedSession, rows: list[dict[str, Any]]) -> bytes:
     system = b.system.name if b.system is not None else "machine-side"
     head = ("<tr><th>machine</th><th>state</th><th>uptime</th><th>keepalive replies</th>"
             "<th>lease left</th><th>memory used</th><th>process RSS</th><th>disk used</th>"

@@ -16,17 +16,37 @@ import pstats
 import socket
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import FIRST_EXCEPTION, CancelledError, Future, wait
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .machine import RUNNING, STOPPED, Machine
 from .metrics import aggregate
 
 if TYPE_CHECKING:
-    from .session import B
+    from .rpc.client import Client
+    from .systems.base import System
 
 __all__ = ["status", "metrics", "profile", "sample", "thread_dumps", "PROFILE_FORMATS",
-           "ClusterViews"]
+           "ClusterViews", "ObservedSession"]
+
+
+class ObservedSession(Protocol):
+    """What the views need of a session (``B`` is one): its machines, its RPC client's
+    counters and the metrics sources added to it."""
+
+    @property
+    def system(self) -> System: ...
+
+    @property
+    def client(self) -> Client: ...
+
+    def known_machines(self) -> list[Machine]: ...
+
+    def metrics_sources(self) -> dict[str, Callable[[], dict[str, Any]]]: ...
+
+    def serve_debug(self, port: int = 3333, host: str = "127.0.0.1",
+                    allow_remote: bool = False) -> Any: ...
 
 _STATUS_TIMEOUT = 10.0
 _METRICS_TIMEOUT = 30.0
@@ -55,11 +75,11 @@ def _gather(machines: list[Machine], method: str, args: tuple, timeout: float
     return out
 
 
-def _all_machines(b: B) -> list[Machine]:
+def _all_machines(b: ObservedSession) -> list[Machine]:
     return b.known_machines()
 
 
-def status(b: B) -> list[dict[str, Any]]:
+def status(b: ObservedSession) -> list[dict[str, Any]]:
     """One dict per machine the session knows (stopped ones too, with why they stopped)."""
     machines = _all_machines(b)
     live = [m for m in machines if m.state == RUNNING]
@@ -100,7 +120,7 @@ def status(b: B) -> list[dict[str, Any]]:
     return rows
 
 
-def metrics(b: B) -> dict[str, Any]:
+def metrics(b: ObservedSession) -> dict[str, Any]:
     """The driver's counters, every running machine's, and their sum."""
     live = [m for m in _all_machines(b) if m.state == RUNNING]
     reports = _gather(live, "Supervisor.metrics", (), _METRICS_TIMEOUT)
@@ -139,7 +159,7 @@ def _one_per_process(machines: list[Machine]) -> list[Machine]:
     return out
 
 
-def _targets(b: B, machines: list[Machine] | None) -> list[Machine]:
+def _targets(b: ObservedSession, machines: list[Machine] | None) -> list[Machine]:
     chosen = machines if machines is not None else [
         m for m in _all_machines(b) if m.state == RUNNING]
     return _one_per_process([m for m in chosen if m.state == RUNNING])
@@ -150,7 +170,8 @@ def _driver_in(machines: list[Machine]) -> bool:
     return any((m.info.get("hostname"), m.info.get("pid")) == me for m in machines)
 
 
-def _collect(b: B, method: str, local: Any, seconds: float, machines: list[Machine] | None,
+def _collect(b: ObservedSession, method: str, local: Any, seconds: float,
+             machines: list[Machine] | None,
              include_driver: bool, stop: threading.Event | None = None
              ) -> list[tuple[str, Any]]:
     """Run ``method`` (a profiler) on every target machine at once, ``local(seconds, stop)``
@@ -220,7 +241,7 @@ def _collect(b: B, method: str, local: Any, seconds: float, machines: list[Machi
     return out
 
 
-def profile(b: B, seconds: float = 30.0, machines: list[Machine] | None = None,
+def profile(b: ObservedSession, seconds: float = 30.0, machines: list[Machine] | None = None,
             include_driver: bool = False, stop: threading.Event | None = None) -> pstats.Stats:
     """A CPU profile (yappi) of the machines (default: every running one), merged.
 
@@ -234,7 +255,7 @@ def profile(b: B, seconds: float = 30.0, machines: list[Machine] | None = None,
     return profiling.merge_pstats([blob for _, blob in parts])
 
 
-def sample(b: B, seconds: float = 30.0, machines: list[Machine] | None = None,
+def sample(b: ObservedSession, seconds: float = 30.0, machines: list[Machine] | None = None,
            include_driver: bool = False, stop: threading.Event | None = None
            ) -> dict[str, int]:
     """On-CPU stack samples of the machines, merged: collapsed stack -> count. ``stop`` as
@@ -247,7 +268,7 @@ def sample(b: B, seconds: float = 30.0, machines: list[Machine] | None = None,
     return profiling.merge_collapsed([counts for _, counts in parts])
 
 
-def thread_dumps(b: B) -> str:
+def thread_dumps(b: ObservedSession) -> str:
     """The stacks of every thread of every running machine (and of the driver)."""
     from . import profiling
 
@@ -264,7 +285,8 @@ def thread_dumps(b: B) -> str:
     return "\n".join(parts)
 
 
-def render_profile(b: B, fmt: str, seconds: float, machines: list[Machine] | None = None,
+def render_profile(b: ObservedSession, fmt: str, seconds: float,
+                   machines: list[Machine] | None = None,
                    include_driver: bool = False, limit: int = 40,
                    stop: threading.Event | None = None) -> bytes:
     """A merged profile in one of ``PROFILE_FORMATS``, as bytes ready to save or serve.
@@ -287,7 +309,7 @@ def render_profile(b: B, fmt: str, seconds: float, machines: list[Machine] | Non
 class ClusterViews:
     """The session's views, offered by Executor and Pool (which have a ``session``)."""
 
-    session: B
+    session: ObservedSession
 
     def status(self) -> list[dict[str, Any]]:
         """See ``B.status``."""

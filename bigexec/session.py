@@ -6,10 +6,12 @@
                                                 ├── Client: connection pools, shared by all
                                                 └── call pool: threads that run ``submit``s
 
-Several sessions may live in one process. Every session still open at interpreter exit is shut
-down by an ``atexit`` hook, so a driver that forgets ``shutdown`` leaves no worker behind.
-On a machine, services get a session too (``init(b)``, ``ctx.b``): it owns nothing and can only
-``dial`` other machines.
+``B`` is a ``Dialer`` (``bigexec.dialer``: reaching machines by address) that also starts and
+owns machines. Several sessions may live in one process. Every session still open at
+interpreter exit is shut down by an ``atexit`` hook, so a driver that forgets ``shutdown``
+leaves no worker behind. What observes a session (the status views of ``bigexec.observe``, a
+debug server) depends on it, never the other way: a debug server closes with its session
+through ``on_shutdown``.
 """
 
 from __future__ import annotations
@@ -27,10 +29,10 @@ from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from .callpool import CallPool
+from . import observe
+from .dialer import Dialer
 from .machine import STOPPED, Machine
 from .rpc import codec
-from .rpc.client import Client
 from .systems import KeepaliveConfig, System, make_system
 
 __all__ = ["B", "start"]
@@ -62,45 +64,31 @@ def _shutdown_all() -> None:
             log.exception("shutting down a bigexec session at exit failed")
 
 
-class B:
+class B(Dialer):
     """A cluster session on one system. Use ``bigexec.start`` to make one.
 
     ``B`` is a context manager; leaving the block shuts it down.
     """
 
-    def __init__(self, system: System | None, *, _client_ssl: ssl.SSLContext | None = None) -> None:
-        self.system = system
+    def __init__(self, system: System) -> None:
+        super().__init__(system.client_ssl())
+        self._system = system
         #: Liveness settings for this session's machines.
-        self.keepalive: KeepaliveConfig = system.keepalive if system else KeepaliveConfig()
-        ctx = system.client_ssl() if system is not None else _client_ssl
-        self._client = Client(ctx)
-        self._call_pool = CallPool()
+        self.keepalive: KeepaliveConfig = system.keepalive
         self._lock = threading.Lock()
         self._owned: list[Machine] = []  # started and not yet stopped
         # The last few owned machines that stopped, for the status page (why they stopped);
         # older ones are let go, so that a pool replacing machines does not grow.
         self._stopped: deque[Machine] = deque(maxlen=STOPPED_MACHINES_KEPT)
-        self._dialed: dict[str, Machine] = {}
-        self._closed = False
         #: Named callables whose dicts join the driver's metrics (the schedulers add theirs).
         self._metric_sources: dict[str, Callable[[], dict[str, Any]]] = {}
-        self._debug: Any = None
-        if system is not None:
-            _sessions.add(self)
+        self._shutdown_hooks: list[Callable[[], Any]] = []
+        _sessions.add(self)
 
     @property
-    def client(self) -> Client:
-        """The RPC client the session's machines share (its ``stats`` count every call)."""
-        return self._client
-
-    @property
-    def call_pool(self) -> CallPool:
-        """The threads that run the session's ``Machine.submit`` calls."""
-        return self._call_pool
-
-    @classmethod
-    def _for_machine(cls, client_ssl: ssl.SSLContext | None) -> B:
-        return cls(None, _client_ssl=client_ssl)
+    def system(self) -> System:
+        """The system this session starts its machines on."""
+        return self._system
 
     def renew_client_ssl(self, ctx: ssl.SSLContext | None = None) -> None:
         """Use ``ctx`` for the session's new connections (pooled ones stay as they are).
@@ -108,21 +96,13 @@ class B:
         Without ``ctx``: the system's current driver context, renewed when its certificate
         is due (see ``System.client_ssl``); the keepalive threads call this as they go.
         """
-        if ctx is None:
-            if self.system is None:
-                return
-            ctx = self.system.client_ssl()
-        self._client.ssl_context = ctx
+        super().renew_client_ssl(ctx if ctx is not None else self._system.client_ssl())
 
     def __repr__(self) -> str:
-        name = self.system.name if self.system else "machine-side"
-        return f"<B {name} machines={len(self._owned)}>"
+        return f"<B {self._system.name} machines={len(self._owned)}>"
 
     def __enter__(self) -> B:
         return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.shutdown()
 
     # --- machines ------------------------------------------------------------------------
 
@@ -134,10 +114,8 @@ class B:
         service is pickled first, so an unpicklable one raises ``TypeError`` here and no
         machine is started.
         """
-        if self._closed:
+        if self.closed:
             raise RuntimeError("this bigexec session is shut down")
-        if self.system is None:
-            raise RuntimeError("a machine's session cannot start machines; use dial(addr)")
         if not isinstance(n, int) or n < 1:
             raise ValueError(f"the number of machines must be a positive int, not {n!r}")
         blobs: list[tuple[str, bytes]] = []
@@ -154,10 +132,10 @@ class B:
             if not isinstance(k, str) or not isinstance(v, str):
                 raise TypeError("env must map str to str")
         self.renew_client_ssl()  # a driver idle for days still reaches new machines
-        handles = self.system.start(n, env)
+        handles = self._system.start(n, env)
         machines = [Machine(self, owned=True, handle=h, services=blobs) for h in handles]
         with self._lock:
-            closed = self._closed
+            closed = self.closed
             if not closed:
                 self._owned.extend(machines)
         if closed:  # shut down while we were starting them: they must not live on
@@ -166,7 +144,7 @@ class B:
             raise RuntimeError("this bigexec session is shut down")
         for m in machines:
             m.on_stop(self._forget)
-            m.start_boot(self.system.boot_timeout)
+            m.start_boot(self._system.boot_timeout)
         return machines
 
     def _forget(self, m: Machine) -> None:
@@ -181,22 +159,12 @@ class B:
         with self._lock:
             return [m for m in self._owned if m.state < STOPPED]
 
-    @property
-    def max_concurrent_calls(self) -> int:
-        """How many ``Machine.submit`` calls of this session run at once (default 32); more
-        wait their turn, in order. Calls that wait for one another (a barrier) need at least
-        as many. Settable."""
-        return self._call_pool.max_threads
-
-    @max_concurrent_calls.setter
-    def max_concurrent_calls(self, n: int) -> None:
-        self._call_pool.max_threads = n
-
     def known_machines(self) -> list[Machine]:
         """Every machine the session tracks: those it started that have not stopped, the
         last ``STOPPED_MACHINES_KEPT`` that did (their ``err`` says why), and the dialed."""
         with self._lock:
-            return list(self._stopped) + list(self._owned) + list(self._dialed.values())
+            mine = list(self._stopped) + list(self._owned)
+        return mine + self.dialed_machines()
 
     def add_metrics_source(self, name: str, source: Callable[[], dict[str, Any]]) -> None:
         """Have ``source()``'s dict appear under ``name`` in the driver's ``metrics()``."""
@@ -212,35 +180,24 @@ class B:
         with self._lock:
             return dict(self._metric_sources)
 
-    def dial(self, addr: str) -> Machine:
-        """A machine this session does not own, at ``addr`` (e.g. ``m.addr`` of another).
-
-        No lease is held on it and ``shutdown`` leaves it running; it is pinged to notice
-        when it goes away.
-        """
-        if self._closed:
-            raise RuntimeError("this bigexec session is shut down")
+    def on_shutdown(self, callback: Callable[[], Any]) -> None:
+        """Have ``callback()`` called as the session shuts down, before its machines stop
+        (what observes the session, a debug server, ends with it)."""
         with self._lock:
-            m = self._dialed.get(addr)
-            if m is not None and m.state < STOPPED:
-                return m
-            m = self._dialed[addr] = Machine(self, owned=False, addr=addr)
-        m.start_boot(self.system.boot_timeout if self.system else 60.0)
-        return m
+            if not self.closed:
+                self._shutdown_hooks.append(callback)
+                return
+        callback()
 
     # --- looking inside ------------------------------------------------------------------
 
     def status(self) -> list[dict[str, Any]]:
         """One dict per machine: state, address, uptime, keepalives, memory, disk, load,
         tasks, RPC counts, and why stopped machines stopped."""
-        from . import observe
-
         return observe.status(self)
 
     def metrics(self) -> dict[str, Any]:
         """Counters of the driver and of every running machine, and their totals."""
-        from . import observe
-
         return observe.metrics(self)
 
     def profile(self, seconds: float = 30.0, machines: list[Machine] | None = None,
@@ -248,8 +205,6 @@ class B:
         """Profile the machines (default: all running ones) with yappi for ``seconds`` and
         merge their profiles into one ``pstats.Stats``; ``include_driver`` adds this process.
         """
-        from . import observe
-
         return observe.profile(self, seconds, machines, include_driver)
 
     def serve_debug(self, port: int = 3333, host: str = "127.0.0.1",
@@ -258,12 +213,11 @@ class B:
         its ``url`` says where, and its ``login_url`` carries its ``token``: every page needs
         the token when the server is reachable from other hosts, and profiles do for
         loopback clients of another user. Loopback only unless ``allow_remote``; port 0
-        picks one."""
-        from .debug import DebugServer
+        picks one. Called again, returns the same server; it closes as the session shuts
+        down."""
+        from . import debug  # here: the HTTP server's modules are not every worker's to load
 
-        if self._debug is None:
-            self._debug = DebugServer(self, host, port, allow_remote)
-        return self._debug
+        return debug.serve(self, port, host, allow_remote)
 
     # --- ending --------------------------------------------------------------------------
 
@@ -274,26 +228,24 @@ class B:
         Dialed machines are only forgotten, never stopped. Idempotent.
         """
         deadline = time.monotonic() + timeout
+        if not self._begin_shutdown():
+            return
         with self._lock:
-            if self._closed:
-                return
-            self._closed = True
             owned = list(self._owned)
-            dialed = list(self._dialed.values())
+            hooks, self._shutdown_hooks = self._shutdown_hooks, []
         _sessions.discard(self)
-        if self._debug is not None:
-            self._debug.close()
+        for hook in hooks:
+            try:
+                hook()
+            except Exception:
+                log.exception("a bigexec session's shutdown hook failed")
         live = [m for m in owned if m.state < STOPPED]
         if live:
             # all at once: each gets what is left of the one deadline when its turn comes
             with ThreadPoolExecutor(max_workers=min(256, len(live))) as ex:
                 list(ex.map(lambda m: m.shutdown(max(0.0, deadline - time.monotonic())), live))
-        for m in dialed:
-            m.shutdown()  # a dialed machine is only let go of
-        if self.system is not None:
-            self.system.shutdown()
-        self._client.close()
-        self._call_pool.close()
+        self._let_go()
+        self._system.shutdown()
 
 
 def start(system: str | System | None = None, **options: Any) -> B:
@@ -312,9 +264,11 @@ def start(system: str | System | None = None, **options: Any) -> B:
         if options:
             raise TypeError("options go to the System's constructor when you pass an instance")
         return B(system)
+    if system is not None and not isinstance(system, str):
+        raise TypeError(f"system must be a name or a System, not {type(system).__name__}")
     name = system or os.environ.get("BIGEXEC_SYSTEM") or "local"
     debug_addr = os.environ.get("BIGEXEC_DEBUG_ADDR")
-    from . import debug
+    from . import debug  # here: the HTTP server's modules are not every worker's to load
 
     debug_at = debug.parse_addr(debug_addr) if debug_addr else None  # bad: fail before a session
     b = B(make_system(name, **options))

@@ -15,22 +15,46 @@ import socket
 import sys
 import threading
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, Protocol
 
 from . import __version__, tls
 from .rpc import codec
 
 if TYPE_CHECKING:
-    from .worker import MachineRuntime
+    from .context import Context
+    from .dialer import Dialer
+    from .rpc.server import Server
+    from .service import ServiceRegistry
 
-__all__ = ["Supervisor"]
+__all__ = ["Supervisor", "SupervisedMachine"]
 
+
+class SupervisedMachine(Protocol):
+    """What the Supervisor needs of the machine it runs on (``worker.MachineRuntime`` is it)."""
+
+    system_name: str
+    maxprocs: int
+    environ: Mapping[str, str]
+    registry: ServiceRegistry
+    server: Server
+    session: Dialer
+    keepalives: int
+    credential_renewals: int
+
+    def extend_lease(self, lease: float) -> None: ...
+
+    def lease_remaining(self) -> float: ...
+
+    def renew_credentials(self, server: tls.Credentials, client: tls.Credentials) -> None: ...
+
+    def exit(self, code: int) -> None: ...
 
 
 class Supervisor:
     """Boot, lease, inspection and shutdown of the machine it runs on."""
 
-    def __init__(self, runtime: MachineRuntime) -> None:
+    def __init__(self, runtime: SupervisedMachine) -> None:
         self._runtime = runtime
         self._booted = time.time()
 
@@ -83,7 +107,7 @@ class Supervisor:
         A machine whose lease lapses exits on its own: no worker outlives its driver.
         """
         self._runtime.extend_lease(lease)
-        return {"next": lease, "healthy": self._runtime.healthy}
+        return {"next": lease}
 
     def renew_credentials(self, pem: bytes) -> bool:
         """Use the credentials in ``pem`` (``tls.machine_credentials_to_pem``: the server's,
@@ -168,20 +192,21 @@ class Supervisor:
 
     # --- profiling ----------------------------------------------------------------------
 
-    def profile(self, seconds: float = 30.0, builtins: bool = True, ctx: Any = None) -> bytes:
+    def profile(self, seconds: float = 30.0, builtins: bool = True,
+                ctx: Context | None = None) -> bytes:
         """Profile this machine with yappi (CPU clock, all threads) for ``seconds``; return
         the profile in ``pstats`` format. ``builtins`` keeps C functions (lock methods among
         them) as entries of their own, as cProfile does."""
         from . import profiling
 
         return profiling.cpu_profile(seconds, builtins=builtins,
-                                     stop=ctx._event if ctx is not None else None)
+                                     stop=ctx.cancel_event if ctx is not None else None)
 
-    def sample(self, seconds: float = 30.0, ctx: Any = None) -> dict[str, int]:
+    def sample(self, seconds: float = 30.0, ctx: Context | None = None) -> dict[str, int]:
         """Sample this machine's on-CPU stacks for ``seconds``: collapsed stack -> count."""
         from . import profiling
 
-        return profiling.sample_stacks(seconds, stop=ctx._event if ctx is not None else None)
+        return profiling.sample_stacks(seconds, stop=ctx.cancel_event if ctx is not None else None)
 
     def threads(self) -> str:
         """The stacks of every thread of this machine's process, as text."""

@@ -34,17 +34,16 @@ from collections.abc import Callable, Mapping
 
 from . import namespaces as ns_mod
 from . import tls
+from .dialer import Dialer
 from .rpc.faults import ENV as FAULTS_ENV
 from .rpc.faults import FaultInjector
 from .rpc.server import Server
 from .service import ServiceRegistry
+from .supervisor import Supervisor
 
 __all__ = ["EXIT_DRIVER_GONE", "EXIT_LEASE_LAPSED", "MachineRuntime", "describe_exit", "main"]
 
 log = logging.getLogger("bigexec.worker")
-
-_HEALTH_PERIOD = 30.0
-_UNHEALTHY_MEMORY_PERCENT = 95.0
 
 #: Exit status of a worker whose lease lapsed (the driver's keepalives stopped arriving).
 EXIT_LEASE_LAPSED = 3
@@ -91,9 +90,6 @@ class MachineRuntime:
         mark_logs: bool = False,
         namespaces: ns_mod.Namespaces | None = None,
     ) -> None:
-        from .session import B
-        from .supervisor import Supervisor
-
         self.system_name = system_name
         self.maxprocs = maxprocs
         self.environ: Mapping[str, str] = os.environ if environ is None else environ
@@ -102,14 +98,14 @@ class MachineRuntime:
                              advertise_host=advertise_host, log_label="" if mark_logs else None)
         self.server.faults = FaultInjector.from_spec(self.environ.get(FAULTS_ENV),
                                                      salt=str(self.server.port))
-        self.session = B._for_machine(client_ssl)
+        #: What the machine's services call other machines with (``init(b)``, ``ctx.b``).
+        self.session = Dialer(client_ssl)
         self.server.session = self.session
         #: The namespaces of this machine (see ``bigexec.namespaces``): its own unless given
         #: (a ``local`` machine, alone in its process, uses the process's).
         self.namespaces = ns_mod.Namespaces() if namespaces is None else namespaces
         self.server.namespaces = self.namespaces
         self.registry.add("Supervisor", Supervisor(self))
-        self.healthy = True
         self.keepalives = 0
         self._exit_fn = exit
         self._lock = threading.Lock()
@@ -184,7 +180,6 @@ class MachineRuntime:
         self.exit(code)
 
     def _watchdog(self) -> None:
-        next_health = 0.0
         while not self._stopped.is_set():
             left = self.lease_remaining()
             if left <= 0:
@@ -193,19 +188,7 @@ class MachineRuntime:
                 self.abandon(f"lease lapsed {-left:.1f}s ago: the driver's keepalives did not "
                              f"arrive for {lease:g}s", EXIT_LEASE_LAPSED)
                 return
-            now = time.monotonic()
-            if now >= next_health:
-                next_health = now + _HEALTH_PERIOD
-                self._check_health()
             self._stopped.wait(min(1.0, max(0.05, left / 2)))
-
-    def _check_health(self) -> None:
-        try:
-            import psutil
-
-            self.healthy = psutil.virtual_memory().percent < _UNHEALTHY_MEMORY_PERCENT
-        except Exception:  # keep the last verdict when the reading fails
-            pass
 
 
 def _kill_process_group() -> None:

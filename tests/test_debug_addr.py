@@ -9,6 +9,7 @@ import urllib.request
 import pytest
 
 import bigexec
+from bigexec.debug import server_of
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -37,7 +38,7 @@ def _free_port_run(length: int) -> int:
 
 
 def _status_of(b) -> list:
-    with urllib.request.urlopen(b._debug.url + "status?format=json", timeout=10) as r:
+    with urllib.request.urlopen(server_of(b).url + "status?format=json", timeout=10) as r:
         return json.loads(r.read())["machines"]
 
 
@@ -48,15 +49,17 @@ def test_a_second_session_takes_the_next_free_port(monkeypatch, capfd):
         (m,) = outer.start(1)
         assert m.wait(bigexec.RUNNING, 30) and m.err is None
         with bigexec.start("threads") as inner:
-            assert outer._debug.port == port
-            assert inner._debug.port == port + 1
-            printed = (outer._debug.login_url, inner._debug.login_url)
+            assert server_of(outer).port == port
+            assert server_of(inner).port == port + 1
+            printed = (server_of(outer).login_url, server_of(inner).login_url)
+            outer_token = server_of(outer).token
             # each serves its own session
             assert [row["addr"] for row in _status_of(outer)] == [m.addr]
             assert _status_of(inner) == []
     err = capfd.readouterr().err
     # printed with the token, so that the URL opens every page from anywhere
-    assert printed[0] == f"http://127.0.0.1:{port}/debug/bigexec/?token={outer._debug.token}"
+    assert printed[0] == f"http://127.0.0.1:{port}/debug/bigexec/?token={outer_token}"
+    assert server_of(outer) is None  # it closed with its session
     assert f"bigexec debug server at {printed[0]}\n" in err, err
     assert f"at {printed[1]} (port {port} was taken" in err, err
 
@@ -67,8 +70,8 @@ def test_an_executor_inside_a_session_does_not_crash(monkeypatch):
     with bigexec.start("threads") as b:
         with bigexec.Executor(max_workers=1, system="threads") as ex:
             assert ex.submit(pow, 2, 10).result(timeout=30) == 1024
-            assert ex.session._debug is not None and ex.session._debug.port == port + 1
-        assert b._debug.port == port
+            assert server_of(ex.session) is not None and server_of(ex.session).port == port + 1
+        assert server_of(b).port == port
 
 
 def test_a_port_taken_by_another_program_moves_the_server(monkeypatch):
@@ -78,7 +81,7 @@ def test_a_port_taken_by_another_program_moves_the_server(monkeypatch):
         squatter.listen()
         monkeypatch.setenv("BIGEXEC_DEBUG_ADDR", f"127.0.0.1:{port}")
         with bigexec.start("threads") as b:
-            assert b._debug.port == port + 1
+            assert server_of(b).port == port + 1
             assert _status_of(b) == []
 
 

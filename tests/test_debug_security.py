@@ -19,7 +19,7 @@ from test_observe import Work  # a service that spins, for profiles to see
 
 import bigexec
 from bigexec import cli, debug, observe
-from bigexec.debug import DebugServer
+from bigexec.debug import DebugServer, server_of
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -367,9 +367,10 @@ def test_a_server_on_ipv6_loopback(session):
 def test_debug_addr_in_brackets_from_the_environment(monkeypatch, capfd):
     monkeypatch.setenv("BIGEXEC_DEBUG_ADDR", "[::1]:0")
     with bigexec.start("threads") as b:
-        assert b._debug is not None and b._debug.url.startswith("http://[::1]:")
-        assert _get(b._debug, STATUS, addr="::1")[0] == 200
-    assert f"bigexec debug server at {b._debug.login_url}" in capfd.readouterr().err
+        assert server_of(b) is not None and server_of(b).url.startswith("http://[::1]:")
+        assert _get(server_of(b), STATUS, addr="::1")[0] == 200
+        login_url = server_of(b).login_url
+    assert f"bigexec debug server at {login_url}" in capfd.readouterr().err
 
 
 # --- from another host -----------------------------------------------------------------------

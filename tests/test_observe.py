@@ -18,6 +18,7 @@ import pytest
 
 import bigexec
 from bigexec import cli
+from bigexec.debug import server_of
 
 
 class Work:
@@ -171,9 +172,9 @@ def test_bigexec_command_reports_an_unreachable_driver():
 def test_debug_addr_from_the_environment(monkeypatch):
     monkeypatch.setenv("BIGEXEC_DEBUG_ADDR", "127.0.0.1:0")
     with bigexec.start("threads") as b:
-        assert b._debug is not None
-        assert _fetch(b._debug.url + "status?format=json")[0] == 200
-        url = b._debug.url
+        assert server_of(b) is not None
+        assert _fetch(server_of(b).url + "status?format=json")[0] == 200
+        url = server_of(b).url
     with pytest.raises(urllib.error.URLError):
         urllib.request.urlopen(url + "status", timeout=5)  # closed with the session
 
