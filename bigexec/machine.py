@@ -26,7 +26,6 @@ future with ``CancelledError`` at once and cancels the remote method's ``ctx``.
 from __future__ import annotations
 
 import logging
-import sys
 import threading
 import time
 from collections import deque
@@ -39,6 +38,7 @@ from . import tls
 from .errors import BootError, MachineLost, MachineStopped, NetworkError
 from .rpc.client import CallHandle, PendingCall, PreparedCall, new_call_id
 from .rpc.wire import Stream
+from .systems import bootstrap
 
 if TYPE_CHECKING:
     from .callpool import CallPool
@@ -248,13 +248,8 @@ class Machine:
             self.hostname = self.info.get("hostname", "")
             self.maxprocs = int((self._handle and self._handle.maxprocs)
                                 or self.info.get("maxprocs", 1))
-            theirs = tuple(self.info.get("version_info", ()))[:2]
-            if self.owned and theirs != tuple(sys.version_info[:2]):
-                raise BootError(
-                    f"machine {self.addr} runs Python {'.'.join(map(str, theirs))} but the driver "
-                    f"runs {sys.version_info[0]}.{sys.version_info[1]}; pickled code needs both "
-                    f"the same"
-                )
+            if self.owned:
+                bootstrap.check_versions(self.info, f"machine {self.addr}")
             services, self._services = self._services, []  # registered once: not kept
             for name, blob in services:
                 # one deadline for the whole boot: a service's init (an executor's

@@ -18,6 +18,8 @@ import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
+import cloudpickle
+
 from . import __version__, tls
 from .rpc import codec
 
@@ -74,6 +76,7 @@ class Supervisor:
             "hostname": socket.gethostname(),
             "pid": os.getpid(),
             "bigexec_version": __version__,
+            "cloudpickle_version": cloudpickle.__version__,
             "cpu_count": os.cpu_count() or 1,
             "maxprocs": self._runtime.maxprocs,
             "booted": self._booted,

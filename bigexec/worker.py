@@ -2,8 +2,10 @@
 
     driver                                    machine (MachineRuntime)
     ──────                                    ────────────────────────
-    start process ── credentials on stdin ──> load TLS credentials, bind port 0
-                  <── port on BIGEXEC_ADDR_FD  (no free-port race)
+    start process ── WorkerSpec on stdin ───> check versions, load TLS credentials, bind
+                                              port 0 (no free-port race)
+                  <── announcement ──────────  the advertised address (``announce_fd``, or
+                                              stdout): see ``systems.bootstrap``
     Supervisor.ping/info/register ─────────> Server ─> ServiceRegistry ─> services
     Supervisor.keepalive every period ─────> extend the lease
     Supervisor.renew_credentials(pem) ─────> new TLS contexts for new connections
@@ -40,8 +42,10 @@ from .rpc.faults import FaultInjector
 from .rpc.server import Server
 from .service import ServiceRegistry
 from .supervisor import Supervisor
+from .systems import bootstrap
 
-__all__ = ["EXIT_DRIVER_GONE", "EXIT_LEASE_LAPSED", "MachineRuntime", "describe_exit", "main"]
+__all__ = ["EXIT_DRIVER_GONE", "EXIT_LEASE_LAPSED", "EXIT_VERSION_MISMATCH", "MachineRuntime",
+           "describe_exit", "main"]
 
 log = logging.getLogger("bigexec.worker")
 
@@ -49,6 +53,8 @@ log = logging.getLogger("bigexec.worker")
 EXIT_LEASE_LAPSED = 3
 #: Exit status of a worker whose lifeline (stdin) reached EOF: the driver process is gone.
 EXIT_DRIVER_GONE = 4
+#: Exit status of a worker that refused its driver's versions (``systems.bootstrap``).
+EXIT_VERSION_MISMATCH = bootstrap.EXIT_VERSION_MISMATCH
 
 
 def describe_exit(code: int | None, lease: float | None = None) -> str:
@@ -68,6 +74,8 @@ def describe_exit(code: int | None, lease: float | None = None) -> str:
                 f"exited (status {code}) because its lease lapsed")
     if code == EXIT_DRIVER_GONE:
         return f"exited (status {code}) because its lifeline to the driver closed"
+    if code == EXIT_VERSION_MISMATCH:
+        return f"exited (status {code}) because it runs other versions than the driver"
     return f"exited with status {code}"
 
 
@@ -118,8 +126,24 @@ class MachineRuntime:
         #: How many times the driver renewed this machine's TLS credentials.
         self.credential_renewals = 0
 
+    @classmethod
+    def from_spec(cls, spec: bootstrap.WorkerSpec, *, exit: Callable[[int], None],
+                  environ: Mapping[str, str] | None = None, mark_logs: bool = False,
+                  namespaces: ns_mod.Namespaces | None = None) -> MachineRuntime:
+        """The machine that ``spec`` describes (see ``systems.bootstrap``)."""
+        server_ssl = client_ssl = None
+        if spec.credentials is not None:
+            served, calling = spec.credentials
+            server_ssl = tls.server_context(served)
+            client_ssl = tls.client_context(calling)
+        return cls(system_name=spec.system, exit=exit, lease=spec.lease,
+                   server_ssl=server_ssl, client_ssl=client_ssl, maxprocs=spec.maxprocs,
+                   environ=environ, host=spec.listen_host, advertise_host=spec.advertise_host,
+                   mark_logs=mark_logs, namespaces=namespaces)
+
     @property
     def addr(self) -> str:
+        """The address the machine is reached at (its advertised host)."""
         return self.server.addr
 
     def start(self) -> str:
@@ -230,23 +254,6 @@ def _exit_process(code: int) -> None:
     os._exit(code)
 
 
-def _read_credentials(fd: int) -> bytes:
-    """The PEM bundle on stdin, up to its end line; stdin itself stays open (the lifeline).
-
-    Raw reads, not ``sys.stdin``: the lifeline thread blocks on this descriptor for the
-    machine's whole life, and a daemon thread blocked inside a buffered reader makes the
-    interpreter abort at exit.
-    """
-    data = b""
-    while not data.endswith(tls.CREDENTIALS_END):
-        chunk = os.read(fd, 65536)
-        if not chunk:
-            break  # the driver died, or wrote no end line: Credentials.from_pem says what
-        data += chunk
-    end = tls.CREDENTIALS_END
-    return data[: -len(end)] if data.endswith(end) else data
-
-
 def _watch_lifeline(fd: int, runtime: MachineRuntime) -> None:
     """The driver holds our stdin open while it lives: EOF means it is gone."""
     try:
@@ -258,28 +265,32 @@ def _watch_lifeline(fd: int, runtime: MachineRuntime) -> None:
         runtime.abandon("the driver is gone (stdin closed)", EXIT_DRIVER_GONE)
 
 
+def _announce(spec: bootstrap.WorkerSpec, addr: str) -> None:
+    line = f"{bootstrap.ANNOUNCE_PREFIX}{addr}\n"
+    if spec.announce_fd is None:
+        print(line, end="", flush=True)
+        return
+    os.write(spec.announce_fd, line.encode())
+    os.close(spec.announce_fd)
+
+
 def main() -> None:
-    """Entry point of a ``local`` (and later ``ec2``) machine process."""
-    if os.environ.get("BIGEXEC_WORKER") != "1":
+    """Entry point of a machine process: its ``WorkerSpec`` arrives on stdin, which then
+    stays open as the lifeline (see ``systems.bootstrap``)."""
+    stdin = sys.stdin.fileno()
+    if os.isatty(stdin):
         sys.exit("bigexec.worker is started by a bigexec driver, not by hand")
     logging.basicConfig(level=os.environ.get("BIGEXEC_LOG_LEVEL", "WARNING"),
                         format="%(levelname)s %(name)s: %(message)s")
-    stdin = sys.stdin.fileno()
-    served, calling = tls.machine_credentials_from_pem(_read_credentials(stdin))
-    runtime = MachineRuntime(
-        system_name=os.environ.get("BIGEXEC_SYSTEM", "local"),
-        exit=_exit_process,
-        lease=float(os.environ.get("BIGEXEC_LEASE", "60")),
-        server_ssl=tls.server_context(served),
-        client_ssl=tls.client_context(calling),
-        maxprocs=int(os.environ.get("BIGEXEC_MAXPROCS", "1")),
-        host=os.environ.get("BIGEXEC_HOST", "127.0.0.1"),
-        namespaces=ns_mod.process_namespaces(),
-    )
+    spec = bootstrap.read_spec(stdin)
+    refusal = bootstrap.version_refusal(spec)
+    if refusal is not None:
+        print(f"bigexec: {refusal}", file=sys.stderr, flush=True)
+        _exit_process(EXIT_VERSION_MISMATCH)
+    runtime = MachineRuntime.from_spec(spec, exit=_exit_process,
+                                       namespaces=ns_mod.process_namespaces())
     runtime.start()
-    fd = int(os.environ["BIGEXEC_ADDR_FD"])
-    os.write(fd, f"{runtime.server.port}\n".encode())
-    os.close(fd)
+    _announce(spec, spec.address(runtime.server.port))
     signal.signal(signal.SIGTERM, lambda *_: runtime.exit(0))
     threading.Thread(target=_watch_lifeline, args=(stdin, runtime), daemon=True,
                      name="bigexec-lifeline").start()

@@ -58,11 +58,11 @@ def test_first_boot_failure_quotes_the_workers_traceback(refusing_path, boot_log
 
 
 def test_a_crash_in_the_worker_main_is_quoted_too():
-    # A value the worker cannot parse fails its start-up after the interpreter is up.
+    # A setting the worker cannot parse fails its start-up after the interpreter is up.
     with bigexec.start("local", boot_timeout=BOOT) as b:
-        err = _failed_boot(b, {"BIGEXEC_MAXPROCS": "several"})
+        err = _failed_boot(b, {"BIGEXEC_FAULTS": "several"})
     assert isinstance(err, bigexec.BootError), repr(err)
-    assert "invalid literal for int() with base 10: 'several'" in str(err).splitlines()[0], err
+    assert "BIGEXEC_FAULTS: 'several' is not name=value" in str(err).splitlines()[0], err
 
 
 def test_a_machine_that_booted_still_dies_with_machine_lost():

@@ -78,7 +78,14 @@ class KeepaliveConfig:
 
 
 class MachineHandle(ABC):
-    """What a system knows of one machine it started."""
+    """What a system knows of one machine it started (see ``bootstrap`` for the protocol).
+
+    A system implements ``address``, ``kill`` and ``wait_stopped``. It learns of a death its
+    own way (a child's exit, an agent, a cloud API) and says so with ``mark_dead`` (what
+    ``died`` answers from then on) and ``report_lost`` (the session stops the machine at
+    once, unless the driver asked it to exit). ``died`` never asks anyone: it is called on
+    a failed call's path, where a cloud API round trip has no place.
+    """
 
     #: Concurrency the machine offers, if the system decides it (else the machine reports it).
     maxprocs: int | None = None
@@ -86,6 +93,9 @@ class MachineHandle(ABC):
     def __init__(self) -> None:
         self._lost_callback: Callable[[BaseException], None] | None = None
         self._expect_exit = threading.Event()
+        self._dead = threading.Event()
+        self._death: BaseException | None = None
+        self._death_lock = threading.Lock()
         #: The machine's name in its certificates (``System.new_machine_identity``), and the
         #: (ips, dns) names its server certificate carries; None on a system without TLS.
         self.identity: str | None = None
@@ -94,14 +104,11 @@ class MachineHandle(ABC):
 
     @abstractmethod
     def address(self, timeout: float) -> str:
-        """Block until the machine serves, then return its ``https://host:port`` address.
+        """Block until the machine serves, then return its ``https://host:port`` address
+        (the one it announced: see ``bootstrap``).
 
         Raise ``BootError`` if it never will (the process died, the instance failed).
         """
-
-    @abstractmethod
-    def died(self, grace: float = 0.0) -> BaseException | None:
-        """If the machine is known dead (waiting up to ``grace`` seconds), why; else None."""
 
     @abstractmethod
     def kill(self) -> None:
@@ -112,6 +119,35 @@ class MachineHandle(ABC):
         """After an orderly shutdown request, wait until the machine is gone and its last log
         lines have reached the driver. False on timeout."""
 
+    def died(self, grace: float = 0.0) -> BaseException | None:
+        """If the machine is known dead (waiting up to ``grace`` seconds for word of it),
+        why; else None. Answers from ``mark_dead``: it never asks the machine or a cloud."""
+        if grace > 0:
+            self._dead.wait(grace)
+        return self._death
+
+    def mark_dead(self, reason: BaseException) -> None:
+        """The system learned that the machine is gone, and why (the first word stays)."""
+        with self._death_lock:
+            if self._death is None:
+                self._death = reason
+        self._dead.set()
+
+    def report_lost(self, reason: BaseException) -> None:
+        """The machine is gone (``mark_dead``); unless the driver asked it to exit, its
+        session is told (``on_lost``) and stops it at once."""
+        self.mark_dead(reason)
+        if self._expect_exit.is_set():
+            return
+        cb = self._lost_callback
+        if cb is not None:
+            cb(self._death or reason)
+
+    @property
+    def exit_expected(self) -> bool:
+        """Whether the driver asked the machine to exit (``expect_exit``)."""
+        return self._expect_exit.is_set()
+
     def expect_exit(self) -> None:
         """The driver asked the machine to exit: its exit is not a failure."""
         self._expect_exit.set()
@@ -119,13 +155,6 @@ class MachineHandle(ABC):
     def on_lost(self, callback: Callable[[BaseException], None]) -> None:
         """Have ``callback(reason)`` called when the machine dies unexpectedly."""
         self._lost_callback = callback
-
-    def _report_lost(self, reason: BaseException) -> None:
-        if self._expect_exit.is_set():
-            return
-        cb = self._lost_callback
-        if cb is not None:
-            cb(reason)
 
     def log_label(self, label: str) -> None:  # noqa: B027 - optional hook
         """The driver tells the handle how to prefix the machine's log lines."""

@@ -2,14 +2,19 @@
 
     driver                                   worker process
     ──────                                   ──────────────
-    Popen(start_new_session) ── stdin ─────> CA cert + leaf cert + leaf key, an end line,
-                                             then nothing: stdin stays open as a lifeline
-    os.pipe() read end   <──── BIGEXEC_ADDR_FD: "port\\n" once it listens
-    log pump thread      <──── stdout+stderr, line by line ──> driver's stderr, prefixed
-                                  (through ``logsink``: a stderr nobody reads never blocks it)
-    waiter thread: process exit ──> machine STOPPED at once, err says how it died (a
-                   lapsed lease, a signal, a status); what is left of its process group is
-                   killed
+    Popen(start_new_session) ── stdin ─────> its WorkerSpec (``systems.bootstrap``: settings,
+                                             credentials, the driver's versions), then
+                                             nothing: stdin stays open as a lifeline
+    os.pipe() read end   <──── announce_fd: "bigexec-worker-listening https://HOST:PORT"
+    log pump thread      <──── stdout+stderr, line by line ──> MachineOutput: the driver's
+                                  stderr, prefixed (through ``logsink``: a stderr nobody
+                                  reads never blocks it)
+    waiter thread: process exit ──> mark_dead, then report_lost: machine STOPPED at once,
+                   err says how it died (a lapsed lease, a signal, a status); what is left
+                   of its process group is killed
+
+This module is the bootstrap protocol's reference implementation: a new system does what it
+does, its own way, and nothing else in bigexec changes.
 
 The worker binds port 0 and reports the port back, so there is no free-port race. Its stdin
 stays open for as long as the driver holds the machine: when the driver dies, however it
@@ -39,15 +44,14 @@ import sys
 import threading
 import time
 import weakref
-from collections import deque
 from collections.abc import Mapping
 from typing import IO, Any
 
-from .. import logsink, tls
 from ..authority import Authority
 from ..errors import BootError, MachineLost
 from ..worker import describe_exit
 from .base import KeepaliveConfig, MachineHandle, System
+from .bootstrap import MachineOutput, WorkerSpec, parse_announcement
 
 __all__ = ["LocalSystem"]
 
@@ -64,22 +68,17 @@ def _kill_group(pgid: int) -> None:
 
 
 class _LocalHandle(MachineHandle):
-    def __init__(self, proc: subprocess.Popen[bytes], addr_fd: int, boot_logs: bool,
+    def __init__(self, proc: subprocess.Popen[bytes], announce_fd: int, boot_logs: bool,
                  system: LocalSystem) -> None:
         super().__init__()
         self._system = system
         self.proc = proc
         self.maxprocs = 1
-        self._addr_fd = addr_fd
+        self._announce_fd = announce_fd
         self._addr: str | None = None
-        self._label = f"pid {proc.pid}"
-        self._boot_logs = boot_logs
-        # The last lines printed before the worker listened, printed live or not: a boot
-        # failure quotes them.
-        self._boot_output: deque[str] = deque(maxlen=_BOOT_OUTPUT_LINES)
-        self._listening = False
-        self._printing = boot_logs
-        self._pump = threading.Thread(target=self._pump_logs, name=f"bigexec-log-{proc.pid}",
+        self.output = MachineOutput(f"pid {proc.pid}", show_boot=boot_logs,
+                                    keep=_BOOT_OUTPUT_LINES)
+        self._pump = threading.Thread(target=self._pump_output, name=f"bigexec-log-{proc.pid}",
                                       daemon=True)
         self._pump.start()
         self._waiter = threading.Thread(target=self._wait, name=f"bigexec-wait-{proc.pid}",
@@ -88,20 +87,20 @@ class _LocalHandle(MachineHandle):
         _lifelines.add(self)
 
     def log_label(self, label: str) -> None:
-        self._label = label
+        self.output.label = label
 
     def address(self, timeout: float) -> str:
         if self._addr is not None:
             return self._addr
         try:
-            addr = self._read_address(timeout)
+            addr = self._read_announcement(timeout)
         except BootError:
             self._system.boot_failures += 1
             raise
         self._system.boot_failures = 0
         return addr
 
-    def _read_address(self, timeout: float) -> str:
+    def _read_announcement(self, timeout: float) -> str:
         deadline = time.monotonic() + timeout
         data = b""
         try:
@@ -111,58 +110,42 @@ class _LocalHandle(MachineHandle):
                     self.kill()
                     raise self._boot_error(f"did not listen within {timeout}s")
                 poller = select.poll()  # select() fails on descriptors past 1024
-                poller.register(self._addr_fd, select.POLLIN)
+                poller.register(self._announce_fd, select.POLLIN)
                 if not poller.poll(left * 1000):
                     continue
-                chunk = os.read(self._addr_fd, 64)
+                chunk = os.read(self._announce_fd, 512)
                 if not chunk:
                     code = self._wait_code(5.0)
-                    self._pump.join(5.0)
+                    self.output.wait_ended(5.0)
                     raise self._boot_error(f"{describe_exit(code)} before it listened")
                 data += chunk
         finally:
-            os.close(self._addr_fd)
-            self._addr_fd = -1
-        host = self._system.host
-        netloc = f"[{host}]:{int(data)}" if ":" in host else f"{host}:{int(data)}"
-        self._addr = f"https://{netloc}"
-        self._label = netloc
-        self._listening = True
-        self._printing = True
-        return self._addr
+            os.close(self._announce_fd)
+            self._announce_fd = -1
+        addr = parse_announcement(data.decode("utf-8", "replace"))
+        if addr is None:
+            self.kill()
+            raise self._boot_error(f"announced no address but {data[:80]!r}")
+        self._addr = addr
+        self.output.mark_listening(addr.split("://", 1)[-1])
+        return addr
 
     def _boot_error(self, what: str) -> BootError:
-        """``BootError`` for a worker that ``what`` (e.g. "exited with status 1 before it
-        listened"), naming its last output line and quoting the lines before it."""
-        lines = [line.rstrip("\n") for line in self._boot_output]
-        last = next((line.strip() for line in reversed(lines) if line.strip()), "")
-        msg = f"worker pid {self.proc.pid} {what}"
-        if last:
-            msg += f": {last}"
-            msg += "\n  its last output lines:\n" + "".join(f"    {line}\n" for line in lines)
-        else:
-            msg += " (it printed nothing)"
-        return BootError(msg.rstrip("\n"))
+        return self.output.boot_error(f"pid {self.proc.pid}", what)
 
     def _exit_reason(self, code: int | None) -> BaseException:
-        if not self._listening:
+        if not self.output.listening:
             return self._boot_error(f"{describe_exit(code)} before it listened")
         lease = self._system.keepalive.lease
-        return MachineLost(f"machine {self._label} {describe_exit(code, lease)}")
+        return MachineLost(f"machine {self.output.label} {describe_exit(code, lease)}")
 
-    def _pump_logs(self) -> None:
+    def _pump_output(self) -> None:
         # Always drain, or a chatty worker blocks on a full pipe.
         out: IO[bytes] = self.proc.stdout  # type: ignore[assignment]
-        for raw in iter(out.readline, b""):
-            line = raw.decode("utf-8", "replace")
-            if not line.endswith("\n"):
-                line += "\n"
-            if not self._listening:
-                self._boot_output.append(line)
-            if not self._printing:
-                continue
-            logsink.stderr_sink().put(f"{self._label}: {line}")  # never blocks the worker
-        out.close()
+        try:
+            self.output.pump(iter(out.readline, b""))
+        finally:
+            out.close()
 
     def _wait_code(self, timeout: float) -> int | None:
         try:
@@ -176,18 +159,13 @@ class _LocalHandle(MachineHandle):
         # cannot name another group meanwhile: a pid is not reused while its group has members.
         _kill_group(self.proc.pid)
         self.close_lifeline()
-        self._pump.join(10.0)  # the last lines first, then the news
-        logsink.stderr_sink().flush(1.0)  # unless stderr is stuck
-        self._report_lost(self._exit_reason(code))
+        if not self.output.listening:
+            self.output.wait_ended(1.0)  # its last lines say why
+        self.mark_dead(self._exit_reason(code))  # died() knows from now on
+        self.output.wait_ended(10.0)  # the last lines first, then the news
+        self.output.flush(1.0)  # unless stderr is stuck
+        self.report_lost(self._exit_reason(code))
         self._system._forget(self)  # gone: nothing is left for the system to end
-
-    def died(self, grace: float = 0.0) -> BaseException | None:
-        code = self.proc.poll() if grace <= 0 else self._wait_code(grace)
-        if code is None:
-            return None
-        if not self._listening:
-            self._pump.join(1.0)  # its last lines say why
-        return self._exit_reason(code)
 
     def kill(self) -> None:
         if self.proc.poll() is None:
@@ -206,9 +184,9 @@ class _LocalHandle(MachineHandle):
         deadline = time.monotonic() + timeout
         if self._wait_code(timeout) is None:
             return False
-        self._pump.join(max(0.0, deadline - time.monotonic()))
-        logsink.stderr_sink().flush(max(0.0, min(1.0, deadline - time.monotonic())))
-        return not self._pump.is_alive()
+        ended = self.output.wait_ended(max(0.0, deadline - time.monotonic()))
+        self.output.flush(max(0.0, min(1.0, deadline - time.monotonic())))
+        return ended
 
 
 _lifelines: weakref.WeakSet[_LocalHandle] = weakref.WeakSet()
@@ -276,17 +254,13 @@ class LocalSystem(System):
         loopback = ipaddress.ip_address(self.host).is_loopback
         return (self.host,), (("localhost",) if loopback else ())
 
-    def _environment(self, env: Mapping[str, str], fd: int) -> dict[str, str]:
+    def _environment(self, env: Mapping[str, str]) -> dict[str, str]:
         environ = self.machine_environment(env)
         path = [os.getcwd() if p == "" else p for p in sys.path]
         if environ.get("PYTHONPATH"):
             path.append(environ["PYTHONPATH"])
         environ.update(
-            BIGEXEC_WORKER="1",
-            BIGEXEC_SYSTEM=self.name,
-            BIGEXEC_LEASE=str(max(self.keepalive.lease, self.boot_timeout)),
-            BIGEXEC_ADDR_FD=str(fd),
-            BIGEXEC_HOST=self.host,
+            BIGEXEC_SYSTEM=self.name,  # what bigexec.start() picks in a service
             PYTHONUNBUFFERED="1",
             PYTHONPATH=os.pathsep.join(dict.fromkeys(p for p in path if p)),
         )
@@ -299,8 +273,10 @@ class LocalSystem(System):
             names = self._cert_names()
             creds = self.machine_credentials(identity, ips=names[0], dns=names[1])
             assert creds is not None
-            served, calling = creds
             r, w = os.pipe()
+            spec = WorkerSpec(system=self.name,
+                              lease=max(self.keepalive.lease, self.boot_timeout),
+                              listen_host=self.host, credentials=creds, announce_fd=w)
             try:
                 proc = subprocess.Popen(
                     [self.python, "-m", "bigexec.worker"],
@@ -308,7 +284,7 @@ class LocalSystem(System):
                     stdout=subprocess.PIPE,
                     stderr=subprocess.STDOUT,
                     pass_fds=(w,),
-                    env=self._environment(env, w),
+                    env=self._environment(env),
                     # its own session and process group: ^C in the driver's terminal is the
                     # driver's to handle, and the group holds whatever its tasks start
                     start_new_session=True,
@@ -320,8 +296,7 @@ class LocalSystem(System):
                 os.close(w)
             assert proc.stdin is not None
             try:
-                proc.stdin.write(tls.machine_credentials_to_pem(served, calling)
-                                 + tls.CREDENTIALS_END)
+                proc.stdin.write(spec.encode())
                 proc.stdin.flush()
             except OSError:
                 pass  # it died at once; address() reports how

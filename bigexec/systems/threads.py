@@ -29,6 +29,7 @@ from .. import logs
 from ..errors import MachineLost
 from ..worker import MachineRuntime, describe_exit
 from .base import KeepaliveConfig, MachineHandle, System
+from .bootstrap import WorkerSpec
 
 __all__ = ["ThreadsSystem"]
 
@@ -49,19 +50,13 @@ class _ThreadHandle(MachineHandle):
     def address(self, timeout: float) -> str:
         return self.addr
 
-    def died(self, grace: float = 0.0) -> BaseException | None:
-        if self.killed:
-            return MachineLost(f"machine {self.addr} was killed")
-        if self.exit_code is not None and not self._expect_exit.is_set():
-            return MachineLost(f"machine {self.addr} {describe_exit(self.exit_code, self.lease)}")
-        return None
-
-    def _exited(self, code: int) -> None:
+    def exited(self, code: int) -> None:
+        """The machine's runtime exited with ``code`` (its ``exit``, called by itself, by
+        its lease, or by ``kill``)."""
         self.exit_code = code
         self.runtime = None  # it has stopped serving: nothing of it is needed any more
-        why = self.died()
-        if why is not None:
-            self._report_lost(why)
+        what = "was killed" if self.killed else describe_exit(code, self.lease)
+        self.report_lost(MachineLost(f"machine {self.addr} {what}"))
 
     def kill(self) -> None:
         runtime = self.runtime
@@ -109,24 +104,22 @@ class ThreadsSystem(System):
         logs.install_machine_marker()
         handles: list[MachineHandle] = []
         for _ in range(count):
-            server_ssl = client_ssl = None
-            identity = None
+            identity = creds = None
             if self._authority is not None:
-                from .. import tls as tlsmod
-
                 identity = self.new_machine_identity()
                 creds = self.machine_credentials(identity)
-                assert creds is not None
-                server_ssl = tlsmod.server_context(creds[0])
-                client_ssl = tlsmod.client_context(creds[1])
+            # The bootstrap protocol's spec, handed over in memory: no process to cross.
+            spec = WorkerSpec(system=self.name,
+                              lease=max(self.keepalive.lease, self.boot_timeout),
+                              maxprocs=self.maxprocs, credentials=creds)
             holder: list[_ThreadHandle] = []
-            runtime = MachineRuntime(
-                system_name=self.name,
-                exit=lambda code, h=holder: self._exited(h[0], code),
-                lease=max(self.keepalive.lease, self.boot_timeout),
-                server_ssl=server_ssl,
-                client_ssl=client_ssl,
-                maxprocs=self.maxprocs,
+
+            def exit_fn(code: int, h: list[_ThreadHandle] = holder) -> None:
+                self._exited(h[0], code)
+
+            runtime = MachineRuntime.from_spec(
+                spec,
+                exit=exit_fn,
                 # machine_environment's policy as an overlay, not a copy: the machine shares
                 # this process's environment and sees its later changes.
                 environ=ChainMap(dict(env), os.environ),  # type: ignore[arg-type]
@@ -145,7 +138,7 @@ class ThreadsSystem(System):
         with self._handles_lock:
             if handle in self._handles:
                 self._handles.remove(handle)
-        handle._exited(code)
+        handle.exited(code)
 
     def kill(self, machine: Any, *, hang: bool = False) -> None:
         """Make ``machine`` vanish as a crashed machine would (``hang``: stop answering)."""
