@@ -66,7 +66,7 @@ class _MachineMarker(logging.Handler):
         super().__init__()
         self._mark = MachineFilter()
 
-    def handle(self, record: logging.LogRecord) -> bool:  # type: ignore[override]
+    def handle(self, record: logging.LogRecord) -> bool:
         self._mark.filter(record)
         return False  # nothing emitted
 

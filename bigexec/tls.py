@@ -139,7 +139,7 @@ def peer_name(sock: socket.socket) -> str | None:
     if not isinstance(sock, ssl.SSLSocket):
         return None
     try:
-        cert: dict[str, Any] = sock.getpeercert() or {}  # type: ignore[assignment]
+        cert: dict[str, Any] = sock.getpeercert() or {}
     except (ValueError, OSError):
         return None
     for rdn in cert.get("subject", ()):

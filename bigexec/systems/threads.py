@@ -122,7 +122,7 @@ class ThreadsSystem(System):
                 exit=exit_fn,
                 # machine_environment's policy as an overlay, not a copy: the machine shares
                 # this process's environment and sees its later changes.
-                environ=ChainMap(dict(env), os.environ),  # type: ignore[arg-type]
+                environ=ChainMap(dict(env), os.environ),
                 mark_logs=True,  # machines share our log handlers: say whose records are whose
             )
             handle = _ThreadHandle(runtime, self.maxprocs, self.keepalive.lease)
