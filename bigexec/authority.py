@@ -32,6 +32,7 @@ from collections.abc import Iterable
 from typing import Literal
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -216,7 +217,7 @@ class Authority:
         cert = x509.load_pem_x509_certificate(cert_pem)
         try:
             cert.verify_directly_issued_by(self._cert)
-        except (ValueError, TypeError, Exception):
+        except (ValueError, TypeError, InvalidSignature):  # another issuer, key type, signature
             return False
         now = _dt.datetime.now(_dt.timezone.utc)
         return cert.not_valid_before_utc <= now <= cert.not_valid_after_utc
