@@ -41,8 +41,9 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from types import CodeType, FrameType
 
-import psutil
 import yappi
+
+from .thread_clocks import ThreadClock, thread_cpu_times
 
 __all__ = [
     "ProfileBusy",
@@ -103,55 +104,6 @@ _CALL_OPCODES = frozenset(
     for name, op in dis.opmap.items()
     if (name.startswith("CALL") or name == "PRECALL") and "INTRINSIC" not in name
 )
-
-
-# --- per-thread clocks -----------------------------------------------------------------------
-
-_linux_clocks: bool | None = None
-
-
-def _linux_thread_clock(native_id: int) -> int:
-    # Linux names the CPU clock of thread `tid` as ~tid << 3 | PERTHREAD(4) | SCHED(2), the
-    # encoding glibc's pthread_getcpuclockid uses. Going through the native id rather than
-    # time.pthread_getcpuclockid(ident) matters: the latter reads the pthread struct, which
-    # may be gone once a detached thread has exited, while a stale tid is a clean EINVAL.
-    return (~native_id << 3) | 6
-
-
-def _use_linux_clocks() -> bool:
-    global _linux_clocks
-    if _linux_clocks is None:
-        try:
-            time.clock_gettime_ns(_linux_thread_clock(threading.get_native_id()))
-            _linux_clocks = True
-        except (OSError, OverflowError, AttributeError):
-            _linux_clocks = False
-    return _linux_clocks
-
-
-def _thread_cpu_times() -> dict[int, tuple[int, float]]:
-    """CPU seconds used so far by each thread, as ``{ident: (native_id, seconds)}``."""
-    natives = {t.ident: t.native_id for t in threading.enumerate()
-               if t.ident is not None and t.native_id is not None}
-    times: dict[int, tuple[int, float]] = {}
-    if _use_linux_clocks():
-        # Nanosecond clocks, a fraction of a microsecond each. /proc and psutil only count
-        # whole scheduler ticks (10 ms), coarser than a 5 ms sampling interval, and psutil
-        # reads every thread's stat file each time (milliseconds for one snapshot).
-        for ident, native in natives.items():
-            try:
-                times[ident] = (native, time.clock_gettime_ns(_linux_thread_clock(native)) / 1e9)
-            except OSError:
-                pass  # the thread has just exited
-        return times
-    try:
-        by_tid = {t.id: t.user_time + t.system_time for t in psutil.Process().threads()}
-    except (psutil.Error, OSError):
-        return times
-    for ident, native in natives.items():
-        if native in by_tid:
-            times[ident] = (native, by_tid[native])
-    return times
 
 
 def _clock_now(clock: str) -> float:
@@ -238,8 +190,8 @@ class _Session:
         self.flushing = False
         self.seeded: dict[int, tuple[float, list[tuple[str, int, str]]]] = {}
         self.flushed: dict[int, float] = {}
-        self.start: dict[int, tuple[int, float]] = {}
-        self.stop: dict[int, tuple[int, float]] = {}
+        self.start: dict[int, ThreadClock] = {}
+        self.stop: dict[int, ThreadClock] = {}
         self.stop_frames: dict[int, FrameType] = {}
         self.alive_at_start: set[int] = set()
         self._own_code: frozenset[CodeType] = frozenset(
@@ -247,11 +199,11 @@ class _Session:
              self._live_stack.__code__}
         )
 
-    def _clocks(self) -> dict[int, tuple[int, float]]:
+    def _clocks(self) -> dict[int, ThreadClock]:
         if self.clock == "cpu":
-            return _thread_cpu_times()
+            return thread_cpu_times()
         now = time.perf_counter()
-        return {t.ident: (t.native_id or 0, now)
+        return {t.ident: ThreadClock(t.native_id or 0, now)
                 for t in threading.enumerate() if t.ident is not None}
 
     def begin(self) -> None:
@@ -341,7 +293,7 @@ class _Session:
         self.flushing = True
         deadline = time.monotonic() + _FLUSH_MAX_WAIT
         idle_polls = 0
-        last: dict[int, tuple[int, float]] = {}
+        last: dict[int, ThreadClock] = {}
         while time.monotonic() < deadline:
             time.sleep(_FLUSH_POLL)
             alive = sys._current_frames()
@@ -352,7 +304,7 @@ class _Session:
                 # Blocked threads answer at their next call, which may never come; a wall
                 # profile books their time from the stop stacks instead.
                 continue
-            now = _thread_cpu_times()
+            now = thread_cpu_times()
             moved = any(now.get(i) != last.get(i) for i in pending)
             last = now
             idle_polls = 0 if moved else idle_polls + 1
@@ -785,14 +737,14 @@ def _sample_loop(seconds: float, interval: float, waiter: threading.Event,
     # A fixed period can lock in phase with a thread's own cycle (work, release the GIL, work)
     # and see it at the same point every time; a random period cannot.
     jitter = random.Random()
-    last = _thread_cpu_times()
+    last = thread_cpu_times()
     deadline = time.monotonic() + seconds
     while True:
         remaining = deadline - time.monotonic()
         pause = interval * jitter.uniform(0.5, 1.5)
         if remaining <= 0 or waiter.wait(min(pause, remaining)):
             break
-        now = _thread_cpu_times()
+        now = thread_cpu_times()
         for ident, frame in sys._current_frames().items():
             if ident == me or ident not in now:
                 continue  # unknown to threading: no clock to tell whether it ran
