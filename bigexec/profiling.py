@@ -10,6 +10,9 @@ the driver merges the results.
   ``flamegraph.pl`` and speedscope read; :func:`merge_collapsed` adds samples together.
 - :func:`thread_stacks` is a dump of every thread's stack.
 
+:func:`sample_stacks` and :func:`thread_stacks` live in :mod:`bigexec.stacks`; they are
+re-exported here so that ``bigexec.profiling.<name>`` keeps working.
+
 yappi alone gets two things wrong for the main use case, code that is *already running* when
 the profile starts (a service method in a server thread): it never hears of frames entered
 before ``yappi.start()``, and it only books a function's time when the function returns, so
@@ -29,20 +32,18 @@ from __future__ import annotations
 
 import dis
 import marshal
-import os
 import pstats
-import random
 import re
 import sys
 import threading
 import time
-import traceback
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from types import CodeType, FrameType
 
 import yappi
 
+from .stacks import sample_stacks, thread_stacks
 from .thread_clocks import ThreadClock, thread_cpu_times
 
 __all__ = [
@@ -657,118 +658,7 @@ def to_callgrind(stats: pstats.Stats) -> str:
     return "\n".join(header + body)
 
 
-# --- stack sampling --------------------------------------------------------------------------
-
-
-_switch_lock = threading.Lock()
-_switch_users = 0
-_switch_saved = 0.0
-
-
-def _shorten_switch_interval(target: float) -> None:
-    global _switch_users, _switch_saved
-    with _switch_lock:
-        if _switch_users == 0:
-            _switch_saved = sys.getswitchinterval()
-        _switch_users += 1
-        if target < sys.getswitchinterval():
-            sys.setswitchinterval(target)
-
-
-def _restore_switch_interval() -> None:
-    global _switch_users
-    with _switch_lock:
-        _switch_users -= 1
-        if _switch_users == 0:
-            sys.setswitchinterval(_switch_saved)
-
-
-def _frame_label(code: CodeType, line: int | None) -> str:
-    label = f"{code.co_name} ({os.path.basename(code.co_filename)}:{line or 0})"
-    # ";" separates frames and a newline ends a record in the collapsed format.
-    return label.replace(";", ":").replace("\n", " ")
-
-
-def sample_stacks(
-    seconds: float,
-    *,
-    interval: float = 0.005,
-    stop: threading.Event | None = None,
-) -> dict[str, int]:
-    """Sample the stacks of this process's threads for a flame graph.
-
-    Every ``interval`` seconds, for ``seconds`` (less if ``stop`` is set), takes every
-    thread's stack and counts it for the threads that used CPU since the previous sample.
-    The counts are proportional to CPU time: a thread earns one sample per ``interval`` of
-    CPU it used, so a thread on a core all the time gets one per tick and a thread that
-    wakes for a few microseconds now and then gets (almost) none. The sampler's own thread is
-    skipped.
-
-    The sampler needs the GIL to look at the other threads, so it sees each of them where it
-    last gave the GIL away. A thread that releases the GIL often (I/O, a blocking lock,
-    ``os.urandom``) would be seen there every time, however little it spends there; for the
-    duration of the call the GIL switch interval is therefore lowered to ``interval / 10``,
-    so that the sampler gets the GIL within a fraction of an interval, wherever the running
-    thread is. Threads blocked on a lock are still seen at the line that waits for it, which
-    is what shows lock contention.
-
-    Returns ``{"outer (file.py:12);...;inner (file.py:40)": count}``, frames outermost first,
-    each as ``func (basename:line)``.
-    """
-    if not seconds >= 0:
-        raise ValueError(f"seconds must be >= 0, not {seconds!r}")
-    if not interval > 0:
-        raise ValueError(f"interval must be > 0, not {interval!r}")
-    waiter = stop if stop is not None else threading.Event()
-    counts: Counter[str] = Counter()
-    _shorten_switch_interval(max(interval / 10, 1e-4))
-    try:
-        _sample_loop(seconds, interval, waiter, counts)
-    finally:
-        _restore_switch_interval()
-    return dict(counts)
-
-
-def _sample_loop(seconds: float, interval: float, waiter: threading.Event,
-                 counts: Counter[str]) -> None:
-    me = threading.get_ident()
-    labels: dict[tuple[CodeType, int | None], str] = {}
-    credit: dict[int, float] = {}
-    # A fixed period can lock in phase with a thread's own cycle (work, release the GIL, work)
-    # and see it at the same point every time; a random period cannot.
-    jitter = random.Random()
-    last = thread_cpu_times()
-    deadline = time.monotonic() + seconds
-    while True:
-        remaining = deadline - time.monotonic()
-        pause = interval * jitter.uniform(0.5, 1.5)
-        if remaining <= 0 or waiter.wait(min(pause, remaining)):
-            break
-        now = thread_cpu_times()
-        for ident, frame in sys._current_frames().items():
-            if ident == me or ident not in now:
-                continue  # unknown to threading: no clock to tell whether it ran
-            native, cpu = now[ident]
-            before = last.get(ident)
-            # A thread born since the last sample has spent all its CPU time in between.
-            used = cpu - before[1] if before is not None and before[0] == native else cpu
-            earned = credit.get(ident, 0.0) + max(0.0, used)
-            n = int(earned / interval)
-            credit[ident] = earned - n * interval
-            if not n:
-                continue
-            parts = []
-            f: FrameType | None = frame
-            while f is not None:
-                key = (f.f_code, f.f_lineno)
-                label = labels.get(key)
-                if label is None:
-                    label = labels[key] = _frame_label(f.f_code, f.f_lineno)
-                parts.append(label)
-                f = f.f_back
-            parts.reverse()
-            counts[";".join(parts)] += n
-        last = now
+# --- collapsed stacks ----------------------------------------------------------------------
 
 
 def merge_collapsed(profiles: Sequence[dict[str, int]]) -> dict[str, int]:
@@ -783,31 +673,3 @@ def collapsed_text(counts: dict[str, int]) -> str:
     """Stack counts as ``stack count`` lines sorted by stack: flamegraph.pl and speedscope input.
     """
     return "".join(f"{stack} {n}\n" for stack, n in sorted(counts.items()) if n > 0)
-
-
-# --- thread dump -----------------------------------------------------------------------------
-
-
-def thread_stacks() -> str:
-    """The stack of every thread of this process, as text.
-
-    One block per thread: a header with its name, ident, native id and daemon flag, then its
-    stack formatted like a traceback (innermost call last). The main thread comes first.
-    """
-    threads = {t.ident: t for t in threading.enumerate()}
-    main = threading.main_thread().ident
-
-    def order(item: tuple[int, FrameType]) -> tuple[bool, str, int]:
-        t = threads.get(item[0])
-        return (item[0] != main, t.name if t is not None else "", item[0])
-
-    blocks = []
-    for ident, frame in sorted(sys._current_frames().items(), key=order):
-        t = threads.get(ident)
-        if t is None:
-            header = f"Thread <not from threading> ident={ident}"
-        else:
-            header = (f"Thread {t.name!r} ident={ident} native_id={t.native_id} "
-                      f"daemon={t.daemon}")
-        blocks.append(header + "\n" + "".join(traceback.format_stack(frame)))
-    return "\n".join(blocks)
