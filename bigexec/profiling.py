@@ -10,7 +10,8 @@ the driver merges the results.
   ``flamegraph.pl`` and speedscope read; :func:`merge_collapsed` adds samples together.
 - :func:`thread_stacks` is a dump of every thread's stack.
 
-:func:`sample_stacks` and :func:`thread_stacks` live in :mod:`bigexec.stacks`; they are
+:func:`sample_stacks` and :func:`thread_stacks` live in :mod:`bigexec.stacks`, the merging
+and rendering functions (and ``FuncKey``) in :mod:`bigexec.profile_formats`; they are
 re-exported here so that ``bigexec.profiling.<name>`` keeps working.
 
 yappi alone gets two things wrong for the main use case, code that is *already running* when
@@ -32,21 +33,30 @@ from __future__ import annotations
 
 import dis
 import marshal
-import pstats
 import re
 import sys
 import threading
 import time
-from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from types import CodeType, FrameType
 
 import yappi
 
+from .profile_formats import (
+    FuncKey,
+    collapsed_text,
+    is_builtin,
+    merge_collapsed,
+    merge_pstats,
+    pstats_bytes,
+    to_callgrind,
+    to_text,
+)
 from .stacks import sample_stacks, thread_stacks
 from .thread_clocks import ThreadClock, thread_cpu_times
 
 __all__ = [
+    "FuncKey",
     "ProfileBusy",
     "collapsed_text",
     "cpu_profile",
@@ -58,10 +68,6 @@ __all__ = [
     "to_callgrind",
     "to_text",
 ]
-
-# (filename, first line, function name): the key of a function in a pstats dict. Builtins are
-# ("~", 0, "<built-in method ...>"), as cProfile writes them.
-FuncKey = tuple[str, int, str]
 
 _BUSY = "a CPU profile is already running in this process"
 
@@ -412,13 +418,9 @@ def _ctx_graph(stats) -> dict[FuncKey, list]:
     return graph
 
 
-def _is_builtin(key: FuncKey) -> bool:
-    return key[0] == "~" and key[1] == 0
-
-
 def _fold_builtins(graph: dict[FuncKey, list]) -> None:
     """Remove C functions, booking their own time to the Python functions that called them."""
-    for bkey in [k for k in graph if _is_builtin(k)]:
+    for bkey in [k for k in graph if is_builtin(k)]:
         callers = graph.pop(bkey)[4]
         for ckey, edge in callers.items():
             if ckey in graph:
@@ -492,184 +494,3 @@ def _charge(graph: dict[FuncKey, list], index: dict[tuple[str, int], list[str]],
 def _freeze(graph: dict[FuncKey, list]) -> dict:
     return {key: (cc, nc, tt, ct, {c: tuple(e) for c, e in callers.items()})
             for key, (cc, nc, tt, ct, callers) in graph.items()}
-
-
-# --- pstats ----------------------------------------------------------------------------------
-
-
-class _Loaded:
-    """What pstats.Stats accepts besides a path: an object with ``create_stats`` and ``stats``."""
-
-    def __init__(self, stats: dict) -> None:
-        self.stats = stats
-
-    def create_stats(self) -> None:
-        pass
-
-
-def _load(blob: bytes) -> dict:
-    try:
-        stats = marshal.loads(blob)
-    except (EOFError, ValueError, TypeError) as e:
-        raise ValueError(f"not a pstats profile: {e}") from None
-    if not isinstance(stats, dict):
-        raise ValueError(f"not a pstats profile: a marshal'd {type(stats).__name__}")
-    return stats
-
-
-def merge_pstats(blobs: Sequence[bytes]) -> pstats.Stats:
-    """Merge profiles in the pstats file format into one Stats.
-
-    Calls and times of the same function (same file, line and name) are summed, as
-    ``pstats.Stats.add`` does. Raises ValueError on an empty sequence or a blob that is not
-    a pstats profile.
-    """
-    if not blobs:
-        raise ValueError("merge_pstats needs at least one profile")
-    merged = pstats.Stats()
-    for blob in blobs:
-        stats = _load(blob)
-        if stats:  # pstats.Stats refuses an empty profile (nothing ran during the window)
-            merged.add(pstats.Stats(_Loaded(stats)))
-    return merged
-
-
-def pstats_bytes(stats: pstats.Stats) -> bytes:
-    """``stats`` in the pstats file format (what ``Stats.dump_stats`` writes), as bytes."""
-    return marshal.dumps(stats.stats)
-
-
-def _func_label(key: FuncKey) -> str:
-    # As pstats prints functions: builtins as {name}, others as file:line(name).
-    filename, line, name = key
-    if _is_builtin(key):
-        if name.startswith("<") and name.endswith(">"):
-            return "{" + name[1:-1] + "}"
-        return name
-    return f"{filename}:{line}({name})"
-
-
-_SORT_COLUMNS = {
-    "tottime": 2, "time": 2,
-    "cumtime": 3, "cumulative": 3,
-    "ncalls": 1, "calls": 1,
-    "pcalls": 0,
-}
-
-
-def to_text(stats: pstats.Stats, limit: int = 30, sort: str = "tottime") -> str:
-    """A plain-text table of the top ``limit`` functions, sorted by ``sort``.
-
-    ``sort`` is ``"tottime"`` (own time), ``"cumtime"`` (time including callees), ``"ncalls"``
-    or ``"pcalls"`` (primitive, i.e. non-recursive, calls); pstats' names ``"time"``,
-    ``"cumulative"`` and ``"calls"`` work too. ``limit <= 0`` lists every function. The first
-    line gives the total CPU seconds of the profile (the sum of the functions' own times).
-    """
-    if sort not in _SORT_COLUMNS:
-        raise ValueError(f"sort must be one of {sorted(_SORT_COLUMNS)}, not {sort!r}")
-    column = _SORT_COLUMNS[sort]
-    rows = sorted(stats.stats.items(), key=lambda kv: (-kv[1][column], _func_label(kv[0])))
-    total = sum(v[2] for v in stats.stats.values())
-    calls = sum(v[1] for v in stats.stats.values())
-    prims = sum(v[0] for v in stats.stats.values())
-    shown = rows if limit <= 0 else rows[:limit]
-    lines = [
-        f"total {total:.3f} CPU seconds, {calls} calls ({prims} primitive), "
-        f"{len(rows)} functions",
-        f"ordered by {sort}, top {len(shown)}",
-        "",
-        f"{'ncalls':>12} {'tottime':>9} {'percall':>9} {'cumtime':>9} {'percall':>9} {'%own':>6}"
-        "  filename:lineno(function)",
-    ]
-    for key, (cc, nc, tt, ct, _callers) in shown:
-        ncalls = str(nc) if nc == cc else f"{nc}/{cc}"
-        own_per = f"{tt / nc:9.6f}" if nc else " " * 9
-        cum_per = f"{ct / cc:9.6f}" if cc else " " * 9
-        share = 100.0 * tt / total if total else 0.0
-        lines.append(f"{ncalls:>12} {tt:9.6f} {own_per} {ct:9.6f} {cum_per} {share:5.1f}%"
-                     f"  {_func_label(key)}")
-    return "\n".join(lines) + "\n"
-
-
-# --- callgrind -------------------------------------------------------------------------------
-
-
-def to_callgrind(stats: pstats.Stats) -> str:
-    """``stats`` in the callgrind format that KCachegrind and QCachegrind open.
-
-    Costs are integer microseconds (``events: Microseconds``). Each function has a ``fl=``
-    (file) and ``fn=`` block with its own cost on the line of its definition; each function
-    it called follows as ``cfl=``/``cfn=``/``calls=`` and the inclusive cost of those calls,
-    taken from pstats' callers data. Names use callgrind's ``(id)`` compression.
-    """
-    table = stats.stats
-    # Callers missing from the table (a filtered profile) still need a block of their own.
-    functions = set(table)
-    callees: dict[FuncKey, list[tuple[FuncKey, tuple]]] = {}
-    for callee, (_cc, _nc, _tt, _ct, callers) in table.items():
-        for caller, edge in callers.items():
-            functions.add(caller)
-            callees.setdefault(caller, []).append((callee, edge))
-
-    file_ids: dict[str, int] = {}
-    func_ids: dict[FuncKey, int] = {}
-
-    def file_ref(filename: str) -> str:
-        if filename in file_ids:
-            return f"({file_ids[filename]})"
-        file_ids[filename] = len(file_ids) + 1
-        return f"({file_ids[filename]}) {filename}"
-
-    def func_ref(key: FuncKey) -> str:
-        if key in func_ids:
-            return f"({func_ids[key]})"
-        func_ids[key] = len(func_ids) + 1
-        # The line is part of the name: callgrind tells functions apart by name only, and
-        # two functions of one file may share a name (nested functions, lambdas).
-        name = key[2] if _is_builtin(key) else f"{key[2]}:{key[1]}"
-        return f"({func_ids[key]}) {name}"
-
-    def micros(seconds: float) -> int:
-        return max(0, round(seconds * 1e6))
-
-    body: list[str] = []
-    total = 0
-    for key in sorted(functions):
-        own = micros(table[key][2]) if key in table else 0
-        total += own
-        body.append(f"fl={file_ref(key[0])}")
-        body.append(f"fn={func_ref(key)}")
-        body.append(f"{key[1]} {own}")
-        for callee, edge in sorted(callees.get(key, ())):
-            body.append(f"cfl={file_ref(callee[0])}")
-            body.append(f"cfn={func_ref(callee)}")
-            body.append(f"calls={max(1, int(edge[0]))} {callee[1]}")
-            body.append(f"{key[1]} {micros(edge[3])}")
-        body.append("")
-    header = [
-        "# callgrind format",
-        "version: 1",
-        "creator: bigexec.profiling",
-        "positions: line",
-        "events: Microseconds",
-        f"summary: {total}",
-        "",
-    ]
-    return "\n".join(header + body)
-
-
-# --- collapsed stacks ----------------------------------------------------------------------
-
-
-def merge_collapsed(profiles: Sequence[dict[str, int]]) -> dict[str, int]:
-    """Add stack samples together: the count of each stack is the sum over ``profiles``."""
-    total: Counter[str] = Counter()
-    for profile in profiles:
-        total.update(profile)
-    return dict(total)
-
-
-def collapsed_text(counts: dict[str, int]) -> str:
-    """Stack counts as ``stack count`` lines sorted by stack: flamegraph.pl and speedscope input.
-    """
-    return "".join(f"{stack} {n}\n" for stack, n in sorted(counts.items()) if n > 0)
