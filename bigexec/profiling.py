@@ -1,18 +1,15 @@
-"""Profiling of the current process: CPU profiles, stack samples and thread dumps.
+"""The CPU profile of the current process: yappi, with the frames it cannot see booked anyway.
 
-The functions here look at *this* process only; the Supervisor calls them on each machine and
-the driver merges the results.
+:func:`cpu_profile` runs yappi (CPU or wall clock, every thread) for a while and returns the
+profile in the ``pstats`` file format; the Supervisor calls it on each machine and the driver
+merges the results (:func:`bigexec.profile_formats.merge_pstats`).
 
-- :func:`cpu_profile` runs yappi (CPU clock, every thread) for a while and returns the profile
-  in the ``pstats`` file format. :func:`merge_pstats`, :func:`pstats_bytes`, :func:`to_text`
-  and :func:`to_callgrind` combine and render such profiles.
-- :func:`sample_stacks` is a sampling profiler whose output (:func:`collapsed_text`) is what
-  ``flamegraph.pl`` and speedscope read; :func:`merge_collapsed` adds samples together.
-- :func:`thread_stacks` is a dump of every thread's stack.
-
-:func:`sample_stacks` and :func:`thread_stacks` live in :mod:`bigexec.stacks`, the merging
-and rendering functions (and ``FuncKey``) in :mod:`bigexec.profile_formats`; they are
-re-exported here so that ``bigexec.profiling.<name>`` keeps working.
+This module also re-exports, so that ``bigexec.profiling.<name>`` keeps working for every
+name it has always had: the merging and rendering of profiles (:func:`merge_pstats`,
+:func:`pstats_bytes`, :func:`to_text`, :func:`to_callgrind`, :func:`merge_collapsed`,
+:func:`collapsed_text`, ``FuncKey``) from :mod:`bigexec.profile_formats`, and the stack
+sampler and thread dump (:func:`sample_stacks`, :func:`thread_stacks`) from
+:mod:`bigexec.stacks`.
 
 yappi alone gets two things wrong for the main use case, code that is *already running* when
 the profile starts (a service method in a server thread): it never hears of frames entered
@@ -27,31 +24,44 @@ a frame still running at ``yappi.stop()`` gets nothing. :func:`cpu_profile` ther
 3. books whatever yappi could not see (a loop that makes no call at all, a thread blocked at
    the end) from per-thread clocks: the time a thread used in the window minus what yappi
    booked for it goes to the frames that thread was running.
+
+One profile's data crosses threads through its :class:`_Session`::
+
+    profiling thread (cpu_profile)              every profiled thread (yappi's tag callback)
+    begin: clocks, who is alive
+    yappi.start ───────────────────────────────> first call event: _seed (seeded[ident])
+      ... the window ...
+    flush: flushing = True ────────────────────> next call event: _flush (flushed[ident]),
+      waits for the busy threads                  then drops its profile hook
+    yappi.stop, end: clocks, stop frames
+    collect: yappi's stats + seeded/flushed/clocks -> one pstats table
 """
 
 from __future__ import annotations
 
 import dis
 import marshal
-import re
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from types import CodeType, FrameType
+from typing import NamedTuple
 
-import yappi
+# yappi ships no type hints and has no stub package: its objects are Any here.
+import yappi  # type: ignore[import-untyped]
 
 from .profile_formats import (
     FuncKey,
+    StatsTable,
     collapsed_text,
-    is_builtin,
     merge_collapsed,
     merge_pstats,
     pstats_bytes,
     to_callgrind,
     to_text,
 )
+from .profile_graph import CallGraph, StackFrame
 from .stacks import sample_stacks, thread_stacks
 from .thread_clocks import ThreadClock, thread_cpu_times
 
@@ -91,17 +101,14 @@ _FLUSH_IDLE_POLLS = 4
 # Unbooked time below this is clock noise, not a frame yappi missed.
 _GAP_MIN = 0.001
 
+# yappi's C hook, which takes (frame, event, arg) like a sys.setprofile function: calling it
+# by hand is how frames yappi never saw enter or leave are pushed and popped.
+_ProfileEvent = Callable[[FrameType, str, object], None]
 _yappi_c = getattr(yappi, "_yappi", None)
-_profile_event: Callable[[FrameType, str, object], None] | None = getattr(
-    _yappi_c, "_profile_event", None
-)
+_profile_event: _ProfileEvent | None = getattr(_yappi_c, "_profile_event", None)
 _YAPPI_FILE = getattr(yappi, "__file__", None) or "yappi.py"
 _MISSING = object()
 _get_ident = threading.get_ident
-
-# yappi names some C methods after the Python function they shadow, address included
-# ("<function Random.seed at 0x7f...>"): no two processes would agree on that key.
-_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 
 # Opcodes at which a frame sits while it calls a C function. A "c_call" event comes from such
 # an instruction of the calling frame; a "call" event comes from the first instruction of the
@@ -118,7 +125,7 @@ def _clock_now(clock: str) -> float:
     return time.thread_time() if clock == "cpu" else time.perf_counter()
 
 
-# --- CPU profile -----------------------------------------------------------------------------
+# --- the profile -----------------------------------------------------------------------------
 
 
 def cpu_profile(
@@ -184,19 +191,31 @@ def _run_profile(seconds: float, stop: threading.Event | None, builtins: bool,
     session.flush()
     yappi.stop()
     session.end()
-    graph = session.collect(keep_builtins=builtins)
-    return marshal.dumps(_freeze(graph))
+    return marshal.dumps(session.collect(keep_builtins=builtins))
+
+
+class _Seed(NamedTuple):
+    """A thread's seeding: when it happened (on yappi's clock) and the frames it pushed."""
+
+    at: float
+    codes: list[FuncKey]  # outermost first, as (filename, first line, name)
 
 
 class _Session:
-    """The state of one cpu_profile call, shared with yappi's tag callback."""
+    """The state of one cpu_profile call, shared with yappi's tag callback.
+
+    Each profiled thread goes, in its own tag callback, from unseen to ``seeded`` (its first
+    call event in the window) and, once ``flushing`` is set, to ``flushed`` (its next call
+    event); a thread blocked from start to end stays unseen. The profiling thread writes
+    ``flushing`` and reads the two dicts; each thread writes only its own ident's entries.
+    """
 
     def __init__(self, clock: str) -> None:
         self.clock = clock
         self.profiler = threading.get_ident()
         self.flushing = False
-        self.seeded: dict[int, tuple[float, list[tuple[str, int, str]]]] = {}
-        self.flushed: dict[int, float] = {}
+        self.seeded: dict[int, _Seed] = {}
+        self.flushed: dict[int, float] = {}  # ident -> when, on yappi's clock
         self.start: dict[int, ThreadClock] = {}
         self.stop: dict[int, ThreadClock] = {}
         self.stop_frames: dict[int, FrameType] = {}
@@ -237,7 +256,7 @@ class _Session:
 
     def _live_stack(self) -> list[FrameType]:
         """The frames running in this thread at the current call event, outermost first."""
-        frame = sys._getframe(1)
+        frame: FrameType | None = sys._getframe(1)
         # Skip this callback and yappi's Python-level hook (new threads' first event).
         while frame is not None and (frame.f_code in self._own_code
                                      or frame.f_code.co_filename == _YAPPI_FILE):
@@ -258,8 +277,9 @@ class _Session:
 
     def _seed(self, ident: int) -> None:
         # Mark first: the events below re-enter this callback.
-        self.seeded[ident] = (_clock_now(self.clock), [])
-        if _profile_event is None:
+        self.seeded[ident] = _Seed(_clock_now(self.clock), [])
+        event = _profile_event
+        if event is None:
             return
         try:
             stack = self._live_stack()
@@ -274,12 +294,12 @@ class _Session:
                 except Exception:  # noqa: BLE001 - the frame still has to be pushed
                     pass
             if owner is _MISSING:
-                _push_function(frame)
+                _push_function(event, frame)
             else:
-                _push_method(frame, owner)
+                _push_method(event, frame, owner)
         codes = [(f.f_code.co_filename, f.f_code.co_firstlineno, f.f_code.co_name)
                  for f in stack]
-        self.seeded[ident] = (self.seeded[ident][0], codes)
+        self.seeded[ident] = self.seeded[ident]._replace(codes=codes)
 
     def _flush(self, ident: int) -> None:
         self.flushed[ident] = _clock_now(self.clock)
@@ -318,33 +338,28 @@ class _Session:
             if idle_polls >= _FLUSH_IDLE_POLLS:
                 return
 
-    def collect(self, keep_builtins: bool) -> dict[FuncKey, list]:
-        """The profile of every thread but the profiler's, as one pstats-like graph."""
-        merged: dict[FuncKey, list] = {}
+    def collect(self, keep_builtins: bool) -> StatsTable:
+        """The profile of every thread but the profiler's, as one pstats table."""
+        graph = CallGraph()
         booked: dict[int, float] = {}
         for ctx in yappi.get_thread_stats():
             if ctx.tid == self.profiler:
                 continue
-            graph = _ctx_graph(yappi.get_func_stats(filter={"ctx_id": ctx.id}))
-            booked[ctx.tid] = booked.get(ctx.tid, 0.0) + sum(e[2] for e in graph.values())
-            if not keep_builtins:
-                _fold_builtins(graph)
-            _add_graph(merged, graph)
-        index: dict[tuple[str, int], list[str]] = {}
-        for filename, line, name in merged:
-            index.setdefault((filename, line), []).append(name)
-        for chain, seconds in self._gaps(booked):
-            _charge(merged, index, chain, seconds)
-        return merged
+            seconds = graph.add_thread(yappi.get_func_stats(filter={"ctx_id": ctx.id}),
+                                       keep_builtins)
+            booked[ctx.tid] = booked.get(ctx.tid, 0.0) + seconds
+        for stack, seconds in self._gaps(booked):
+            graph.charge(stack, seconds)
+        return graph.table()
 
-    def _gaps(self, booked: dict[int, float]) -> Iterator[tuple[list, float]]:
+    def _gaps(self, booked: dict[int, float]) -> Iterator[tuple[list[StackFrame], float]]:
         """(frames, seconds) for the time each thread used in the window that yappi missed."""
         for ident, frame in self.stop_frames.items():
             if ident == self.profiler or ident not in self.stop:
                 continue
             native, end = self.stop[ident]
-            if ident in self.start and self.start[ident][0] == native:
-                begin = self.start[ident][1]
+            if ident in self.start and self.start[ident].native_id == native:
+                begin = self.start[ident].seconds
             elif self.clock == "cpu" and ident not in self.alive_at_start:
                 begin = 0.0  # started during the window: all its CPU time is in it
             else:
@@ -354,10 +369,10 @@ class _Session:
             pre = 0.0
             if ident in self.seeded:
                 # Before its first call event the thread ran in the frames it was seeded with.
-                seeded_at, codes = self.seeded[ident]
-                pre = max(0.0, seeded_at - begin)
-                if pre >= _GAP_MIN and codes:
-                    yield [(c, None) for c in codes], pre
+                seed = self.seeded[ident]
+                pre = max(0.0, seed.at - begin)
+                if pre >= _GAP_MIN and seed.codes:
+                    yield [StackFrame(c, None) for c in seed.codes], pre
             rest = end - begin - pre - booked.get(ident, 0.0)
             if rest >= _GAP_MIN and ident not in self.flushed:
                 # Frames yappi never saw finish: a loop without calls, a blocked thread.
@@ -365,7 +380,8 @@ class _Session:
                 f: FrameType | None = frame
                 while f is not None:
                     code = f.f_code
-                    chain.append(((code.co_filename, code.co_firstlineno, code.co_name), f))
+                    key = (code.co_filename, code.co_firstlineno, code.co_name)
+                    chain.append(StackFrame(key, f))
                     f = f.f_back
                 chain.reverse()
                 yield chain, rest
@@ -375,122 +391,9 @@ class _Session:
 # locals of the frame running when the event arrives. For a real event that is the frame being
 # entered; for an event sent by _Session._seed it is the sender's frame. Hence two senders: one
 # whose own ``self`` is the seeded frame's ``self``, one without a ``self`` at all.
-def _push_method(frame: FrameType, self: object) -> None:
-    _profile_event(frame, "call", None)
+def _push_method(event: _ProfileEvent, frame: FrameType, self: object) -> None:
+    event(frame, "call", None)
 
 
-def _push_function(frame: FrameType) -> None:
-    _profile_event(frame, "call", None)
-
-
-def _stat_key(stat) -> FuncKey:
-    """The pstats key of a yappi function (or child) stat."""
-    if stat.builtin:
-        name = _ADDRESS.sub("", stat.name)
-        if not name.startswith("<"):
-            name = f"<built-in method {stat.module}.{name}>"
-        return ("~", 0, name)
-    return (stat.module, stat.lineno, stat.name)
-
-
-def _ctx_graph(stats) -> dict[FuncKey, list]:
-    """One thread's yappi stats as ``{key: [cc, nc, tt, ct, {caller: [nc, cc, tt, ct]}]}``."""
-    graph: dict[FuncKey, list] = {}
-    for fs in stats:
-        entry = graph.setdefault(_stat_key(fs), [0, 0, 0.0, 0.0, {}])
-        # yappi counts no finished call (nactualcall 0) for a frame booked only by a flush or
-        # still running; it is one call all the same.
-        entry[0] += fs.nactualcall or fs.ncall
-        entry[1] += fs.ncall
-        entry[2] += fs.tsub
-        entry[3] += fs.ttot
-    for fs in stats:
-        caller = _stat_key(fs)
-        for child in fs.children:
-            callee = graph.get(_stat_key(child))
-            if callee is None:
-                continue
-            edge = callee[4].setdefault(caller, [0, 0, 0.0, 0.0])
-            edge[0] += child.ncall
-            edge[1] += child.nactualcall or child.ncall
-            edge[2] += child.tsub
-            edge[3] += child.ttot
-    return graph
-
-
-def _fold_builtins(graph: dict[FuncKey, list]) -> None:
-    """Remove C functions, booking their own time to the Python functions that called them."""
-    for bkey in [k for k in graph if is_builtin(k)]:
-        callers = graph.pop(bkey)[4]
-        for ckey, edge in callers.items():
-            if ckey in graph:
-                graph[ckey][2] += edge[2]
-        # Python functions called back by the builtin (a sort key, a property through getattr)
-        # hang from its busiest caller: yappi does not say which caller each callback served.
-        main = max(callers, key=lambda k: (callers[k][0], k)) if callers else None
-        for entry in graph.values():
-            edge = entry[4].pop(bkey, None)
-            if edge is None or main is None or main not in graph:
-                continue
-            target = entry[4].setdefault(main, [0, 0, 0.0, 0.0])
-            for i in range(4):
-                target[i] += edge[i]
-
-
-def _add_graph(dst: dict[FuncKey, list], src: dict[FuncKey, list]) -> None:
-    for key, (cc, nc, tt, ct, callers) in src.items():
-        entry = dst.setdefault(key, [0, 0, 0.0, 0.0, {}])
-        entry[0] += cc
-        entry[1] += nc
-        entry[2] += tt
-        entry[3] += ct
-        for ckey, edge in callers.items():
-            target = entry[4].setdefault(ckey, [0, 0, 0.0, 0.0])
-            for i in range(4):
-                target[i] += edge[i]
-
-
-def _resolve(index: dict[tuple[str, int], list[str]], code_key: tuple[str, int, str],
-             frame: FrameType | None) -> FuncKey:
-    """The graph's key for a frame's function: yappi names methods ``Class.method``."""
-    filename, line, name = code_key
-    for known in index.get((filename, line), ()):
-        if known == name or known.endswith("." + name):
-            return (filename, line, known)
-    if frame is not None and frame.f_code.co_argcount and frame.f_code.co_varnames[0] == "self":
-        try:
-            owner = frame.f_locals["self"]
-            return (filename, line, f"{type(owner).__name__}.{name}")
-        except Exception:  # noqa: BLE001 - any odd object: fall back to the plain name
-            pass
-    return (filename, line, name)
-
-
-def _charge(graph: dict[FuncKey, list], index: dict[tuple[str, int], list[str]], chain: list,
-            seconds: float) -> None:
-    """Book ``seconds`` of self time to the last frame of ``chain`` (outermost first)."""
-    keys = [_resolve(index, code_key, frame) for code_key, frame in chain]
-    seen: set[FuncKey] = set()
-    for i, key in enumerate(keys):
-        if key not in graph:
-            # A frame in flight is one call of its function.
-            graph[key] = [1, 1, 0.0, 0.0, {}]
-            index.setdefault(key[:2], []).append(key[2])
-        entry = graph[key]
-        innermost = i == len(keys) - 1
-        if innermost:
-            entry[2] += seconds
-        if key not in seen:  # recursion: count inclusive time once, like pstats
-            entry[3] += seconds
-        if i:
-            edge = entry[4].setdefault(keys[i - 1], [1, 1, 0.0, 0.0])
-            if innermost:
-                edge[2] += seconds
-            if key not in seen:
-                edge[3] += seconds
-        seen.add(key)
-
-
-def _freeze(graph: dict[FuncKey, list]) -> dict:
-    return {key: (cc, nc, tt, ct, {c: tuple(e) for c, e in callers.items()})
-            for key, (cc, nc, tt, ct, callers) in graph.items()}
+def _push_function(event: _ProfileEvent, frame: FrameType) -> None:
+    event(frame, "call", None)
