@@ -9,7 +9,7 @@ callers when asked), takes the time yappi missed as extra samples of whole stack
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any, NamedTuple
@@ -78,8 +78,9 @@ class CallGraph:
         # frame's plain name is matched to yappi's "Class.method" through it.
         self._index: dict[tuple[str, int], list[str]] = {}
 
-    def add_thread(self, func_stats: Iterable[Any], keep_builtins: bool) -> float:
-        """Add one thread's yappi function stats; returns the own time they book, in seconds.
+    def add_thread(self, func_stats: Collection[Any], keep_builtins: bool) -> float:
+        """Add one thread's yappi function stats (a ``YFuncStats``, read twice); returns the own
+        time they book, in seconds.
 
         The returned time counts C functions even when ``keep_builtins`` is false and they are
         folded into their callers: it is what yappi booked for the thread.
@@ -151,7 +152,7 @@ def _stat_key(stat: Any) -> FuncKey:
     return (stat.module, stat.lineno, stat.name)
 
 
-def _thread_graph(func_stats: Iterable[Any]) -> dict[FuncKey, _Row]:
+def _thread_graph(func_stats: Collection[Any]) -> dict[FuncKey, _Row]:
     """One thread's yappi stats as ``{key: row}``."""
     graph: dict[FuncKey, _Row] = {}
     for fs in func_stats:
