@@ -1,14 +1,15 @@
-"""Profiling of the current process: CPU profiles, stack samples and thread dumps.
+"""The CPU profile of the current process: yappi, with the frames it cannot see booked anyway.
 
-The functions here look at *this* process only; the Supervisor calls them on each machine and
-the driver merges the results.
+:func:`cpu_profile` runs yappi (CPU or wall clock, every thread) for a while and returns the
+profile in the ``pstats`` file format; the Supervisor calls it on each machine and the driver
+merges the results (:func:`bigexec.profile_formats.merge_pstats`).
 
-- :func:`cpu_profile` runs yappi (CPU clock, every thread) for a while and returns the profile
-  in the ``pstats`` file format. :func:`merge_pstats`, :func:`pstats_bytes`, :func:`to_text`
-  and :func:`to_callgrind` combine and render such profiles.
-- :func:`sample_stacks` is a sampling profiler whose output (:func:`collapsed_text`) is what
-  ``flamegraph.pl`` and speedscope read; :func:`merge_collapsed` adds samples together.
-- :func:`thread_stacks` is a dump of every thread's stack.
+This module also re-exports, so that ``bigexec.profiling.<name>`` keeps working for every
+name it has always had: the merging and rendering of profiles (:func:`merge_pstats`,
+:func:`pstats_bytes`, :func:`to_text`, :func:`to_callgrind`, :func:`merge_collapsed`,
+:func:`collapsed_text`, ``FuncKey``) from :mod:`bigexec.profile_formats`, and the stack
+sampler and thread dump (:func:`sample_stacks`, :func:`thread_stacks`) from
+:mod:`bigexec.stacks`.
 
 yappi alone gets two things wrong for the main use case, code that is *already running* when
 the profile starts (a service method in a server thread): it never hears of frames entered
@@ -23,28 +24,49 @@ a frame still running at ``yappi.stop()`` gets nothing. :func:`cpu_profile` ther
 3. books whatever yappi could not see (a loop that makes no call at all, a thread blocked at
    the end) from per-thread clocks: the time a thread used in the window minus what yappi
    booked for it goes to the frames that thread was running.
+
+One profile's data crosses threads through its :class:`_Session`::
+
+    profiling thread (cpu_profile)              every profiled thread (yappi's tag callback)
+    begin: clocks, who is alive
+    yappi.start ───────────────────────────────> first call event: _seed (seeded[ident])
+      ... the window ...
+    flush: flushing = True ────────────────────> next call event: _flush (flushed[ident]),
+      waits for the busy threads                  then drops its profile hook
+    yappi.stop, end: clocks, stop frames
+    collect: yappi's stats + seeded/flushed/clocks -> one pstats table
 """
 
 from __future__ import annotations
 
 import dis
 import marshal
-import os
-import pstats
-import random
-import re
 import sys
 import threading
 import time
-import traceback
-from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from types import CodeType, FrameType
+from typing import NamedTuple
 
-import psutil
-import yappi
+# yappi ships no type hints and has no stub package: its objects are Any here.
+import yappi  # type: ignore[import-untyped]
+
+from .profile_formats import (
+    FuncKey,
+    StatsTable,
+    collapsed_text,
+    merge_collapsed,
+    merge_pstats,
+    pstats_bytes,
+    to_callgrind,
+    to_text,
+)
+from .profile_graph import CallGraph, StackFrame
+from .stacks import sample_stacks, thread_stacks
+from .thread_clocks import ThreadClock, thread_cpu_times
 
 __all__ = [
+    "FuncKey",
     "ProfileBusy",
     "collapsed_text",
     "cpu_profile",
@@ -56,10 +78,6 @@ __all__ = [
     "to_callgrind",
     "to_text",
 ]
-
-# (filename, first line, function name): the key of a function in a pstats dict. Builtins are
-# ("~", 0, "<built-in method ...>"), as cProfile writes them.
-FuncKey = tuple[str, int, str]
 
 _BUSY = "a CPU profile is already running in this process"
 
@@ -83,17 +101,14 @@ _FLUSH_IDLE_POLLS = 4
 # Unbooked time below this is clock noise, not a frame yappi missed.
 _GAP_MIN = 0.001
 
+# yappi's C hook, which takes (frame, event, arg) like a sys.setprofile function: calling it
+# by hand is how frames yappi never saw enter or leave are pushed and popped.
+_ProfileEvent = Callable[[FrameType, str, object], None]
 _yappi_c = getattr(yappi, "_yappi", None)
-_profile_event: Callable[[FrameType, str, object], None] | None = getattr(
-    _yappi_c, "_profile_event", None
-)
+_profile_event: _ProfileEvent | None = getattr(_yappi_c, "_profile_event", None)
 _YAPPI_FILE = getattr(yappi, "__file__", None) or "yappi.py"
 _MISSING = object()
 _get_ident = threading.get_ident
-
-# yappi names some C methods after the Python function they shadow, address included
-# ("<function Random.seed at 0x7f...>"): no two processes would agree on that key.
-_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 
 # Opcodes at which a frame sits while it calls a C function. A "c_call" event comes from such
 # an instruction of the calling frame; a "call" event comes from the first instruction of the
@@ -105,61 +120,12 @@ _CALL_OPCODES = frozenset(
 )
 
 
-# --- per-thread clocks -----------------------------------------------------------------------
-
-_linux_clocks: bool | None = None
-
-
-def _linux_thread_clock(native_id: int) -> int:
-    # Linux names the CPU clock of thread `tid` as ~tid << 3 | PERTHREAD(4) | SCHED(2), the
-    # encoding glibc's pthread_getcpuclockid uses. Going through the native id rather than
-    # time.pthread_getcpuclockid(ident) matters: the latter reads the pthread struct, which
-    # may be gone once a detached thread has exited, while a stale tid is a clean EINVAL.
-    return (~native_id << 3) | 6
-
-
-def _use_linux_clocks() -> bool:
-    global _linux_clocks
-    if _linux_clocks is None:
-        try:
-            time.clock_gettime_ns(_linux_thread_clock(threading.get_native_id()))
-            _linux_clocks = True
-        except (OSError, OverflowError, AttributeError):
-            _linux_clocks = False
-    return _linux_clocks
-
-
-def _thread_cpu_times() -> dict[int, tuple[int, float]]:
-    """CPU seconds used so far by each thread, as ``{ident: (native_id, seconds)}``."""
-    natives = {t.ident: t.native_id for t in threading.enumerate()
-               if t.ident is not None and t.native_id is not None}
-    times: dict[int, tuple[int, float]] = {}
-    if _use_linux_clocks():
-        # Nanosecond clocks, a fraction of a microsecond each. /proc and psutil only count
-        # whole scheduler ticks (10 ms), coarser than a 5 ms sampling interval, and psutil
-        # reads every thread's stat file each time (milliseconds for one snapshot).
-        for ident, native in natives.items():
-            try:
-                times[ident] = (native, time.clock_gettime_ns(_linux_thread_clock(native)) / 1e9)
-            except OSError:
-                pass  # the thread has just exited
-        return times
-    try:
-        by_tid = {t.id: t.user_time + t.system_time for t in psutil.Process().threads()}
-    except (psutil.Error, OSError):
-        return times
-    for ident, native in natives.items():
-        if native in by_tid:
-            times[ident] = (native, by_tid[native])
-    return times
-
-
 def _clock_now(clock: str) -> float:
     """The calling thread's time on yappi's clock."""
     return time.thread_time() if clock == "cpu" else time.perf_counter()
 
 
-# --- CPU profile -----------------------------------------------------------------------------
+# --- the profile -----------------------------------------------------------------------------
 
 
 def cpu_profile(
@@ -225,21 +191,33 @@ def _run_profile(seconds: float, stop: threading.Event | None, builtins: bool,
     session.flush()
     yappi.stop()
     session.end()
-    graph = session.collect(keep_builtins=builtins)
-    return marshal.dumps(_freeze(graph))
+    return marshal.dumps(session.collect(keep_builtins=builtins))
+
+
+class _Seed(NamedTuple):
+    """A thread's seeding: when it happened (on yappi's clock) and the frames it pushed."""
+
+    at: float
+    codes: list[FuncKey]  # outermost first, as (filename, first line, name)
 
 
 class _Session:
-    """The state of one cpu_profile call, shared with yappi's tag callback."""
+    """The state of one cpu_profile call, shared with yappi's tag callback.
+
+    Each profiled thread goes, in its own tag callback, from unseen to ``seeded`` (its first
+    call event in the window) and, once ``flushing`` is set, to ``flushed`` (its next call
+    event); a thread blocked from start to end stays unseen. The profiling thread writes
+    ``flushing`` and reads the two dicts; each thread writes only its own ident's entries.
+    """
 
     def __init__(self, clock: str) -> None:
         self.clock = clock
         self.profiler = threading.get_ident()
         self.flushing = False
-        self.seeded: dict[int, tuple[float, list[tuple[str, int, str]]]] = {}
-        self.flushed: dict[int, float] = {}
-        self.start: dict[int, tuple[int, float]] = {}
-        self.stop: dict[int, tuple[int, float]] = {}
+        self.seeded: dict[int, _Seed] = {}
+        self.flushed: dict[int, float] = {}  # ident -> when, on yappi's clock
+        self.start: dict[int, ThreadClock] = {}
+        self.stop: dict[int, ThreadClock] = {}
         self.stop_frames: dict[int, FrameType] = {}
         self.alive_at_start: set[int] = set()
         self._own_code: frozenset[CodeType] = frozenset(
@@ -247,11 +225,11 @@ class _Session:
              self._live_stack.__code__}
         )
 
-    def _clocks(self) -> dict[int, tuple[int, float]]:
+    def _clocks(self) -> dict[int, ThreadClock]:
         if self.clock == "cpu":
-            return _thread_cpu_times()
+            return thread_cpu_times()
         now = time.perf_counter()
-        return {t.ident: (t.native_id or 0, now)
+        return {t.ident: ThreadClock(t.native_id or 0, now)
                 for t in threading.enumerate() if t.ident is not None}
 
     def begin(self) -> None:
@@ -278,7 +256,7 @@ class _Session:
 
     def _live_stack(self) -> list[FrameType]:
         """The frames running in this thread at the current call event, outermost first."""
-        frame = sys._getframe(1)
+        frame: FrameType | None = sys._getframe(1)
         # Skip this callback and yappi's Python-level hook (new threads' first event).
         while frame is not None and (frame.f_code in self._own_code
                                      or frame.f_code.co_filename == _YAPPI_FILE):
@@ -299,8 +277,9 @@ class _Session:
 
     def _seed(self, ident: int) -> None:
         # Mark first: the events below re-enter this callback.
-        self.seeded[ident] = (_clock_now(self.clock), [])
-        if _profile_event is None:
+        self.seeded[ident] = _Seed(_clock_now(self.clock), [])
+        event = _profile_event
+        if event is None:
             return
         try:
             stack = self._live_stack()
@@ -315,12 +294,12 @@ class _Session:
                 except Exception:  # noqa: BLE001 - the frame still has to be pushed
                     pass
             if owner is _MISSING:
-                _push_function(frame)
+                _push_function(event, frame)
             else:
-                _push_method(frame, owner)
+                _push_method(event, frame, owner)
         codes = [(f.f_code.co_filename, f.f_code.co_firstlineno, f.f_code.co_name)
                  for f in stack]
-        self.seeded[ident] = (self.seeded[ident][0], codes)
+        self.seeded[ident] = self.seeded[ident]._replace(codes=codes)
 
     def _flush(self, ident: int) -> None:
         self.flushed[ident] = _clock_now(self.clock)
@@ -341,7 +320,7 @@ class _Session:
         self.flushing = True
         deadline = time.monotonic() + _FLUSH_MAX_WAIT
         idle_polls = 0
-        last: dict[int, tuple[int, float]] = {}
+        last: dict[int, ThreadClock] = {}
         while time.monotonic() < deadline:
             time.sleep(_FLUSH_POLL)
             alive = sys._current_frames()
@@ -352,40 +331,35 @@ class _Session:
                 # Blocked threads answer at their next call, which may never come; a wall
                 # profile books their time from the stop stacks instead.
                 continue
-            now = _thread_cpu_times()
+            now = thread_cpu_times()
             moved = any(now.get(i) != last.get(i) for i in pending)
             last = now
             idle_polls = 0 if moved else idle_polls + 1
             if idle_polls >= _FLUSH_IDLE_POLLS:
                 return
 
-    def collect(self, keep_builtins: bool) -> dict[FuncKey, list]:
-        """The profile of every thread but the profiler's, as one pstats-like graph."""
-        merged: dict[FuncKey, list] = {}
+    def collect(self, keep_builtins: bool) -> StatsTable:
+        """The profile of every thread but the profiler's, as one pstats table."""
+        graph = CallGraph()
         booked: dict[int, float] = {}
         for ctx in yappi.get_thread_stats():
             if ctx.tid == self.profiler:
                 continue
-            graph = _ctx_graph(yappi.get_func_stats(filter={"ctx_id": ctx.id}))
-            booked[ctx.tid] = booked.get(ctx.tid, 0.0) + sum(e[2] for e in graph.values())
-            if not keep_builtins:
-                _fold_builtins(graph)
-            _add_graph(merged, graph)
-        index: dict[tuple[str, int], list[str]] = {}
-        for filename, line, name in merged:
-            index.setdefault((filename, line), []).append(name)
-        for chain, seconds in self._gaps(booked):
-            _charge(merged, index, chain, seconds)
-        return merged
+            seconds = graph.add_thread(yappi.get_func_stats(filter={"ctx_id": ctx.id}),
+                                       keep_builtins)
+            booked[ctx.tid] = booked.get(ctx.tid, 0.0) + seconds
+        for stack, seconds in self._gaps(booked):
+            graph.charge(stack, seconds)
+        return graph.table()
 
-    def _gaps(self, booked: dict[int, float]) -> Iterator[tuple[list, float]]:
+    def _gaps(self, booked: dict[int, float]) -> Iterator[tuple[list[StackFrame], float]]:
         """(frames, seconds) for the time each thread used in the window that yappi missed."""
         for ident, frame in self.stop_frames.items():
             if ident == self.profiler or ident not in self.stop:
                 continue
             native, end = self.stop[ident]
-            if ident in self.start and self.start[ident][0] == native:
-                begin = self.start[ident][1]
+            if ident in self.start and self.start[ident].native_id == native:
+                begin = self.start[ident].seconds
             elif self.clock == "cpu" and ident not in self.alive_at_start:
                 begin = 0.0  # started during the window: all its CPU time is in it
             else:
@@ -395,10 +369,10 @@ class _Session:
             pre = 0.0
             if ident in self.seeded:
                 # Before its first call event the thread ran in the frames it was seeded with.
-                seeded_at, codes = self.seeded[ident]
-                pre = max(0.0, seeded_at - begin)
-                if pre >= _GAP_MIN and codes:
-                    yield [(c, None) for c in codes], pre
+                seed = self.seeded[ident]
+                pre = max(0.0, seed.at - begin)
+                if pre >= _GAP_MIN and seed.codes:
+                    yield [StackFrame(c, None) for c in seed.codes], pre
             rest = end - begin - pre - booked.get(ident, 0.0)
             if rest >= _GAP_MIN and ident not in self.flushed:
                 # Frames yappi never saw finish: a loop without calls, a blocked thread.
@@ -406,7 +380,8 @@ class _Session:
                 f: FrameType | None = frame
                 while f is not None:
                     code = f.f_code
-                    chain.append(((code.co_filename, code.co_firstlineno, code.co_name), f))
+                    key = (code.co_filename, code.co_firstlineno, code.co_name)
+                    chain.append(StackFrame(key, f))
                     f = f.f_back
                 chain.reverse()
                 yield chain, rest
@@ -416,446 +391,9 @@ class _Session:
 # locals of the frame running when the event arrives. For a real event that is the frame being
 # entered; for an event sent by _Session._seed it is the sender's frame. Hence two senders: one
 # whose own ``self`` is the seeded frame's ``self``, one without a ``self`` at all.
-def _push_method(frame: FrameType, self: object) -> None:
-    _profile_event(frame, "call", None)
+def _push_method(event: _ProfileEvent, frame: FrameType, self: object) -> None:
+    event(frame, "call", None)
 
 
-def _push_function(frame: FrameType) -> None:
-    _profile_event(frame, "call", None)
-
-
-def _stat_key(stat) -> FuncKey:
-    """The pstats key of a yappi function (or child) stat."""
-    if stat.builtin:
-        name = _ADDRESS.sub("", stat.name)
-        if not name.startswith("<"):
-            name = f"<built-in method {stat.module}.{name}>"
-        return ("~", 0, name)
-    return (stat.module, stat.lineno, stat.name)
-
-
-def _ctx_graph(stats) -> dict[FuncKey, list]:
-    """One thread's yappi stats as ``{key: [cc, nc, tt, ct, {caller: [nc, cc, tt, ct]}]}``."""
-    graph: dict[FuncKey, list] = {}
-    for fs in stats:
-        entry = graph.setdefault(_stat_key(fs), [0, 0, 0.0, 0.0, {}])
-        # yappi counts no finished call (nactualcall 0) for a frame booked only by a flush or
-        # still running; it is one call all the same.
-        entry[0] += fs.nactualcall or fs.ncall
-        entry[1] += fs.ncall
-        entry[2] += fs.tsub
-        entry[3] += fs.ttot
-    for fs in stats:
-        caller = _stat_key(fs)
-        for child in fs.children:
-            callee = graph.get(_stat_key(child))
-            if callee is None:
-                continue
-            edge = callee[4].setdefault(caller, [0, 0, 0.0, 0.0])
-            edge[0] += child.ncall
-            edge[1] += child.nactualcall or child.ncall
-            edge[2] += child.tsub
-            edge[3] += child.ttot
-    return graph
-
-
-def _is_builtin(key: FuncKey) -> bool:
-    return key[0] == "~" and key[1] == 0
-
-
-def _fold_builtins(graph: dict[FuncKey, list]) -> None:
-    """Remove C functions, booking their own time to the Python functions that called them."""
-    for bkey in [k for k in graph if _is_builtin(k)]:
-        callers = graph.pop(bkey)[4]
-        for ckey, edge in callers.items():
-            if ckey in graph:
-                graph[ckey][2] += edge[2]
-        # Python functions called back by the builtin (a sort key, a property through getattr)
-        # hang from its busiest caller: yappi does not say which caller each callback served.
-        main = max(callers, key=lambda k: (callers[k][0], k)) if callers else None
-        for entry in graph.values():
-            edge = entry[4].pop(bkey, None)
-            if edge is None or main is None or main not in graph:
-                continue
-            target = entry[4].setdefault(main, [0, 0, 0.0, 0.0])
-            for i in range(4):
-                target[i] += edge[i]
-
-
-def _add_graph(dst: dict[FuncKey, list], src: dict[FuncKey, list]) -> None:
-    for key, (cc, nc, tt, ct, callers) in src.items():
-        entry = dst.setdefault(key, [0, 0, 0.0, 0.0, {}])
-        entry[0] += cc
-        entry[1] += nc
-        entry[2] += tt
-        entry[3] += ct
-        for ckey, edge in callers.items():
-            target = entry[4].setdefault(ckey, [0, 0, 0.0, 0.0])
-            for i in range(4):
-                target[i] += edge[i]
-
-
-def _resolve(index: dict[tuple[str, int], list[str]], code_key: tuple[str, int, str],
-             frame: FrameType | None) -> FuncKey:
-    """The graph's key for a frame's function: yappi names methods ``Class.method``."""
-    filename, line, name = code_key
-    for known in index.get((filename, line), ()):
-        if known == name or known.endswith("." + name):
-            return (filename, line, known)
-    if frame is not None and frame.f_code.co_argcount and frame.f_code.co_varnames[0] == "self":
-        try:
-            owner = frame.f_locals["self"]
-            return (filename, line, f"{type(owner).__name__}.{name}")
-        except Exception:  # noqa: BLE001 - any odd object: fall back to the plain name
-            pass
-    return (filename, line, name)
-
-
-def _charge(graph: dict[FuncKey, list], index: dict[tuple[str, int], list[str]], chain: list,
-            seconds: float) -> None:
-    """Book ``seconds`` of self time to the last frame of ``chain`` (outermost first)."""
-    keys = [_resolve(index, code_key, frame) for code_key, frame in chain]
-    seen: set[FuncKey] = set()
-    for i, key in enumerate(keys):
-        if key not in graph:
-            # A frame in flight is one call of its function.
-            graph[key] = [1, 1, 0.0, 0.0, {}]
-            index.setdefault(key[:2], []).append(key[2])
-        entry = graph[key]
-        innermost = i == len(keys) - 1
-        if innermost:
-            entry[2] += seconds
-        if key not in seen:  # recursion: count inclusive time once, like pstats
-            entry[3] += seconds
-        if i:
-            edge = entry[4].setdefault(keys[i - 1], [1, 1, 0.0, 0.0])
-            if innermost:
-                edge[2] += seconds
-            if key not in seen:
-                edge[3] += seconds
-        seen.add(key)
-
-
-def _freeze(graph: dict[FuncKey, list]) -> dict:
-    return {key: (cc, nc, tt, ct, {c: tuple(e) for c, e in callers.items()})
-            for key, (cc, nc, tt, ct, callers) in graph.items()}
-
-
-# --- pstats ----------------------------------------------------------------------------------
-
-
-class _Loaded:
-    """What pstats.Stats accepts besides a path: an object with ``create_stats`` and ``stats``."""
-
-    def __init__(self, stats: dict) -> None:
-        self.stats = stats
-
-    def create_stats(self) -> None:
-        pass
-
-
-def _load(blob: bytes) -> dict:
-    try:
-        stats = marshal.loads(blob)
-    except (EOFError, ValueError, TypeError) as e:
-        raise ValueError(f"not a pstats profile: {e}") from None
-    if not isinstance(stats, dict):
-        raise ValueError(f"not a pstats profile: a marshal'd {type(stats).__name__}")
-    return stats
-
-
-def merge_pstats(blobs: Sequence[bytes]) -> pstats.Stats:
-    """Merge profiles in the pstats file format into one Stats.
-
-    Calls and times of the same function (same file, line and name) are summed, as
-    ``pstats.Stats.add`` does. Raises ValueError on an empty sequence or a blob that is not
-    a pstats profile.
-    """
-    if not blobs:
-        raise ValueError("merge_pstats needs at least one profile")
-    merged = pstats.Stats()
-    for blob in blobs:
-        stats = _load(blob)
-        if stats:  # pstats.Stats refuses an empty profile (nothing ran during the window)
-            merged.add(pstats.Stats(_Loaded(stats)))
-    return merged
-
-
-def pstats_bytes(stats: pstats.Stats) -> bytes:
-    """``stats`` in the pstats file format (what ``Stats.dump_stats`` writes), as bytes."""
-    return marshal.dumps(stats.stats)
-
-
-def _func_label(key: FuncKey) -> str:
-    # As pstats prints functions: builtins as {name}, others as file:line(name).
-    filename, line, name = key
-    if _is_builtin(key):
-        if name.startswith("<") and name.endswith(">"):
-            return "{" + name[1:-1] + "}"
-        return name
-    return f"{filename}:{line}({name})"
-
-
-_SORT_COLUMNS = {
-    "tottime": 2, "time": 2,
-    "cumtime": 3, "cumulative": 3,
-    "ncalls": 1, "calls": 1,
-    "pcalls": 0,
-}
-
-
-def to_text(stats: pstats.Stats, limit: int = 30, sort: str = "tottime") -> str:
-    """A plain-text table of the top ``limit`` functions, sorted by ``sort``.
-
-    ``sort`` is ``"tottime"`` (own time), ``"cumtime"`` (time including callees), ``"ncalls"``
-    or ``"pcalls"`` (primitive, i.e. non-recursive, calls); pstats' names ``"time"``,
-    ``"cumulative"`` and ``"calls"`` work too. ``limit <= 0`` lists every function. The first
-    line gives the total CPU seconds of the profile (the sum of the functions' own times).
-    """
-    if sort not in _SORT_COLUMNS:
-        raise ValueError(f"sort must be one of {sorted(_SORT_COLUMNS)}, not {sort!r}")
-    column = _SORT_COLUMNS[sort]
-    rows = sorted(stats.stats.items(), key=lambda kv: (-kv[1][column], _func_label(kv[0])))
-    total = sum(v[2] for v in stats.stats.values())
-    calls = sum(v[1] for v in stats.stats.values())
-    prims = sum(v[0] for v in stats.stats.values())
-    shown = rows if limit <= 0 else rows[:limit]
-    lines = [
-        f"total {total:.3f} CPU seconds, {calls} calls ({prims} primitive), "
-        f"{len(rows)} functions",
-        f"ordered by {sort}, top {len(shown)}",
-        "",
-        f"{'ncalls':>12} {'tottime':>9} {'percall':>9} {'cumtime':>9} {'percall':>9} {'%own':>6}"
-        "  filename:lineno(function)",
-    ]
-    for key, (cc, nc, tt, ct, _callers) in shown:
-        ncalls = str(nc) if nc == cc else f"{nc}/{cc}"
-        own_per = f"{tt / nc:9.6f}" if nc else " " * 9
-        cum_per = f"{ct / cc:9.6f}" if cc else " " * 9
-        share = 100.0 * tt / total if total else 0.0
-        lines.append(f"{ncalls:>12} {tt:9.6f} {own_per} {ct:9.6f} {cum_per} {share:5.1f}%"
-                     f"  {_func_label(key)}")
-    return "\n".join(lines) + "\n"
-
-
-# --- callgrind -------------------------------------------------------------------------------
-
-
-def to_callgrind(stats: pstats.Stats) -> str:
-    """``stats`` in the callgrind format that KCachegrind and QCachegrind open.
-
-    Costs are integer microseconds (``events: Microseconds``). Each function has a ``fl=``
-    (file) and ``fn=`` block with its own cost on the line of its definition; each function
-    it called follows as ``cfl=``/``cfn=``/``calls=`` and the inclusive cost of those calls,
-    taken from pstats' callers data. Names use callgrind's ``(id)`` compression.
-    """
-    table = stats.stats
-    # Callers missing from the table (a filtered profile) still need a block of their own.
-    functions = set(table)
-    callees: dict[FuncKey, list[tuple[FuncKey, tuple]]] = {}
-    for callee, (_cc, _nc, _tt, _ct, callers) in table.items():
-        for caller, edge in callers.items():
-            functions.add(caller)
-            callees.setdefault(caller, []).append((callee, edge))
-
-    file_ids: dict[str, int] = {}
-    func_ids: dict[FuncKey, int] = {}
-
-    def file_ref(filename: str) -> str:
-        if filename in file_ids:
-            return f"({file_ids[filename]})"
-        file_ids[filename] = len(file_ids) + 1
-        return f"({file_ids[filename]}) {filename}"
-
-    def func_ref(key: FuncKey) -> str:
-        if key in func_ids:
-            return f"({func_ids[key]})"
-        func_ids[key] = len(func_ids) + 1
-        # The line is part of the name: callgrind tells functions apart by name only, and
-        # two functions of one file may share a name (nested functions, lambdas).
-        name = key[2] if _is_builtin(key) else f"{key[2]}:{key[1]}"
-        return f"({func_ids[key]}) {name}"
-
-    def micros(seconds: float) -> int:
-        return max(0, round(seconds * 1e6))
-
-    body: list[str] = []
-    total = 0
-    for key in sorted(functions):
-        own = micros(table[key][2]) if key in table else 0
-        total += own
-        body.append(f"fl={file_ref(key[0])}")
-        body.append(f"fn={func_ref(key)}")
-        body.append(f"{key[1]} {own}")
-        for callee, edge in sorted(callees.get(key, ())):
-            body.append(f"cfl={file_ref(callee[0])}")
-            body.append(f"cfn={func_ref(callee)}")
-            body.append(f"calls={max(1, int(edge[0]))} {callee[1]}")
-            body.append(f"{key[1]} {micros(edge[3])}")
-        body.append("")
-    header = [
-        "# callgrind format",
-        "version: 1",
-        "creator: bigexec.profiling",
-        "positions: line",
-        "events: Microseconds",
-        f"summary: {total}",
-        "",
-    ]
-    return "\n".join(header + body)
-
-
-# --- stack sampling --------------------------------------------------------------------------
-
-
-_switch_lock = threading.Lock()
-_switch_users = 0
-_switch_saved = 0.0
-
-
-def _shorten_switch_interval(target: float) -> None:
-    global _switch_users, _switch_saved
-    with _switch_lock:
-        if _switch_users == 0:
-            _switch_saved = sys.getswitchinterval()
-        _switch_users += 1
-        if target < sys.getswitchinterval():
-            sys.setswitchinterval(target)
-
-
-def _restore_switch_interval() -> None:
-    global _switch_users
-    with _switch_lock:
-        _switch_users -= 1
-        if _switch_users == 0:
-            sys.setswitchinterval(_switch_saved)
-
-
-def _frame_label(code: CodeType, line: int | None) -> str:
-    label = f"{code.co_name} ({os.path.basename(code.co_filename)}:{line or 0})"
-    # ";" separates frames and a newline ends a record in the collapsed format.
-    return label.replace(";", ":").replace("\n", " ")
-
-
-def sample_stacks(
-    seconds: float,
-    *,
-    interval: float = 0.005,
-    stop: threading.Event | None = None,
-) -> dict[str, int]:
-    """Sample the stacks of this process's threads for a flame graph.
-
-    Every ``interval`` seconds, for ``seconds`` (less if ``stop`` is set), takes every
-    thread's stack and counts it for the threads that used CPU since the previous sample.
-    The counts are proportional to CPU time: a thread earns one sample per ``interval`` of
-    CPU it used, so a thread on a core all the time gets one per tick and a thread that
-    wakes for a few microseconds now and then gets (almost) none. The sampler's own thread is
-    skipped.
-
-    The sampler needs the GIL to look at the other threads, so it sees each of them where it
-    last gave the GIL away. A thread that releases the GIL often (I/O, a blocking lock,
-    ``os.urandom``) would be seen there every time, however little it spends there; for the
-    duration of the call the GIL switch interval is therefore lowered to ``interval / 10``,
-    so that the sampler gets the GIL within a fraction of an interval, wherever the running
-    thread is. Threads blocked on a lock are still seen at the line that waits for it, which
-    is what shows lock contention.
-
-    Returns ``{"outer (file.py:12);...;inner (file.py:40)": count}``, frames outermost first,
-    each as ``func (basename:line)``.
-    """
-    if not seconds >= 0:
-        raise ValueError(f"seconds must be >= 0, not {seconds!r}")
-    if not interval > 0:
-        raise ValueError(f"interval must be > 0, not {interval!r}")
-    waiter = stop if stop is not None else threading.Event()
-    counts: Counter[str] = Counter()
-    _shorten_switch_interval(max(interval / 10, 1e-4))
-    try:
-        _sample_loop(seconds, interval, waiter, counts)
-    finally:
-        _restore_switch_interval()
-    return dict(counts)
-
-
-def _sample_loop(seconds: float, interval: float, waiter: threading.Event,
-                 counts: Counter[str]) -> None:
-    me = threading.get_ident()
-    labels: dict[tuple[CodeType, int | None], str] = {}
-    credit: dict[int, float] = {}
-    # A fixed period can lock in phase with a thread's own cycle (work, release the GIL, work)
-    # and see it at the same point every time; a random period cannot.
-    jitter = random.Random()
-    last = _thread_cpu_times()
-    deadline = time.monotonic() + seconds
-    while True:
-        remaining = deadline - time.monotonic()
-        pause = interval * jitter.uniform(0.5, 1.5)
-        if remaining <= 0 or waiter.wait(min(pause, remaining)):
-            break
-        now = _thread_cpu_times()
-        for ident, frame in sys._current_frames().items():
-            if ident == me or ident not in now:
-                continue  # unknown to threading: no clock to tell whether it ran
-            native, cpu = now[ident]
-            before = last.get(ident)
-            # A thread born since the last sample has spent all its CPU time in between.
-            used = cpu - before[1] if before is not None and before[0] == native else cpu
-            earned = credit.get(ident, 0.0) + max(0.0, used)
-            n = int(earned / interval)
-            credit[ident] = earned - n * interval
-            if not n:
-                continue
-            parts = []
-            f: FrameType | None = frame
-            while f is not None:
-                key = (f.f_code, f.f_lineno)
-                label = labels.get(key)
-                if label is None:
-                    label = labels[key] = _frame_label(f.f_code, f.f_lineno)
-                parts.append(label)
-                f = f.f_back
-            parts.reverse()
-            counts[";".join(parts)] += n
-        last = now
-
-
-def merge_collapsed(profiles: Sequence[dict[str, int]]) -> dict[str, int]:
-    """Add stack samples together: the count of each stack is the sum over ``profiles``."""
-    total: Counter[str] = Counter()
-    for profile in profiles:
-        total.update(profile)
-    return dict(total)
-
-
-def collapsed_text(counts: dict[str, int]) -> str:
-    """Stack counts as ``stack count`` lines sorted by stack: flamegraph.pl and speedscope input.
-    """
-    return "".join(f"{stack} {n}\n" for stack, n in sorted(counts.items()) if n > 0)
-
-
-# --- thread dump -----------------------------------------------------------------------------
-
-
-def thread_stacks() -> str:
-    """The stack of every thread of this process, as text.
-
-    One block per thread: a header with its name, ident, native id and daemon flag, then its
-    stack formatted like a traceback (innermost call last). The main thread comes first.
-    """
-    threads = {t.ident: t for t in threading.enumerate()}
-    main = threading.main_thread().ident
-
-    def order(item: tuple[int, FrameType]) -> tuple[bool, str, int]:
-        t = threads.get(item[0])
-        return (item[0] != main, t.name if t is not None else "", item[0])
-
-    blocks = []
-    for ident, frame in sorted(sys._current_frames().items(), key=order):
-        t = threads.get(ident)
-        if t is None:
-            header = f"Thread <not from threading> ident={ident}"
-        else:
-            header = (f"Thread {t.name!r} ident={ident} native_id={t.native_id} "
-                      f"daemon={t.daemon}")
-        blocks.append(header + "\n" + "".join(traceback.format_stack(frame)))
-    return "\n".join(blocks)
+def _push_function(event: _ProfileEvent, frame: FrameType) -> None:
+    event(frame, "call", None)

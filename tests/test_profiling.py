@@ -16,7 +16,7 @@ from collections import Counter
 import pytest
 import yappi
 
-from bigexec import profiling
+from bigexec import profile_formats, profiling, stacks
 from bigexec.profiling import (
     ProfileBusy,
     collapsed_text,
@@ -136,6 +136,18 @@ def profile_in_background(**kwargs) -> tuple[threading.Thread, threading.Event, 
     t.start()
     wait_until(lambda: yappi.is_running() or "error" in out)
     return t, stop, out
+
+
+def test_every_name_is_still_importable_from_profiling():
+    # Users and the rest of bigexec import these from bigexec.profiling; they live elsewhere.
+    assert set(profiling.__all__) >= {
+        "ProfileBusy", "collapsed_text", "cpu_profile", "merge_collapsed", "merge_pstats",
+        "pstats_bytes", "sample_stacks", "thread_stacks", "to_callgrind", "to_text"}
+    for name in ("collapsed_text", "merge_collapsed", "merge_pstats", "pstats_bytes",
+                 "to_callgrind", "to_text", "FuncKey"):
+        assert getattr(profiling, name) is getattr(profile_formats, name), name
+    for name in ("sample_stacks", "thread_stacks"):
+        assert getattr(profiling, name) is getattr(stacks, name), name
 
 
 # --- cpu_profile -----------------------------------------------------------------------------
