@@ -307,7 +307,7 @@ class Server:
         sock.sendall(head + body)
 
     def _handle(self, sock: socket.socket, rfile: Any,
-                head: tuple[list[str], dict[str, str]], caller: str) -> bool:
+                head: wire.Head, caller: str) -> bool:
         """Serve one request; return whether the connection may carry another."""
         if self._frozen.is_set():
             self._frozen_wait()
@@ -343,6 +343,7 @@ class Server:
             raise _Refusal(400, "bad X-Bigexec-Timeout")
 
         stream: wire.Stream | None = None
+        message: memoryview | bytearray | codec.Message
         try:
             if chunked:
                 message = _read_head_frame(rfile, self.max_message_bytes)
@@ -410,8 +411,9 @@ class Server:
             if error is None and wire.is_stream_source(result):
                 if injector is not None and fault is not None:
                     sock = injector.apply(fault, sock, None)
-                head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nX-Bigexec-Stream: 1\r\n"
-                sock.sendall(head + (b"" if keep else b"Connection: close\r\n") + b"\r\n")
+                reply_head = (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n"
+                              b"X-Bigexec-Stream: 1\r\n")
+                sock.sendall(reply_head + (b"" if keep else b"Connection: close\r\n") + b"\r\n")
                 failed = wire.send_stream(sock, result)
                 reply_bytes = -1
                 if failed is not None:
@@ -429,15 +431,15 @@ class Server:
                     status = wire.STATUS_APP_ERROR
                     pieces = [wire.encode_error(error)]
                 reply_bytes = wire.body_length(pieces)
-                head = (
+                reply_head = (
                     f"HTTP/1.1 {status} {wire.REASONS[status]}\r\n"
                     f"Content-Type: application/x-bigexec\r\nContent-Length: {reply_bytes}\r\n"
                     + ("" if keep else "Connection: close\r\n")
                     + "\r\n"
                 ).encode("latin-1")
                 if injector is not None and fault is not None:
-                    sock = injector.apply(fault, sock, len(head) + reply_bytes)
-                wire.send_message(sock, head, pieces, reply_bytes)
+                    sock = injector.apply(fault, sock, len(reply_head) + reply_bytes)
+                wire.send_message(sock, reply_head, pieces, reply_bytes)
         finally:
             with self._lock:
                 left = self._running[name] - 1
