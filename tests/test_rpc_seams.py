@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import itertools
 import socket
+import time
 
 import pytest
 from test_rpc import _tls_pair, serving
@@ -207,3 +208,16 @@ def test_tune_socket_sets_nodelay_and_keepalive():
         wire.tune_socket(s)
         assert s.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
         assert s.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE)
+
+
+def test_drop_connections_ends_them_and_the_server_goes_on():
+    with serving() as (server, client), serving() as (_, other):
+        assert client.call(server.addr, "Echo.echo", (1,)) == 1  # each pools a connection
+        assert other.call(server.addr, "Echo.echo", (2,)) == 2
+        assert server.drop_connections() == 2
+        deadline = time.monotonic() + 5
+        while server.drop_connections():  # their threads see the reset and end
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert client.call(server.addr, "Echo.echo", (3,)) == 3  # still accepting
+        assert server.drop_connections() == 1  # the client's new connection
