@@ -68,7 +68,13 @@ def new_call_id() -> str:
 
 
 class CallHandle:
-    """Lets another thread abort a call in flight (machine stopped, caller cancelled)."""
+    """Lets another thread abort a call in flight (machine stopped, caller cancelled).
+
+    The calling thread attaches each connection it sends on and detaches it when the reply
+    (or its stream) is done; ``aborted`` is set once, by any thread. Abort while a connection
+    is attached: that connection is interrupted, waking the caller. Abort before: the next
+    attach kills its connection and raises ``aborted``. Abort after the reply: nothing.
+    """
 
     __slots__ = ("_lock", "_conn", "aborted")
 
