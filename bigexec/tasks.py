@@ -35,7 +35,7 @@ import types
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 from . import logs, namespaces
 from .rpc import codec, wire
@@ -209,8 +209,8 @@ class PickledFunction:
         return (PickledFunction, (self.blob,))
 
 
-codec.PLAIN_TYPES.add(PickledFunction)
-wire.NEVER_STREAMS.add(PickledFunction)
+codec.register_plain_type(PickledFunction)  # the fast path for the calls that carry one
+wire.never_stream(PickledFunction)
 _SCALAR_TYPES = (type(None), bool, int, float, complex, str, bytes)
 
 
@@ -225,10 +225,10 @@ def _stable(value: Any, depth: int = 2) -> Any:
         parts = [_stable(v, depth - 1) for v in value]
         return None if any(p is None for p in parts) else ("t", tuple(parts))
     if isinstance(value, types.FunctionType):
-        if codec._named(value):
+        if codec.named(value):
             return ("id", id(value))
         return _snapshot(value, depth - 1) if depth else None
-    if isinstance(value, type) and codec._named(value):
+    if isinstance(value, type) and codec.named(value):
         return ("id", id(value))
     return None
 
@@ -267,6 +267,14 @@ def _snapshot(fn: types.FunctionType, depth: int = 2) -> Any:
     return ("fn", tuple(parts))
 
 
+class _CachedPickle(NamedTuple):
+    """A function's pickle in ``FunctionCache``, and the snapshot it is good for."""
+
+    #: What ``_snapshot`` said of the function when it was pickled.
+    snapshot: Any
+    pickled: PickledFunction
+
+
 class FunctionCache:
     """Pickles each function shipped by value once, for as long as what it captures stays the
     same.
@@ -282,22 +290,21 @@ class FunctionCache:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._cache: weakref.WeakKeyDictionary[Any, tuple[Any, PickledFunction]] = (
-            weakref.WeakKeyDictionary())
+        self._cache: weakref.WeakKeyDictionary[Any, _CachedPickle] = weakref.WeakKeyDictionary()
 
     def encode(self, fn: Any) -> Any:
-        if not isinstance(fn, types.FunctionType) or codec._named(fn):
+        if not isinstance(fn, types.FunctionType) or codec.named(fn):
             return fn
         snap = _snapshot(fn)
         if snap is None:
             return fn
         with self._lock:
             hit = self._cache.get(fn)
-        if hit is not None and hit[0] == snap:
-            return hit[1]
+        if hit is not None and hit.snapshot == snap:
+            return hit.pickled
         ref = PickledFunction(codec.dumps_bytes(fn))
         with self._lock:
-            self._cache[fn] = (snap, ref)
+            self._cache[fn] = _CachedPickle(snap, ref)
         return ref
 
 

@@ -939,8 +939,6 @@ def upload_machine(request):
 def test_retry_call_does_not_resend_a_consumed_stream(upload_machine):
     """A transport failure in the middle of an upload must not lead to a silent retry that
     sends only what was left of the (one-shot) source."""
-    from bigexec.rpc.server import _hard_close
-
     machine = upload_machine
     server = machine.handle.runtime.server  # the threads machine's own server
     machine.retry_backoff = (0.05, 0.05, 1.0)
@@ -949,10 +947,7 @@ def test_retry_call_does_not_resend_a_consumed_stream(upload_machine):
     def source():
         for i, chunk in enumerate(_chunks(total)):
             if i == 4:  # the network drops every connection to the machine mid-upload
-                with server._lock:
-                    conns = list(server._conns)
-                for c in conns:
-                    _hard_close(c)
+                server.drop_connections()
             yield chunk
 
     try:
@@ -1031,15 +1026,9 @@ def test_server_stats_count_calls(plain_server):
 
 def test_pooled_connection_dropped_by_the_server_is_replaced(plain_server):
     """A pooled connection the server dropped while idle: the call goes through on a new one."""
-    from bigexec.rpc.server import _hard_close
-
     server, client = plain_server
     assert client.call(server.addr, "Echo.add", (1, 1)) == 2  # leaves a pooled connection
-    with server._lock:
-        conns = list(server._conns)
-    assert conns
-    for c in conns:
-        _hard_close(c)
+    assert server.drop_connections() == 1
     time.sleep(0.05)  # let the FIN/RST reach the client side
     assert client.call(server.addr, "Echo.add", (2, 2)) == 4
 

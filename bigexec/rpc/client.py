@@ -1,14 +1,16 @@
-"""The RPC client: a pool of persistent connections per address, and calls over them.
+"""The call protocol: a call's request and reply over a pooled connection, and when a call
+is sent twice.
 
-    caller thread ── call(addr, "Svc.method", args) ──> checkout connection (idle or new)
+    caller thread ── call(addr, "Svc.method", args) ──> pool.checkout (idle or new connection)
         │  encode (an unpicklable argument fails here, before any I/O)
         │  send request, block reading the reply (socket timeout = the call's deadline)
         │  ◄── CallHandle.abort(exc) from another thread shuts the socket down, which wakes
         │      the blocked read; the call then raises exc (MachineStopped, CancelledError)
-        └─ check the connection back in, unless the transport failed
+        └─ pool.checkin the connection, unless the transport failed
 
 A connection that failed is dropped, and so are the idle ones to the same address; a
-connection that carried an application error is healthy and goes back to the pool.
+connection that carried an application error is healthy and goes back to the pool (see
+``pool`` for the pool itself).
 
 When is a call sent twice? Only when it is certain that the first one did not run:
 - a pooled connection that the peer closed while it was idle (readable before we wrote
@@ -23,21 +25,18 @@ When is a call sent twice? Only when it is certain that the first one did not ru
 
 from __future__ import annotations
 
-import io
 import itertools
 import os
 import select
-import socket
 import ssl
 import threading
 import time
-import weakref
-from typing import Any, NamedTuple, cast
-from urllib.parse import urlsplit
+from typing import Any, NamedTuple
 
 from ..errors import NetworkError, ProtocolError, UnknownMethodError
 from ..metrics import StatsTable
 from . import codec, wire
+from .pool import POOL_IDLE_SECONDS, Connection, ConnectionPool, Endpoint
 
 __all__ = ["Client", "CallHandle", "IDEMPOTENT_METHODS", "PendingCall", "PreparedCall"]
 
@@ -46,12 +45,9 @@ IDEMPOTENT_METHODS = frozenset({
     "Supervisor.ping", "Supervisor.info", "Supervisor.getenv", "Supervisor.keepalive",
     "Supervisor.memory", "Supervisor.cancel", "Supervisor.renew_credentials",
 })
-
-_MAX_IDLE = 64
-# A pooled connection idle for longer is closed instead of reused: servers close connections
-# silent for their idle timeout (300 s), and a call that streams cannot be sent again if it
-# meets such a closed connection.
-_POOL_IDLE_SECONDS = 240.0
+# Transitional: tests/test_server_gate.py patches this name; the pool reads
+# pool.POOL_IDLE_SECONDS, which the test is to patch instead. Remove with that change.
+_POOL_IDLE_SECONDS = POOL_IDLE_SECONDS
 
 
 def _fresh_prefix() -> None:
@@ -62,15 +58,6 @@ def _fresh_prefix() -> None:
 _call_prefix = ""
 _fresh_prefix()
 os.register_at_fork(after_in_child=_fresh_prefix)  # a forked child must not reuse our ids
-_clients: weakref.WeakSet[Client] = weakref.WeakSet()
-
-
-def _forget_connections_in_child() -> None:
-    for client in list(_clients):
-        client._forget_parents_connections()
-
-
-os.register_at_fork(after_in_child=_forget_connections_in_child)
 _call_numbers = itertools.count(1)
 
 
@@ -81,13 +68,19 @@ def new_call_id() -> str:
 
 
 class CallHandle:
-    """Lets another thread abort a call in flight (machine stopped, caller cancelled)."""
+    """Lets another thread abort a call in flight (machine stopped, caller cancelled).
+
+    The calling thread attaches each connection it sends on and detaches it when the reply
+    (or its stream) is done; ``aborted`` is set once, by any thread. Abort while a connection
+    is attached: that connection is interrupted, waking the caller. Abort before: the next
+    attach kills its connection and raises ``aborted``. Abort after the reply: nothing.
+    """
 
     __slots__ = ("_lock", "_conn", "aborted")
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._conn: _Conn | None = None
+        self._conn: Connection | None = None
         self.aborted: BaseException | None = None
 
     def abort(self, exc: BaseException) -> None:
@@ -99,7 +92,7 @@ class CallHandle:
         if conn is not None:
             conn.interrupt()  # the calling thread, woken, closes the connection
 
-    def _attach(self, conn: _Conn) -> None:
+    def _attach(self, conn: Connection) -> None:
         with self._lock:
             if self.aborted is not None:
                 conn.kill()
@@ -111,191 +104,39 @@ class CallHandle:
             self._conn = None
 
 
-class _Conn:
-    __slots__ = ("sock", "rfile", "reused", "dead", "timeout", "idle_since", "_poller")
-
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
-        self.rfile = cast(io.BufferedReader, sock.makefile("rb", buffering=256 * 1024))
-        self.reused = False
-        self.dead = False
-        self.timeout = sock.gettimeout()
-        self.idle_since = 0.0  # when it went back to the pool
-        self._poller: select.poll | None = None  # made at the first reuse, kept for the next
-
-    def closed_by_peer(self) -> bool:
-        """Whether an idle connection has something to read: its peer closed it (or sent what
-        nobody asked for), so it cannot carry a request. One poll, no waiting."""
-        if self.dead:
-            return True
-        try:
-            pending = getattr(self.sock, "pending", None)  # bytes TLS decrypted already
-            if pending is not None and pending():
-                return True
-            poller = self._poller
-            if poller is None:
-                poller = self._poller = select.poll()
-                poller.register(self.sock, select.POLLIN)
-            return bool(poller.poll(0))
-        except (OSError, ValueError):  # closed under us
-            return True
-
-    def settimeout(self, timeout: float | None) -> None:
-        if timeout != self.timeout:  # most calls have none: skip the system call
-            self.sock.settimeout(timeout)
-            self.timeout = timeout
-
-    def interrupt(self) -> None:
-        """Wake a thread blocked on this connection; safe from any thread. That thread, the
-        connection's user, then ``kill``s it."""
-        self.dead = True
-        try:  # socket.socket's: SSLSocket.shutdown would tear TLS down under the reader
-            socket.socket.shutdown(self.sock, socket.SHUT_RDWR)
-        except OSError:
-            pass
-        try:  # while the reader is open this only marks the socket closed: the reader, when
-            self.sock.close()  # closed or freed, then closes the descriptor
-        except OSError:
-            pass
-
-    def kill(self) -> None:
-        """Close the connection for good; only by its user (or for an idle connection).
-
-        The reader goes too: the descriptor lives as long as any file made from the socket,
-        and one left open (the socket merely marked closed) would hold it until garbage
-        collection, which warns about an unclosed socket. Closing the reader waits for a read
-        in progress, hence ``interrupt`` for other threads.
-        """
-        self.interrupt()
-        try:
-            self.rfile.close()
-        except OSError:
-            pass
-
-
-class _Endpoint:
-    __slots__ = ("host", "port", "prefix", "host_header", "tls")
-
-    def __init__(self, addr: str) -> None:
-        u = urlsplit(addr)
-        if u.scheme not in ("http", "https") or not u.hostname or not u.port:
-            raise ValueError(f"bad machine address {addr!r}: want http(s)://host:port[/prefix]")
-        self.host = u.hostname
-        self.port = u.port
-        self.prefix = u.path.rstrip("/")
-        self.host_header = f"{u.hostname}:{u.port}"
-        self.tls = u.scheme == "https"
-
-
 class Client:
     """Calls methods on machines by address, pooling connections per address.
 
-    A forked child starts with an empty pool: its parent's pooled TLS connections are the
-    parent's (their TLS state lives in the parent), so the child closes its copies of their
-    descriptors without a word on the wire, and dials its own.
+    A forked child starts with an empty pool and dials its own connections (see ``pool``).
     """
 
     def __init__(self, ssl_context: ssl.SSLContext | None = None, *,
                  connect_timeout: float = 10.0) -> None:
-        self.ssl_context = ssl_context
-        self.connect_timeout = connect_timeout
-        self._lock = threading.Lock()
-        self._idle: dict[str, list[_Conn]] = {}
-        self._endpoints: dict[str, _Endpoint] = {}
-        self._closed = False
+        self._pool = ConnectionPool(ssl_context, connect_timeout=connect_timeout)
         #: Per-method counters of the calls this client made.
         self.stats = StatsTable()
-        _clients.add(self)
 
-    def _forget_parents_connections(self) -> None:
-        """In a forked child: drop the pooled connections, closing only our descriptors."""
-        self._lock = threading.Lock()  # the parent may have held it as it forked
-        idle, self._idle = self._idle, {}
-        for conns in idle.values():
-            for c in conns:
-                try:
-                    os.close(c.sock.detach())  # no shutdown(), no TLS close: not ours
-                except OSError:
-                    pass
+    @property
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """The client's credentials; a new one serves the connections dialled from then on."""
+        return self._pool.ssl_context
+
+    @ssl_context.setter
+    def ssl_context(self, context: ssl.SSLContext | None) -> None:
+        self._pool.ssl_context = context
+
+    @property
+    def connect_timeout(self) -> float:
+        """The longest a dial (TCP connect, then TLS handshake) may take, in seconds."""
+        return self._pool.connect_timeout
 
     def close(self) -> None:
         """Close every idle connection; calls in flight finish on their own connections."""
-        with self._lock:
-            self._closed = True
-            idle, self._idle = self._idle, {}
-        for conns in idle.values():
-            for c in conns:
-                c.kill()
+        self._pool.close()
 
     def reset(self, addr: str) -> None:
         """Drop the idle connections to ``addr``."""
-        with self._lock:
-            conns = self._idle.pop(addr, [])
-        for c in conns:
-            c.kill()
-
-    # --- connections ---------------------------------------------------------------------
-
-    def _endpoint(self, addr: str) -> _Endpoint:
-        ep = self._endpoints.get(addr)
-        if ep is None:
-            ep = self._endpoints[addr] = _Endpoint(addr)
-        return ep
-
-    def _checkout(self, addr: str, ep: _Endpoint, fresh: bool, timeout: float | None) -> _Conn:
-        while not fresh:
-            stale: list[_Conn] = []
-            conn = None
-            with self._lock:
-                conns = self._idle.get(addr)
-                if conns:
-                    # the most recently used first; the others are older still
-                    conn = conns.pop()
-                    if time.monotonic() - conn.idle_since > _POOL_IDLE_SECONDS:
-                        stale, conns[:] = [conn, *conns], []
-                        conn = None
-            for c in stale:
-                c.kill()
-            if conn is None:
-                break
-            if conn.closed_by_peer():
-                conn.kill()  # try the next pooled one: it may be fine (a server's own close)
-                continue
-            conn.reused = True
-            return conn
-        t = self.connect_timeout if timeout is None else min(timeout, self.connect_timeout)
-        try:
-            sock = socket.create_connection((ep.host, ep.port), timeout=t)
-        except TimeoutError:
-            raise NetworkError(f"connecting to {addr} timed out") from None
-        except OSError as exc:
-            raise NetworkError(f"cannot connect to {addr}: {exc}") from exc
-        try:
-            wire.tune_socket(sock)
-            if ep.tls:
-                if self.ssl_context is None:
-                    raise NetworkError(f"{addr} needs TLS but this client has no credentials")
-                sock = self.ssl_context.wrap_socket(sock, server_hostname=ep.host)
-        except ssl.SSLError as exc:
-            sock.close()
-            raise NetworkError(f"TLS handshake with {addr} failed: {exc}") from exc
-        except OSError as exc:
-            sock.close()
-            raise NetworkError(f"cannot connect to {addr}: {exc}") from exc
-        return _Conn(sock)
-
-    def _checkin(self, addr: str, conn: _Conn) -> None:
-        if conn.dead:  # interrupted by another thread, or killed already
-            conn.kill()
-            return
-        conn.idle_since = time.monotonic()
-        with self._lock:
-            if not self._closed:
-                conns = self._idle.setdefault(addr, [])
-                if len(conns) < _MAX_IDLE:
-                    conns.append(conn)
-                    return
-        conn.kill()
+        self._pool.reset(addr)
 
     # --- calls ---------------------------------------------------------------------------
 
@@ -340,8 +181,8 @@ class Client:
         says the method is safe to run twice (by default: whether it is one of
         ``IDEMPOTENT_METHODS``), so that an EOF before its reply resends it.
         """
-        p = PendingCall(self, addr, method, prepared, timeout, call_id or new_call_id(), handle,
-                        deadline)
+        p = PendingCall(self._pool.endpoint(addr), addr, method, prepared, timeout,
+                        call_id or new_call_id(), handle, deadline)
         p.idempotent = method in IDEMPOTENT_METHODS if idempotent is None else idempotent
         try:
             self._send(p)
@@ -379,7 +220,7 @@ class Client:
         if end < 0:
             return False
         try:
-            _, headers = wire.parse_head(head[: end + 4])
+            headers = wire.parse_head(head[: end + 4]).headers
         except ProtocolError:
             return True  # malformed: finish says so, at once
         if "x-bigexec-stream" in headers:
@@ -404,7 +245,7 @@ class Client:
         ep, addr, method, handle = p.ep, p.addr, p.method, p.handle
         source, pieces = p.prepared
         while True:
-            conn = self._checkout(addr, ep, p.fresh, _remaining(p.deadline, method, addr))
+            conn = self._pool.checkout(addr, ep, p.fresh, _remaining(p.deadline, method, addr))
             if handle is not None:
                 handle._attach(conn)
             try:
@@ -436,7 +277,7 @@ class Client:
                 if not self._retry_fresh(p, conn, sent=False):
                     raise NetworkError(f"{method} on {addr}: {exc}") from exc
 
-    def _retry_fresh(self, p: PendingCall, conn: _Conn, sent: bool) -> bool:
+    def _retry_fresh(self, p: PendingCall, conn: Connection, sent: bool) -> bool:
         """Whether ``p`` may be sent again on a fresh connection after the reused ``conn``
         failed before any reply byte: certainly when its request was not wholly ``sent``
         (no server runs a request it has not read whole), and otherwise only when ``p`` is
@@ -494,8 +335,8 @@ class Client:
         # outcome, not a failure of this call's connection.
         raise remote
 
-    def _finish(self, addr: str, method: str, conn: _Conn,
-                reply: tuple[list[str], dict[str, str]], handle: CallHandle | None,
+    def _finish(self, addr: str, method: str, conn: Connection,
+                reply: wire.Head, handle: CallHandle | None,
                 source_error: BaseException | None, deadline: float | None = None) -> Any:
         start, headers = reply
         try:
@@ -508,11 +349,11 @@ class Client:
             conn.kill()  # the caller's own stream broke: that is the call's outcome
             raise source_error
         if status == 200 and headers.get("x-bigexec-stream"):
-            def done(clean: bool, conn: _Conn = conn) -> None:
+            def done(clean: bool, conn: Connection = conn) -> None:
                 if handle is not None:
                     handle._detach()
                 if clean and not close:
-                    self._checkin(addr, conn)
+                    self._pool.checkin(addr, conn)
                 else:
                     conn.kill()
             aborted = (lambda: handle.aborted) if handle is not None else None
@@ -535,7 +376,7 @@ class Client:
         if close:
             conn.kill()
         else:
-            self._checkin(addr, conn)
+            self._pool.checkin(addr, conn)
         if source_error is not None:
             raise source_error
         if status == 200:
@@ -566,7 +407,7 @@ class PendingCall:
     __slots__ = ("addr", "method", "prepared", "length", "timeout", "deadline", "call_id",
                  "handle", "ep", "conn", "fresh", "source_error", "t0", "idempotent")
 
-    def __init__(self, client: Client, addr: str, method: str,
+    def __init__(self, ep: Endpoint, addr: str, method: str,
                  prepared: PreparedCall, timeout: float | None, call_id: str,
                  handle: CallHandle | None, deadline: float | None = None) -> None:
         self.addr = addr
@@ -580,14 +421,14 @@ class PendingCall:
         self.deadline = deadline
         self.call_id = call_id
         self.handle = handle
-        self.ep = client._endpoint(addr)
-        self.conn: _Conn | None = None
+        self.ep = ep
+        self.conn: Connection | None = None
         self.fresh = False
         self.source_error: BaseException | None = None
         self.idempotent = False
 
 
-def _abandon(conn: _Conn, handle: CallHandle | None, detach: bool) -> None:
+def _abandon(conn: Connection, handle: CallHandle | None, detach: bool) -> None:
     """Kill a failed call's connection; raise why another thread aborted it, if one did."""
     conn.kill()
     if handle is not None:
@@ -617,7 +458,7 @@ class _DeadlineReader:
 
     __slots__ = ("conn", "deadline", "method", "addr")
 
-    def __init__(self, conn: _Conn, deadline: float, method: str, addr: str) -> None:
+    def __init__(self, conn: Connection, deadline: float, method: str, addr: str) -> None:
         self.conn, self.deadline, self.method, self.addr = conn, deadline, method, addr
 
     def readinto(self, view: memoryview) -> int:

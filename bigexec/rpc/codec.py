@@ -35,12 +35,12 @@ import types
 from collections.abc import Callable, Iterator
 from typing import Any, cast
 
-import cloudpickle
+import cloudpickle  # type: ignore[import-untyped]  # it ships no type hints, nor are there stubs
 
 from .. import namespaces
 
-__all__ = ["EncodeError", "DecodeError", "Encoded", "Message", "dumps", "loads", "dumps_bytes",
-           "read", "read_buffer", "read_into"]
+__all__ = ["EncodeError", "DecodeError", "Encoded", "Message", "PLAIN_TYPES", "dumps", "loads",
+           "dumps_bytes", "named", "read", "read_buffer", "read_into", "register_plain_type"]
 
 _OOB_MIN = 64 * 1024  # below this an extra buffer costs more than the copy it saves
 _WALK_MAX = 256  # containers longer than this are not searched for large bytes
@@ -175,13 +175,28 @@ class _Pickler(cloudpickle.Pickler):
 
 _SCALARS = frozenset({type(None), bool, int, float, complex, str})
 _PLAIN_HEAD = struct.Struct("<IQ")
-#: Types whose instances the C pickler encodes exactly as cloudpickle would (others may add).
+#: Types whose instances the C pickler encodes exactly as cloudpickle would; add to it with
+#: ``register_plain_type``.
 PLAIN_TYPES: set[type] = {types.BuiltinFunctionType}
 
 
-def _named(obj: Any) -> bool:
+def register_plain_type(cls: type) -> None:
+    """Declare that the standard pickler alone encodes instances of exactly ``cls`` as
+    cloudpickle would, so that ``dumps`` takes its fast path for messages made of them.
+
+    Registering is a promise: ``cls`` pickles by name (an importable class whose
+    ``__reduce__`` returns an importable callable and plain data), never by value. A wrong
+    promise makes messages that a machine without the driver's modules cannot decode. Meant
+    for bigexec's own modules, at import time (the set is read without a lock on every call).
+    """
+    if not named(cls):
+        raise TypeError(f"{cls!r} is not importable by name: it cannot be a plain type")
+    PLAIN_TYPES.add(cls)
+
+
+def named(obj: Any) -> bool:
     """Whether pickle would name ``obj`` (module and qualified name), as cloudpickle does for
-    importable functions and classes, rather than copy it."""
+    importable functions and classes, rather than copy it by value."""
     module = getattr(obj, "__module__", None)
     if not module or module == "__main__" or module not in sys.modules:
         return False
@@ -200,7 +215,7 @@ def _is_plain(obj: Any, depth: int = 3) -> bool:
     if t in _SCALARS or t in PLAIN_TYPES:
         return True
     if t is types.FunctionType or t is type:
-        return _named(obj)
+        return named(obj)
     if t is bytes:
         return len(obj) < _OOB_MIN
     if depth and (t is tuple or t is list) and len(obj) <= 16:

@@ -24,7 +24,6 @@ import math
 import os
 import socket
 import ssl
-import struct
 import threading
 import time
 from typing import Any
@@ -34,7 +33,7 @@ from ..context import Context
 from ..errors import ProtocolError, UnknownMethodError
 from ..metrics import StatsTable
 from ..service import ServiceRegistry
-from . import codec, faults, wire
+from . import codec, faults, sockets, wire
 
 __all__ = ["Server"]
 
@@ -154,14 +153,20 @@ class Server:
             self._listener.close()
         except OSError:
             pass
-        with self._lock:
-            conns = list(self._conns)
-        for c in conns:
-            _hard_close(c)
+        self.drop_connections()
         with self._lock:
             calls = list(self._calls.values())
         for ctx in calls:
             ctx.cancel()
+
+    def drop_connections(self) -> int:
+        """Reset every open connection, as a network drop would, and say how many there were;
+        new ones are still accepted. Their methods run on, unobserved."""
+        with self._lock:
+            conns = list(self._conns)
+        for c in conns:
+            sockets.hard_close(c)
+        return len(conns)
 
     def freeze(self) -> None:
         """Stop answering anything while keeping connections open, as a hung machine would."""
@@ -205,7 +210,7 @@ class Server:
                     target=self._serve_connection, args=(sock,), name="bigexec-conn",
                     daemon=True).start()
             except BaseException as exc:  # e.g. "can't start new thread": drop this one only
-                _hard_close(sock)
+                sockets.hard_close(sock)
                 self._accept_failures += 1
                 if self._accept_failures in (1, 10, 100) or self._accept_failures % 1000 == 0:
                     log.warning("cannot serve a new connection (%d so far): %s",
@@ -237,8 +242,8 @@ class Server:
         caller = "an unauthenticated peer"
         ended_cleanly = False  # a reply was sent whole, or the peer closed: close with a FIN
         try:
-            caller = f"{_peer_name(raw)} (unauthenticated)"
-            wire.tune_socket(raw)
+            caller = f"{sockets.peer_name(raw)} (unauthenticated)"
+            sockets.tune_socket(raw)
             if self.ssl_context is not None:
                 raw.settimeout(HANDSHAKE_TIMEOUT)
                 sock = self.ssl_context.wrap_socket(raw, server_side=True,
@@ -286,7 +291,7 @@ class Server:
                     rfile.close()
                 except OSError:
                     pass
-            _hard_close(sock, abort=not ended_cleanly)
+            sockets.hard_close(sock, abort=not ended_cleanly)
 
     def _refuse(self, sock: socket.socket, rfile: Any, caller: str, refusal: _Refusal) -> None:
         """Answer a bad request of ``caller``, telling it and the log who was refused, then
@@ -294,7 +299,7 @@ class Server:
         log.warning("refused a request from %s: %d %s", caller, refusal.status, refusal.text)
         body = f"{refusal.text} (caller: {caller})".encode("utf-8", "replace")
         self._respond(sock, refusal.status, body, close=True)
-        _linger(sock, rfile)
+        sockets.linger(sock, rfile, LINGER_SECONDS)
 
     def _respond(self, sock: socket.socket, status: int, body: bytes,
                  ctype: str = "text/plain; charset=utf-8", close: bool = False) -> None:
@@ -307,7 +312,7 @@ class Server:
         sock.sendall(head + body)
 
     def _handle(self, sock: socket.socket, rfile: Any,
-                head: tuple[list[str], dict[str, str]], caller: str) -> bool:
+                head: wire.Head, caller: str) -> bool:
         """Serve one request; return whether the connection may carry another."""
         if self._frozen.is_set():
             self._frozen_wait()
@@ -343,6 +348,7 @@ class Server:
             raise _Refusal(400, "bad X-Bigexec-Timeout")
 
         stream: wire.Stream | None = None
+        message: memoryview | bytearray | codec.Message
         try:
             if chunked:
                 message = _read_head_frame(rfile, self.max_message_bytes)
@@ -410,8 +416,9 @@ class Server:
             if error is None and wire.is_stream_source(result):
                 if injector is not None and fault is not None:
                     sock = injector.apply(fault, sock, None)
-                head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nX-Bigexec-Stream: 1\r\n"
-                sock.sendall(head + (b"" if keep else b"Connection: close\r\n") + b"\r\n")
+                reply_head = (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n"
+                              b"X-Bigexec-Stream: 1\r\n")
+                sock.sendall(reply_head + (b"" if keep else b"Connection: close\r\n") + b"\r\n")
                 failed = wire.send_stream(sock, result)
                 reply_bytes = -1
                 if failed is not None:
@@ -429,15 +436,15 @@ class Server:
                     status = wire.STATUS_APP_ERROR
                     pieces = [wire.encode_error(error)]
                 reply_bytes = wire.body_length(pieces)
-                head = (
+                reply_head = (
                     f"HTTP/1.1 {status} {wire.REASONS[status]}\r\n"
                     f"Content-Type: application/x-bigexec\r\nContent-Length: {reply_bytes}\r\n"
                     + ("" if keep else "Connection: close\r\n")
                     + "\r\n"
                 ).encode("latin-1")
                 if injector is not None and fault is not None:
-                    sock = injector.apply(fault, sock, len(head) + reply_bytes)
-                wire.send_message(sock, head, pieces, reply_bytes)
+                    sock = injector.apply(fault, sock, len(reply_head) + reply_bytes)
+                wire.send_message(sock, reply_head, pieces, reply_bytes)
         finally:
             with self._lock:
                 left = self._running[name] - 1
@@ -475,58 +482,9 @@ def _read_head_frame(rfile: Any, limit: int) -> memoryview:
     return memoryview(frame)[1:]
 
 
-def _peer_name(sock: socket.socket) -> str:
-    try:
-        host, port = sock.getpeername()[:2]
-    except (OSError, ValueError):
-        return "an unknown peer"
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def _linger(sock: socket.socket, rfile: Any) -> None:
-    """Close our side, then drop what the peer sends until it closes or ``LINGER_SECONDS``
-    pass: closing with unread data would reset the connection, and the peer could lose our
-    answer."""
-    try:
-        socket.socket.shutdown(sock, socket.SHUT_WR)
-        deadline = time.monotonic() + LINGER_SECONDS
-        while (left := deadline - time.monotonic()) > 0:
-            sock.settimeout(left)
-            if not rfile.read1(1 << 16):
-                return
-    except (OSError, ValueError):  # timed out, reset or closed: done either way
-        pass
-
-
 def _put_stream(args: tuple, kwargs: dict, stream: wire.Stream) -> tuple[tuple, dict]:
     args = tuple(stream if isinstance(a, wire.StreamPlaceholder) else a for a in args)
     for k, v in kwargs.items():
         if isinstance(v, wire.StreamPlaceholder):
             kwargs[k] = stream
     return args, kwargs
-
-
-def _hard_close(sock: socket.socket, abort: bool = True) -> None:
-    """Close a connection, waking any thread blocked on it; ``abort``: with a reset.
-
-    A connection dropped in the middle (a failure, the server closing, a test's "network
-    drop") must be reset, not just shut down: its peer may be sending into a full receive
-    window, and a socket shut down and closed with nothing left to read sends a FIN only,
-    after which the peer's zero-window probes are answered for a minute (FIN-WAIT-2) while
-    its upload hangs. A reset makes its next send fail at once.
-    """
-    if abort:
-        try:  # SO_LINGER 0: close() resets the connection, whoever closes the descriptor last
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        except OSError:
-            pass
-    # socket.socket.shutdown, not SSLSocket.shutdown: the latter tears down the SSL object
-    # under a thread that may be blocked reading it.
-    try:
-        socket.socket.shutdown(sock, socket.SHUT_RDWR)
-    except OSError:
-        pass
-    try:
-        sock.close()
-    except OSError:
-        pass
