@@ -49,7 +49,7 @@ from types import CodeType, FrameType
 from typing import NamedTuple
 
 # yappi ships no type hints and has no stub package: its objects are Any here.
-import yappi  # type: ignore[import-untyped]
+import yappi
 
 from .profile_formats import (
     FuncKey,

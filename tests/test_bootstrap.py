@@ -175,3 +175,34 @@ def test_a_worker_refuses_a_driver_of_other_versions_and_says_why():
     first = str(m.err).splitlines()[0]
     assert "status 5" in first, first
     assert "bigexec 0.0.1-other" in first and f"bigexec {bigexec.__version__}" in first, first
+
+
+def _has_ipv6_loopback() -> bool:
+    import socket
+
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _has_ipv6_loopback(), reason="this host has no IPv6 loopback")
+@pytest.mark.parametrize("system", ["local", "threads-server"])
+def test_an_ipv6_machine_announces_a_bracketed_address_and_answers(system):
+    if system == "local":
+        with bigexec.start("local", host="::1") as b:
+            (m,) = b.start(1, services={"Echo": Echo()})
+            assert m.wait(bigexec.RUNNING, 60) and m.err is None, m.err
+            assert m.addr.startswith("https://[::1]:")
+            assert m.call("Echo.hello", "v6").startswith("hello v6")
+        return
+    from bigexec.rpc.server import Server
+    from bigexec.service import ServiceRegistry
+
+    server = Server(ServiceRegistry(), host="::1", port=0)
+    try:
+        assert server.addr == f"http://[::1]:{server.port}"
+    finally:
+        server.close()

@@ -121,11 +121,11 @@ def test_a_streamed_call_after_the_server_closed_an_idle_pooled_connection(plain
                                                                            monkeypatch):
     # a stream cannot be sent twice, so the client must not pick a connection the server has
     # closed for idleness: it drops pooled connections before the server's idle timeout
-    from bigexec.rpc import client as client_mod
+    from bigexec.rpc import pool as pool_mod
 
     server, client = plain_server
     server.idle_timeout = 0.3
-    monkeypatch.setattr(client_mod, "_POOL_IDLE_SECONDS", 0.2)
+    monkeypatch.setattr(pool_mod, "POOL_IDLE_SECONDS", 0.2)
     assert client.call(server.addr, "Echo.echo", (1,), {}, timeout=10) == 1  # pooled now
     time.sleep(1.0)  # the server has closed it
     chunks = iter([b"x" * 1000] * 50)

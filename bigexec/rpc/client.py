@@ -36,7 +36,7 @@ from typing import Any, NamedTuple
 from ..errors import NetworkError, ProtocolError, UnknownMethodError
 from ..metrics import StatsTable
 from . import codec, wire
-from .pool import POOL_IDLE_SECONDS, Connection, ConnectionPool, Endpoint
+from .pool import Connection, ConnectionPool, Endpoint
 
 __all__ = ["Client", "CallHandle", "IDEMPOTENT_METHODS", "PendingCall", "PreparedCall"]
 
@@ -45,9 +45,6 @@ IDEMPOTENT_METHODS = frozenset({
     "Supervisor.ping", "Supervisor.info", "Supervisor.getenv", "Supervisor.keepalive",
     "Supervisor.memory", "Supervisor.cancel", "Supervisor.renew_credentials",
 })
-# Transitional: tests/test_server_gate.py patches this name; the pool reads
-# pool.POOL_IDLE_SECONDS, which the test is to patch instead. Remove with that change.
-_POOL_IDLE_SECONDS = POOL_IDLE_SECONDS
 
 
 def _fresh_prefix() -> None:

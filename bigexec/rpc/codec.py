@@ -35,7 +35,7 @@ import types
 from collections.abc import Callable, Iterator
 from typing import Any, cast
 
-import cloudpickle  # type: ignore[import-untyped]  # it ships no type hints, nor are there stubs
+import cloudpickle  # no type hints, nor stubs: see pyproject.toml [tool.mypy]
 
 from .. import namespaces
 
@@ -298,7 +298,7 @@ class _GrowingBytes:
     def view(self, start: int, end: int) -> memoryview:
         """A writable view of bytes ``start`` to ``end`` of the contents."""
         addr = self.ptr.value + _BYTES_DATA + start  # type: ignore[operator]
-        return _PyMemoryView_FromMemory(addr, end - start, _PyBUF_WRITE)  # type: ignore[no-any-return]
+        return _PyMemoryView_FromMemory(addr, end - start, _PyBUF_WRITE)
 
     def resize(self, n: int) -> None:
         _PyBytes_Resize(ctypes.byref(self.ptr), n)  # on failure: freed, ptr NULL, raises

@@ -107,12 +107,15 @@ class Server:
         self.session: Any = None
         #: Where the calls' functions from the driver's modules unpickle; set by the runtime.
         self.namespaces: namespaces.Namespaces | None = None
-        self._listener = socket.create_server((host, port), backlog=128)
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self._listener = socket.create_server((host, port), family=family, backlog=128)
         self.port = self._listener.getsockname()[1]
         scheme = "https" if ssl_context is not None else "http"
-        self.addr = f"{scheme}://{advertise_host or host}:{self.port}"
+        reached_at = advertise_host or host
+        netloc = f"[{reached_at}]:{self.port}" if ":" in reached_at else f"{reached_at}:{self.port}"
+        self.addr = f"{scheme}://{netloc}"
         if log_label == "":
-            self.log_label = f"{advertise_host or host}:{self.port}"
+            self.log_label = netloc
         self._lock = threading.Lock()
         self._conns: set[socket.socket] = set()
         self._calls: dict[str, Context] = {}  # the running calls that can be cancelled

@@ -148,7 +148,7 @@ class Stream(io.RawIOBase):
         return b"".join(parts)
 
     # RawIOBase iterates by lines; a Stream by the chunks as they arrived
-    def __iter__(self) -> Iterator[bytes]:  # type: ignore[override]
+    def __iter__(self) -> Iterator[bytes]:
         return self
 
     def __next__(self) -> bytes:
