@@ -23,10 +23,12 @@ from concurrent.futures import CancelledError, Future
 from concurrent.futures import Executor as _StdExecutor
 from typing import Any
 
+from .batching import Task
 from .machine import Machine
 from .observe import ClusterViews
-from .scheduler import Scheduler, Task, session_for
+from .scheduler import Scheduler
 from .session import B
+from .session_choice import session_for
 from .tasks import run_chunk
 
 __all__ = ["Executor"]

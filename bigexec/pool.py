@@ -30,11 +30,13 @@ from multiprocessing.pool import MaybeEncodingError
 from multiprocessing.pool import RemoteTraceback as _PoolRemoteTraceback  # type: ignore[attr-defined]
 from typing import Any
 
+from .batching import Task
 from .errors import RemoteTraceback
 from .machine import Machine
 from .observe import ClusterViews
-from .scheduler import Scheduler, Task, session_for
+from .scheduler import Scheduler
 from .session import B
+from .session_choice import session_for
 from .tasks import run_chunk, run_star_chunk
 
 __all__ = ["Pool", "AsyncResult", "ApplyResult", "MapResult", "IMapIterator"]
