@@ -14,9 +14,8 @@ surviving lost machines.
         itself: a direct call (see direct.py), read by the future's waiter or by the idle
         slot thread woken at submit; the slot's capacity is counted as busy until it is read.
 
-    machine lifecycle: adopted ──boot fails──> forgotten; replaced as boot_retry.py says
-                       adopted ──booted──> its slot threads serve ──it died, or retired
-                       (``maxtasksperchild``)──> forgotten, and replaced
+    machines: fleet.py starts them, boots them, hands each to ``maxprocs`` slot threads
+        (``Scheduler.serve``) and replaces those that fail to boot, die or retire.
 
 The scheduler is *broken* (every pending future fails with ``BrokenCluster`` and ``submit``
 raises it) when a machine's initializer raises, or when no machine can be had any more.
@@ -47,7 +46,8 @@ from .batching import (
     settle,
 )
 from .direct import DirectCall, prepare_small
-from .errors import BootError, BrokenCluster, MachineStopped, NetworkError
+from .errors import BrokenCluster, MachineStopped, NetworkError
+from .fleet import Fleet, MachineSlots
 from .machine import RUNNING, STOPPED, Machine
 from .rpc import codec, wire
 from .session import B
@@ -57,8 +57,8 @@ __all__ = ["BOOT_RETRY_BACKOFF", "Scheduler", "Task"]
 
 log = logging.getLogger("bigexec.scheduler")
 
-#: Waits between boot retries while other machines live (read at each retry, so that a test
-#: may set it here).
+#: Waits between boot retries while other machines live (read when a scheduler is made, so
+#: that a test may set it here).
 BOOT_RETRY_BACKOFF = boot_retry.BOOT_RETRY_BACKOFF
 _ids = itertools.count(1)
 
@@ -68,38 +68,8 @@ def _close(stream: Any) -> None:
         stream.close()
 
 
-class _MachineSlots:
-    """The scheduler's view of one machine: its slot threads and task counts."""
-
-    __slots__ = ("machine", "register", "slots", "dispatched", "retiring", "dead", "started",
-                 "busy", "cond", "waiting", "direct")
-
-    def __init__(self, machine: Machine, register: bool, lock: threading.RLock) -> None:
-        self.machine = machine
-        self.cond = threading.Condition(lock)  # its slot threads wait here
-        self.waiting = 0  # slot threads waiting on cond and not yet notified
-        self.direct: deque[_Direct] = deque()
-        self.register = register  # the service must be registered by us (given machines)
-        self.slots = 0
-        self.dispatched = 0
-        self.retiring = False
-        self.dead = False
-        self.started = False
-        self.busy = 0  # batches and direct calls in flight
-
-    # The caller holds the scheduler's lock, which ``cond`` shares.
-    def wake_one(self) -> None:
-        if self.waiting:
-            self.waiting -= 1
-            self.cond.notify()
-
-    def wake_all(self) -> None:
-        self.waiting = 0
-        self.cond.notify_all()
-
-
 #: A direct call as this scheduler makes it: on one of its machine's slots, for one task.
-_Direct = DirectCall[_MachineSlots, Task]
+_Direct = DirectCall[MachineSlots, Task]
 
 
 class Scheduler:
@@ -122,9 +92,7 @@ class Scheduler:
         self.b = b
         self._own_session = own_session
         self._service = f"BigexecTasks{next(_ids)}"
-        self._runner = TaskRunner(initializer, initargs)
         self._functions = FunctionCache()
-        self._runner_blob: bytes | None = None
         self._max_crashes = max_crashes
         self._maxtasks = maxtasksperchild
         self._unpicklable_result = unpicklable_result
@@ -135,155 +103,51 @@ class Scheduler:
         self._idle = threading.Condition(self._lock)
         self._queue: deque[Task] = deque()
         self._inflight = 0
-        self._machines: list[_MachineSlots] = []
-        self._started_machines: list[Machine] = []
         self._broken: BaseException | None = None
         self._closing = False
         self._stopped = False
         self._cancel_running: BaseException | None = None
-        self._boot_failures = 0
         self._task_time = TaskTimer()
-        self._can_replace = b.system is not None
         self._size = count or len(machines or [])
         self.tasks_completed = 0
         self.crashes = 0
-        self.replacements = 0
+        self._fleet = Fleet(b, self, self._lock, service=self._service,
+                            runner=TaskRunner(initializer, initargs), backoff=BOOT_RETRY_BACKOFF)
         b.add_metrics_source(f"scheduler:{self._service}", self._metrics)
         if machines:
             for m in machines:
-                self._adopt(m, register=True)
+                self._fleet.adopt(m, register=True)
         # ``lazy``: machines start with the first task, as the standard executors' workers do
         # (so an initializer that fails shows in that task's future, not in the submit).
         self._to_start = count if lazy else 0
         if count and not lazy:
-            self._start_machines(count)
+            self._fleet.start(count)
 
     def _metrics(self) -> dict[str, Any]:
         with self._lock:
             return {"queued": len(self._queue), "running": self._inflight,
                     "completed": self.tasks_completed, "crashes": self.crashes,
-                    "replacements": self.replacements,
-                    "machines": sum(1 for s in self._machines if not s.dead),
+                    "replacements": self._fleet.replacements,
+                    "machines": sum(1 for s in self._fleet.machines if not s.dead),
                     "mean_task_seconds": self._task_time.mean or 0.0}
 
-    # --- machines ------------------------------------------------------------------------
+    # --- the fleet's owner (see fleet.py) ----------------------------------------------
 
-    def _start_machines(self, n: int) -> None:
-        try:
-            ms = self.b.start(n, services={self._service: self._runner})
-        except Exception as exc:  # the session is closed, the system cannot start more
-            self._machine_unavailable(exc)
-            return
+    def ended(self) -> bool:
+        return self._stopped or self._broken is not None
+
+    def stopping_work(self) -> bool:
+        return self._cancel_running is not None
+
+    def break_cluster(self, exc: BaseException, cause: BaseException | None) -> None:
+        self._break(exc, cause)
+
+    def wait_ended(self, timeout: float) -> bool:
         with self._lock:
-            self._started_machines.extend(ms)
-        for m in ms:
-            self._adopt(m, register=False)
+            return self._idle.wait_for(self.ended, timeout)
 
-    def _adopt(self, m: Machine, register: bool) -> None:
-        st = _MachineSlots(m, register, self._lock)
-        with self._lock:
-            self._machines.append(st)
-        threading.Thread(target=self._machine_main, args=(st,), daemon=True,
-                         name=f"bigexec-sched-{m.addr or 'boot'}").start()
-
-    def _machine_main(self, st: _MachineSlots) -> None:
-        m = st.machine
-        m.wait(RUNNING)
-        err: BaseException | None = m.err if m.state == STOPPED else None
-        if err is None and st.register:
-            try:
-                if self._runner_blob is None:
-                    self._runner_blob = codec.dumps_bytes(self._runner)
-                m.call("Supervisor.register", self._service, self._runner_blob, timeout=300)
-            except Exception as exc:
-                err = BootError(f"service {self._service!r} failed to start on machine "
-                                f"{m.addr}: {type(exc).__name__}: {exc}")
-                err.service = self._service
-                err.__cause__ = exc
-        if err is None and m.state == STOPPED:
-            err = m.err or MachineStopped(m.addr)
-        if err is not None:
-            self._boot_failed(st, err)
-            return
-        with self._lock:
-            self._boot_failures = 0
-            st.started = True
-            st.slots = m.maxprocs
-        m.on_stop(lambda _m: self._wake(st))
-        for _ in range(m.maxprocs - 1):
-            threading.Thread(target=self._slot_main, args=(st,), daemon=True,
-                             name=f"bigexec-slot-{m.addr}").start()
-        self._slot_main(st)
-
-    def _boot_failed(self, st: _MachineSlots, err: BaseException) -> None:
-        with self._lock:
-            self._forget_machine(st)
-            if self._stopped or self._broken is not None:
-                return
-            if isinstance(err, BootError) and err.service == self._service:
-                self._break(BrokenCluster(
-                    f"A machine initializer failed, the executor is not usable anymore: {err}"),
-                    cause=err)
-                return
-            self._boot_failures += 1
-            failures = self._boot_failures
-            running = any(s.started and not s.dead for s in self._machines)
-            booting = any(not s.started and not s.dead for s in self._machines)
-        wait = boot_retry.next_boot_wait(failures, can_replace=self._can_replace,
-                                         running=running, booting=booting,
-                                         backoff=BOOT_RETRY_BACKOFF)
-        if wait is None:
-            log.warning("a machine failed to boot: %s", err)
-            self._machine_unavailable(err)
-        elif wait > 0:
-            # Others run the tasks (or may yet) meanwhile: keep the size, retrying for as long
-            # as it takes, but less often the longer boots keep failing.
-            log.warning("a machine failed to boot (%d in a row), retrying in %.1fs: %s",
-                        failures, wait, err)
-            threading.Thread(target=self._retry_boot, args=(wait,), daemon=True,
-                             name="bigexec-boot-retry").start()
-        else:
-            log.warning("a machine failed to boot (%d in a row), retrying now: %s", failures, err)
-            self._start_machines(1)
-
-    def _retry_boot(self, wait: float) -> None:
-        with self._lock:
-            self._idle.wait_for(lambda: self._stopped or self._broken is not None, wait)
-            if self._stopped or self._broken is not None:
-                return
-        self._start_machines(1)
-
-    def _machine_unavailable(self, err: BaseException) -> None:
-        with self._lock:
-            live = any(not s.dead for s in self._machines)
-            # (machines killed on purpose with the work, by stop_running, break nothing)
-            if (live or self._broken is not None or self._stopped
-                    or self._cancel_running is not None):
-                return
-            self._break(BrokenCluster(f"no machine can be had to run tasks: {err}"), cause=err)
-
-    def _forget_machine(self, st: _MachineSlots) -> None:
-        """Let go of a machine that is gone (the caller holds the lock)."""
-        if st in self._machines:
-            self._machines.remove(st)
-        if st.machine in self._started_machines:
-            self._started_machines.remove(st.machine)
-
-    def _machine_gone(self, st: _MachineSlots, why: BaseException | None) -> None:
-        """A machine died or retired: replace it to keep the size, unless we are done."""
-        with self._lock:
-            self._forget_machine(st)
-            replace = (not self._stopped and self._broken is None and self._can_replace
-                       and self._cancel_running is None)
-        if replace:
-            self.replacements += 1
-            self._start_machines(1)
-        elif why is not None:
-            self._machine_unavailable(why)
-
-    # --- the slots -----------------------------------------------------------------------
-
-    def _slot_main(self, st: _MachineSlots) -> None:
+    def serve(self, st: MachineSlots) -> None:
+        """Be one slot thread of ``st``'s machine: run its batches and direct calls."""
         try:
             while self._serve_once(st):
                 pass
@@ -294,7 +158,9 @@ class Scheduler:
         finally:
             self._slot_done(st)
 
-    def _serve_once(self, st: _MachineSlots) -> bool:
+    # --- the slots -----------------------------------------------------------------------
+
+    def _serve_once(self, st: MachineSlots) -> bool:
         """Take one batch or direct call and run it; False when the slot should end.
 
         A frame of its own per piece of work, so that an idle slot thread holds nothing of
@@ -313,19 +179,15 @@ class Scheduler:
                 st.busy -= 1
         return not st.dead
 
-    def _wake(self, st: _MachineSlots) -> None:
-        with self._lock:
-            st.wake_all()
-
     def _notify_everyone(self) -> None:
         """The state changed for all (stop, break, requeue): wake slots and idle waiters."""
-        for st in self._machines:
+        for st in self._fleet.machines:
             st.wake_all()
         self._idle.notify_all()
 
     def _wake_slots(self, n: int) -> None:
         """Wake up to ``n`` idle slot threads (the caller holds the lock)."""
-        for st in self._machines:
+        for st in self._fleet.machines:
             if n <= 0:
                 return
             k = min(n, st.waiting)
@@ -334,7 +196,7 @@ class Scheduler:
                 st.cond.notify(k)
                 n -= k
 
-    def _slot_done(self, st: _MachineSlots) -> None:
+    def _slot_done(self, st: MachineSlots) -> None:
         m = st.machine
         with self._lock:
             st.slots -= 1
@@ -350,11 +212,11 @@ class Scheduler:
             retiring = st.retiring
         if retiring and m.state != STOPPED:
             m.shutdown()
-            self._machine_gone(st, None)
+            self._fleet.gone(st, None)
         elif m.state == STOPPED:  # it died while idle
-            self._machine_gone(st, m.err or MachineStopped(m.addr))
+            self._fleet.gone(st, m.err or MachineStopped(m.addr))
 
-    def _take(self, st: _MachineSlots) -> list[Task] | _Direct | None:
+    def _take(self, st: MachineSlots) -> list[Task] | _Direct | None:
         with self._lock:
             while True:
                 if st.direct:
@@ -372,11 +234,11 @@ class Scheduler:
                 st.waiting += 1
                 st.cond.wait()
 
-    def _pop_batch(self, st: _MachineSlots) -> list[Task]:
+    def _pop_batch(self, st: MachineSlots) -> list[Task]:
         q = self._queue
         # Machines still booting count too: else the first one up takes the whole queue in one
         # batch, and tasks meant to run side by side run one after another on it.
-        slots = max(sum(s.slots for s in self._machines if s.started and not s.dead),
+        slots = max(sum(s.slots for s in self._fleet.machines if s.started and not s.dead),
                     self._size, 1)
         n = batch_size(len(q), q[0].suspect, self._task_time.mean, slots)
         if self._maxtasks is not None:
@@ -446,7 +308,7 @@ class Scheduler:
                 if self._queue and st.busy < st.slots:
                     st.wake_one()
 
-    def _run(self, st: _MachineSlots, batch: list[Task], direct: _Direct | None = None) -> None:
+    def _run(self, st: MachineSlots, batch: list[Task], direct: _Direct | None = None) -> None:
         m = st.machine
         try:
             try:
@@ -520,7 +382,7 @@ class Scheduler:
                 good.append(t)
         return good
 
-    def _lost(self, st: _MachineSlots, unfinished: list[Task], exc: BaseException,
+    def _lost(self, st: MachineSlots, unfinished: list[Task], exc: BaseException,
               grace: float = 1.0) -> None:
         """The call on ``st``'s machine failed in transport: the machine died, most likely;
         ``grace`` is how long to wait for its system to confirm a death."""
@@ -543,7 +405,7 @@ class Scheduler:
         if first_time:
             if m.state != STOPPED:
                 m.cancel()
-            self._machine_gone(st, why or exc)
+            self._fleet.gone(st, why or exc)
 
     def _requeue(self, tasks: list[Task], charge: str | None) -> None:
         if not tasks:
@@ -606,14 +468,14 @@ class Scheduler:
             self._wake_slots(len(tasks))  # a slot that wakes for nothing costs a round trip
             start, self._to_start = self._to_start, 0
         if start:
-            self._start_machines(start)
+            self._fleet.start(start)
 
-    def _direct_slot(self) -> _MachineSlots | None:
+    def _direct_slot(self) -> MachineSlots | None:
         """A machine with an idle slot thread and nothing queued (the caller holds the lock)."""
         if (self._queue or self._broken is not None or self._closing or self._stopped
                 or self._cancel_running is not None or self._to_start):
             return None
-        for st in self._machines:
+        for st in self._fleet.machines:
             if (st.waiting and st.busy < st.slots and st.started and not st.dead
                     and not st.retiring and st.machine.state == RUNNING):
                 return st
@@ -666,7 +528,7 @@ class Scheduler:
             self._cancel_running = reason
             self._closing = True  # nothing submitted from now on could run
             queued, self._queue = list(self._queue), deque()
-            busy = [s.machine for s in self._machines if s.busy]
+            busy = [s.machine for s in self._fleet.machines if s.busy]
             self._notify_everyone()
         for t in queued:
             if not t.future.cancel():
@@ -712,7 +574,7 @@ class Scheduler:
             self._stopped = True
             self._notify_everyone()
             leftovers, self._queue = list(self._queue), deque()
-            started = list(self._started_machines)
+            started = list(self._fleet.started)
         self.b.remove_metrics_source(f"scheduler:{self._service}")
         err = self._broken or RuntimeError("the executor shut down before the task could run")
         for t in leftovers:
@@ -726,4 +588,4 @@ class Scheduler:
 
     def machines(self) -> list[Machine]:
         with self._lock:
-            return [s.machine for s in self._machines if not s.dead]
+            return [s.machine for s in self._fleet.machines if not s.dead]
