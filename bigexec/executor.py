@@ -112,8 +112,9 @@ class Executor(ClusterViews, _StdExecutor):
         err = self._scheduler.broken
         return str(err) if err is not None else False
 
+    # observe.ClusterViews declares ``session`` a plain attribute; read-only is what it means
     @property
-    def session(self) -> B:
+    def session(self) -> B:  # type: ignore[override]
         """The session whose machines run the tasks."""
         return self._scheduler.b
 
