@@ -310,7 +310,7 @@ class Pool(ClusterViews):
             except BaseException:  # the jobs catch their callbacks' errors; this is a bug
                 log.exception("pool result handler failed")
             # the job holds its future and result: do not keep them alive while waiting
-            job = None  # type: ignore[assignment]
+            job = None
 
     def _chunk_finished(self, result: MapResult, index: int, fut: Future) -> None:
         self._post(lambda: result._chunk_done(index, fut))
