@@ -123,6 +123,11 @@ class Scheduler:
         if count and not lazy:
             self._fleet.start(count)
 
+    @property
+    def replacements(self) -> int:
+        """How many machines were started to replace lost or retired ones."""
+        return self._fleet.replacements
+
     def _metrics(self) -> dict[str, Any]:
         with self._lock:
             return {"queued": len(self._queue), "running": self._inflight,
@@ -275,6 +280,46 @@ class Scheduler:
 
     # --- direct calls (see direct.py): this scheduler as their DirectOwner -------------------
 
+    def _direct_slot(self) -> MachineSlots | None:
+        """A machine with an idle slot thread and nothing queued (the caller holds the lock)."""
+        if (self._queue or self._broken is not None or self._closing or self._stopped
+                or self._cancel_running is not None or self._to_start):
+            return None
+        for st in self._fleet.machines:
+            if (st.waiting and st.busy < st.slots and st.started and not st.dead
+                    and not st.retiring and st.machine.state == RUNNING):
+                return st
+        return None
+
+    def _send_direct(self, task: Task) -> bool:
+        """Send ``task`` to an idle machine from this thread, if one is idle and the task
+        small; return whether it went. A slot thread would only add a wake-up to the trip."""
+        if self._direct_slot() is None:  # a guess without the lock; checked again below
+            return False
+        prepared = prepare_small(self._functions, task.fn, task.args, task.kwargs)
+        if prepared is None:
+            return False
+        with self._lock:
+            st = self._direct_slot()
+            if st is None:
+                return False
+            if not task.future.set_running_or_notify_cancel():
+                return True  # cancelled before it was ever queued
+            task.started = True
+            st.busy += 1
+            st.dispatched += 1
+            self._inflight += 1
+        d = DirectCall(self, st, task, st.machine)
+        d.send(f"{self._service}.run_one", prepared)
+        with self._lock:
+            gone = st.slots <= 0  # its slot threads have all left: nobody else will read it
+            if not gone:
+                st.direct.append(d)
+                st.wake_one()
+        if gone and d.claim():
+            self.read_direct(d)
+        return True
+
     def hand_back(self, call: _Direct) -> None:
         """A waiter claimed ``call`` but its reply was not whole in time: a slot thread reads
         it."""
@@ -307,6 +352,8 @@ class Scheduler:
                 st.busy -= 1
                 if self._queue and st.busy < st.slots:
                     st.wake_one()
+
+    # --- running a call, and what a lost machine costs ------------------------------------
 
     def _run(self, st: MachineSlots, batch: list[Task], direct: _Direct | None = None) -> None:
         m = st.machine
@@ -469,46 +516,6 @@ class Scheduler:
             start, self._to_start = self._to_start, 0
         if start:
             self._fleet.start(start)
-
-    def _direct_slot(self) -> MachineSlots | None:
-        """A machine with an idle slot thread and nothing queued (the caller holds the lock)."""
-        if (self._queue or self._broken is not None or self._closing or self._stopped
-                or self._cancel_running is not None or self._to_start):
-            return None
-        for st in self._fleet.machines:
-            if (st.waiting and st.busy < st.slots and st.started and not st.dead
-                    and not st.retiring and st.machine.state == RUNNING):
-                return st
-        return None
-
-    def _send_direct(self, task: Task) -> bool:
-        """Send ``task`` to an idle machine from this thread, if one is idle and the task
-        small; return whether it went. A slot thread would only add a wake-up to the trip."""
-        if self._direct_slot() is None:  # a guess without the lock; checked again below
-            return False
-        prepared = prepare_small(self._functions, task.fn, task.args, task.kwargs)
-        if prepared is None:
-            return False
-        with self._lock:
-            st = self._direct_slot()
-            if st is None:
-                return False
-            if not task.future.set_running_or_notify_cancel():
-                return True  # cancelled before it was ever queued
-            task.started = True
-            st.busy += 1
-            st.dispatched += 1
-            self._inflight += 1
-        d = DirectCall(self, st, task, st.machine)
-        d.send(f"{self._service}.run_one", prepared)
-        with self._lock:
-            gone = st.slots <= 0  # its slot threads have all left: nobody else will read it
-            if not gone:
-                st.direct.append(d)
-                st.wake_one()
-        if gone and d.claim():
-            self.read_direct(d)
-        return True
 
     def cancel_pending(self) -> None:
         """Cancel every queued task that has not started (as ``cancel_futures=True``)."""
