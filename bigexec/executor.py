@@ -23,10 +23,12 @@ from concurrent.futures import CancelledError, Future
 from concurrent.futures import Executor as _StdExecutor
 from typing import Any
 
+from .batching import Task
 from .machine import Machine
 from .observe import ClusterViews
-from .scheduler import Scheduler, Task, session_for
+from .scheduler import Scheduler
 from .session import B
+from .session_choice import session_for
 from .tasks import run_chunk
 
 __all__ = ["Executor"]
@@ -110,8 +112,9 @@ class Executor(ClusterViews, _StdExecutor):
         err = self._scheduler.broken
         return str(err) if err is not None else False
 
+    # observe.ClusterViews declares ``session`` a plain attribute; read-only is what it means
     @property
-    def session(self) -> B:
+    def session(self) -> B:  # type: ignore[override]
         """The session whose machines run the tasks."""
         return self._scheduler.b
 

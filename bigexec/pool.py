@@ -16,6 +16,7 @@ exception (the fix of CPython gh-83371) instead of killing the result handler; `
 from __future__ import annotations
 
 import collections
+import functools
 import itertools
 import logging
 import multiprocessing
@@ -26,15 +27,19 @@ import time
 import warnings
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future
-from multiprocessing.pool import MaybeEncodingError
+
+# (typeshed leaves these two out of multiprocessing.pool, where CPython has them)
+from multiprocessing.pool import MaybeEncodingError  # type: ignore[attr-defined]
 from multiprocessing.pool import RemoteTraceback as _PoolRemoteTraceback  # type: ignore[attr-defined]
 from typing import Any
 
+from .batching import Task
 from .errors import RemoteTraceback
 from .machine import Machine
 from .observe import ClusterViews
-from .scheduler import Scheduler, Task, session_for
+from .scheduler import Scheduler
 from .session import B
+from .session_choice import session_for
 from .tasks import run_chunk, run_star_chunk
 
 __all__ = ["Pool", "AsyncResult", "ApplyResult", "MapResult", "IMapIterator"]
@@ -305,7 +310,13 @@ class Pool(ClusterViews):
             except BaseException:  # the jobs catch their callbacks' errors; this is a bug
                 log.exception("pool result handler failed")
             # the job holds its future and result: do not keep them alive while waiting
-            job = None  # type: ignore[assignment]
+            job = None
+
+    def _chunk_finished(self, result: MapResult, index: int, fut: Future) -> None:
+        self._post(lambda: result._chunk_done(index, fut))
+
+    def _post_done(self, done: Callable[[int, Future], None], index: int, fut: Future) -> None:
+        self._post(lambda: done(index, fut))
 
     def _post(self, fn: Callable[[], None]) -> None:
         self._results.put(fn)
@@ -325,8 +336,9 @@ class Pool(ClusterViews):
         """The machines working for the pool (``multiprocessing`` exposes its processes so)."""
         return self._scheduler.machines()
 
+    # observe.ClusterViews declares ``session`` a plain attribute; read-only is what it means
     @property
-    def session(self) -> B:
+    def session(self) -> B:  # type: ignore[override]
         return self._scheduler.b
 
     # --- apply ---------------------------------------------------------------------------
@@ -364,9 +376,8 @@ class Pool(ClusterViews):
             tasks = []
             for i in range(0, len(items), chunksize):
                 t = Task(runner, (func, items[i : i + chunksize]), {})
-                index = i // chunksize
-                t.future.add_done_callback(
-                    lambda f, index=index: self._post(lambda: result._chunk_done(index, f)))
+                t.future.add_done_callback(functools.partial(self._chunk_finished, result,
+                                                             i // chunksize))
                 tasks.append(t)
             self._submit(tasks)
         return result
@@ -434,8 +445,7 @@ class Pool(ClusterViews):
                         it._set(index, False, exc)
                         index += 1
                         break
-                    task.future.add_done_callback(
-                        lambda f, index=index: self._post(lambda: done(index, f)))
+                    task.future.add_done_callback(functools.partial(self._post_done, done, index))
                     try:
                         self._submit([task])
                     except BaseException as exc:

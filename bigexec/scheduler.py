@@ -1,90 +1,66 @@
-"""The scheduler under Executor and Pool: tasks to machines, batched, surviving lost machines.
+"""The scheduler under Executor and Pool: tasks to the slot threads of machines, batched,
+surviving lost machines.
 
     submit(task) ──> queue (FIFO) ──> slot threads, ``maxprocs`` per machine
-                                        │ take a batch: as many queued tasks as make about
-                                        │ ``_BATCH_SECONDS`` of work at the measured task time
+                                        │ take a batch (see batching.py for its size)
                                         │ call "<service>.run" on the machine; its reply streams
                                         │ one frame per task as each finishes, completing its
                                         │ future at once
-                                        └ the machine died: the task it was running is charged
-                                          one crash, the rest of the batch goes back to the
-                                          front of the queue, and a replacement machine starts
-                                          (several unfinished: any may have been running, as
-                                          results leave in groups; none is charged, and each
-                                          runs alone next, so that the next death names it)
+                                        └ the machine died: the unfinished tasks pay for it
+                                          (batching.charge_loss) and go back to the front of
+                                          the queue, and a replacement machine starts
 
     submit(task), queue empty and a slot idle ──> the submitting thread sends "<service>.run_one"
-        itself (a "direct" call); the reply is read by whoever claims it first: the thread
-        that waits in ``future.result()`` (with a timeout, only a reply whole by then: the
-        timeout is a deadline), or the idle slot thread woken at submit (so that a future
-        nobody waits on completes too). Either way one thread hand-off fewer than
-        through the queue; the slot's capacity is counted as busy until the reply is read.
+        itself: a direct call (see direct.py), read by the future's waiter or by the idle
+        slot thread woken at submit; the slot's capacity is counted as busy until it is read.
 
-Task states (a task's future follows the standard ``concurrent.futures`` states)::
+    machines: fleet.py starts them, boots them, hands each to ``maxprocs`` slot threads
+        (``Scheduler.serve``) and replaces those that fail to boot, die or retire.
 
-    queued (future PENDING; Future.cancel() works) ──take──> dispatched (future RUNNING)
-    dispatched ──result/exception──> done
-    dispatched ──machine died──> queued again (future stays RUNNING), or, after
-                                 ``max_crashes`` deaths while it ran, WorkerLostError
+The scheduler is *broken* (every pending future fails with ``BrokenCluster`` and ``submit``
+raises it) when a machine's initializer raises, or when no machine can be had any more.
+Nothing waits forever: every future ends with a result or an exception.
 
-A machine that fails to boot is replaced: at once while no machine runs, else after a backoff
-(``BOOT_RETRY_BACKOFF``: 1 s doubling to 60 s, jittered), for as long as it takes, so that the
-cluster keeps its size. The scheduler is *broken* (every pending future fails with
-``BrokenCluster`` and ``submit`` raises it) when a machine's initializer raises, or when
-machines keep failing to boot (``_MAX_BOOT_FAILURES`` in a row) and none is left. Nothing
-waits forever: every future ends with a result or an exception.
+All the state below is guarded by one lock (``Scheduler._lock``); each machine's slot threads
+wait on a condition of it, ``wait_idle`` on another.
 """
 
 from __future__ import annotations
 
-import functools
 import itertools
 import logging
-import math
-import random
 import threading
-import time
 from collections import deque
-from collections.abc import Callable, Iterator
-from concurrent.futures import Future, InvalidStateError
+from collections.abc import Callable
+from concurrent.futures import Future
 from typing import Any
 
-from .errors import (
-    BootError,
-    BrokenCluster,
-    MachineStopped,
-    NetworkError,
-    WorkerLostError,
+from . import boot_retry
+from .batching import (
+    Task,
+    TaskTimer,
+    batch_size,
+    charge_loss,
+    lost_error,
+    reply_records,
+    settle,
 )
+from .direct import DirectCall, prepare_small
+from .errors import BrokenCluster, MachineStopped, NetworkError
+from .fleet import Fleet, MachineSlots
 from .machine import RUNNING, STOPPED, Machine
 from .rpc import codec, wire
-from .rpc.client import CallHandle, Client, new_call_id
-from .session import B, start
-from .tasks import FAILED, OK, UNPICKLABLE_RESULT, FunctionCache, TaskRunner, decode_frame
+from .session import B
+from .tasks import OK, UNPICKLABLE_RESULT, FunctionCache, TaskRunner
 
-__all__ = ["Scheduler", "Task"]
+__all__ = ["BOOT_RETRY_BACKOFF", "Scheduler", "Task"]
 
 log = logging.getLogger("bigexec.scheduler")
 
-_BATCH_SECONDS = 0.02  # aim a batch at this much work: small tasks share one round trip
-_MAX_BATCH = 512
-_MAX_BOOT_FAILURES = 3  # in a row with no machine left, before the scheduler breaks
-#: Waits between boot retries while other machines live: first, most (doubling, jittered).
-BOOT_RETRY_BACKOFF = (1.0, 60.0)
-_DIRECT_MAX_BYTES = 64 * 1024  # larger requests go through a slot thread: submit stays quick
+#: Waits between boot retries while other machines live (read when a scheduler is made, so
+#: that a test may set it here).
+BOOT_RETRY_BACKOFF = boot_retry.BOOT_RETRY_BACKOFF
 _ids = itertools.count(1)
-
-
-def session_for(b: B | None, machines: list[Machine] | None, system: str | None,
-                system_options: dict[str, Any]) -> tuple[B, bool]:
-    """The session an Executor or Pool runs in, and whether it owns it (starts and stops it):
-    a new one on ``system``, or the given ``b``, or that of the given ``machines``."""
-    if b is None and not machines:
-        return start(system, **system_options), True
-    if system is not None or system_options:
-        raise TypeError("system and its options are for a new session; not with b= or "
-                        "machines=")
-    return (b if b is not None else machines[0].session), False  # type: ignore[index]
 
 
 def _close(stream: Any) -> None:
@@ -92,172 +68,8 @@ def _close(stream: Any) -> None:
         stream.close()
 
 
-class Task:
-    """One function call and the future that receives its outcome."""
-
-    __slots__ = ("fn", "args", "kwargs", "future", "crashes", "started", "suspect")
-
-    def __init__(self, fn: Callable[..., Any], args: tuple, kwargs: dict,
-                 future: Future | None = None) -> None:
-        self.fn = fn
-        self.args = args
-        self.kwargs = kwargs
-        self.future: Future = future if future is not None else _TaskFuture()
-        self.crashes: list[str] = []
-        self.started = False
-        self.suspect = False  # was in a batch that killed its machine: runs alone from now on
-
-    def describe(self) -> str:
-        name = getattr(self.fn, "__qualname__", None) or repr(self.fn)
-        if isinstance(self.fn, functools.partial):
-            name = f"partial({getattr(self.fn.func, '__qualname__', self.fn.func)!s})"
-        try:
-            args = ", ".join([repr(a) for a in self.args]
-                             + [f"{k}={v!r}" for k, v in self.kwargs.items()])
-        except Exception:
-            args = "..."
-        if len(args) > 120:
-            args = args[:117] + "..."
-        return f"{name}({args})"
-
-
-class _TaskFuture(Future):
-    """The Executor's future. When a call went straight to a machine (see ``_Direct``), the
-    first ``result()`` or ``exception()`` reads the reply itself, in the waiting thread,
-    instead of being woken by the slot thread that would read it: one thread hand-off less
-    per round trip. With a timeout, which is a deadline, it reads only a reply that is whole
-    by then (a reply that starts in time may still arrive slowly); else the slot thread gets
-    the call back and the wait goes on as usual."""
-
-    _direct: _Direct | None = None
-
-    def _read_here(self, timeout: float | None) -> None:
-        d = self._direct
-        if d is None or not d.claim():
-            return
-        if timeout is not None and not d.reply_buffered(timeout):
-            d.scheduler._hand_back(d)
-            return
-        d.scheduler._run_direct(d)
-
-    def _read_first(self, timeout: float | None) -> float | None:
-        """Read a direct call's reply here if this thread can; return what is left of
-        ``timeout``."""
-        if timeout is None:
-            self._read_here(None)
-            return None
-        deadline = time.monotonic() + timeout
-        self._read_here(timeout)
-        return max(0.0, deadline - time.monotonic())
-
-    def result(self, timeout: float | None = None) -> Any:
-        if self._direct is not None:
-            timeout = self._read_first(timeout)
-        return super().result(timeout)
-
-    def exception(self, timeout: float | None = None) -> BaseException | None:
-        if self._direct is not None:
-            timeout = self._read_first(timeout)
-        return super().exception(timeout)
-
-
-class _Direct:
-    """A task whose request the submitting thread sent at once to an idle slot's machine.
-
-    Its reply is read by whoever claims it first: the task's future, when someone waits on
-    it, or a slot thread of that machine (woken at submit), so that a future nobody waits on
-    still completes. ``error`` holds what sending raised, for the reader to handle.
-    """
-
-    __slots__ = ("scheduler", "st", "task", "pending", "error", "_token")
-
-    def __init__(self, scheduler: Scheduler, st: _MachineSlots, task: Task) -> None:
-        self.scheduler = scheduler
-        self.st = st
-        self.task = task
-        self.pending: Any = None
-        self.error: BaseException | None = None
-        self._token = threading.Lock()
-
-    def claim(self) -> bool:
-        if not self._token.acquire(blocking=False):
-            return False
-        fut = self.task.future
-        if type(fut) is _TaskFuture:
-            fut._direct = None
-        return True
-
-    def unclaim(self) -> None:
-        fut = self.task.future
-        if type(fut) is _TaskFuture:
-            fut._direct = self
-        self._token.release()
-
-    def reply_buffered(self, timeout: float) -> bool:
-        """Whether the reply is whole within ``timeout`` seconds (or sending failed: then
-        there is nothing to wait for)."""
-        if self.error is not None or self.pending is None:
-            return True
-        return self.st.machine.reply_buffered(self.pending, timeout)
-
-    def finish(self) -> Any:
-        if self.error is not None:
-            raise self.error
-        return self.st.machine.finish_call(self.pending)
-
-
-def _records(frame: Any) -> Iterator[tuple[int, int, float, Any]]:
-    """The (index, outcome, seconds, result or encoded error) of each task in a reply frame."""
-    if type(frame) is tuple:  # run_one's reply, decoded already
-        yield frame
-        return
-    for index, outcome, seconds, value in decode_frame(frame):
-        if outcome == OK:
-            try:
-                value = codec.loads(value)
-            except codec.DecodeError as exc:  # fails this task, not the batch
-                outcome, value = FAILED, exc
-        yield index, outcome, seconds, value
-
-
-def _settle(fut: Future, *, result: Any = None, error: BaseException | None = None) -> None:
-    try:
-        if error is None:
-            fut.set_result(result)
-        else:
-            fut.set_exception(error)
-    except InvalidStateError:  # cancelled, or already failed by shutdown: keep the first word
-        pass
-
-
-class _MachineSlots:
-    """The scheduler's view of one machine: its slot threads and task counts."""
-
-    __slots__ = ("machine", "register", "slots", "dispatched", "retiring", "dead", "started",
-                 "busy", "cond", "waiting", "direct")
-
-    def __init__(self, machine: Machine, register: bool, lock: threading.RLock) -> None:
-        self.machine = machine
-        self.cond = threading.Condition(lock)  # its slot threads wait here
-        self.waiting = 0  # slot threads waiting on cond and not yet notified
-        self.direct: deque[_Direct] = deque()
-        self.register = register  # the service must be registered by us (given machines)
-        self.slots = 0
-        self.dispatched = 0
-        self.retiring = False
-        self.dead = False
-        self.started = False
-        self.busy = 0  # batches and direct calls in flight
-
-    # The caller holds the scheduler's lock, which ``cond`` shares.
-    def wake_one(self) -> None:
-        if self.waiting:
-            self.waiting -= 1
-            self.cond.notify()
-
-    def wake_all(self) -> None:
-        self.waiting = 0
-        self.cond.notify_all()
+#: A direct call as this scheduler makes it: on one of its machine's slots, for one task.
+_Direct = DirectCall[MachineSlots, Task]
 
 
 class Scheduler:
@@ -280,9 +92,7 @@ class Scheduler:
         self.b = b
         self._own_session = own_session
         self._service = f"BigexecTasks{next(_ids)}"
-        self._runner = TaskRunner(initializer, initargs)
         self._functions = FunctionCache()
-        self._runner_blob: bytes | None = None
         self._max_crashes = max_crashes
         self._maxtasks = maxtasksperchild
         self._unpicklable_result = unpicklable_result
@@ -293,157 +103,56 @@ class Scheduler:
         self._idle = threading.Condition(self._lock)
         self._queue: deque[Task] = deque()
         self._inflight = 0
-        self._machines: list[_MachineSlots] = []
-        self._started_machines: list[Machine] = []
         self._broken: BaseException | None = None
         self._closing = False
         self._stopped = False
         self._cancel_running: BaseException | None = None
-        self._boot_failures = 0
-        self._avg_seconds: float | None = None
-        self._can_replace = b.system is not None
+        self._task_time = TaskTimer()
         self._size = count or len(machines or [])
         self.tasks_completed = 0
         self.crashes = 0
-        self.replacements = 0
+        self._fleet = Fleet(b, self, self._lock, service=self._service,
+                            runner=TaskRunner(initializer, initargs), backoff=BOOT_RETRY_BACKOFF)
         b.add_metrics_source(f"scheduler:{self._service}", self._metrics)
         if machines:
             for m in machines:
-                self._adopt(m, register=True)
+                self._fleet.adopt(m, register=True)
         # ``lazy``: machines start with the first task, as the standard executors' workers do
         # (so an initializer that fails shows in that task's future, not in the submit).
         self._to_start = count if lazy else 0
         if count and not lazy:
-            self._start_machines(count)
+            self._fleet.start(count)
+
+    @property
+    def replacements(self) -> int:
+        """How many machines were started to replace lost or retired ones."""
+        return self._fleet.replacements
 
     def _metrics(self) -> dict[str, Any]:
         with self._lock:
             return {"queued": len(self._queue), "running": self._inflight,
                     "completed": self.tasks_completed, "crashes": self.crashes,
-                    "replacements": self.replacements,
-                    "machines": sum(1 for s in self._machines if not s.dead),
-                    "mean_task_seconds": self._avg_seconds or 0.0}
+                    "replacements": self._fleet.replacements,
+                    "machines": sum(1 for s in self._fleet.machines if not s.dead),
+                    "mean_task_seconds": self._task_time.mean or 0.0}
 
-    # --- machines ------------------------------------------------------------------------
+    # --- the fleet's owner (see fleet.py) ----------------------------------------------
 
-    def _start_machines(self, n: int) -> None:
-        try:
-            ms = self.b.start(n, services={self._service: self._runner})
-        except Exception as exc:  # the session is closed, the system cannot start more
-            self._machine_unavailable(exc)
-            return
+    def ended(self) -> bool:
+        return self._stopped or self._broken is not None
+
+    def stopping_work(self) -> bool:
+        return self._cancel_running is not None
+
+    def break_cluster(self, exc: BaseException, cause: BaseException | None) -> None:
+        self._break(exc, cause)
+
+    def wait_ended(self, timeout: float) -> bool:
         with self._lock:
-            self._started_machines.extend(ms)
-        for m in ms:
-            self._adopt(m, register=False)
+            return self._idle.wait_for(self.ended, timeout)
 
-    def _adopt(self, m: Machine, register: bool) -> None:
-        st = _MachineSlots(m, register, self._lock)
-        with self._lock:
-            self._machines.append(st)
-        threading.Thread(target=self._machine_main, args=(st,), daemon=True,
-                         name=f"bigexec-sched-{m.addr or 'boot'}").start()
-
-    def _machine_main(self, st: _MachineSlots) -> None:
-        m = st.machine
-        m.wait(RUNNING)
-        err: BaseException | None = m.err if m.state == STOPPED else None
-        if err is None and st.register:
-            try:
-                if self._runner_blob is None:
-                    self._runner_blob = codec.dumps_bytes(self._runner)
-                m.call("Supervisor.register", self._service, self._runner_blob, timeout=300)
-            except Exception as exc:
-                err = BootError(f"service {self._service!r} failed to start on machine "
-                                f"{m.addr}: {type(exc).__name__}: {exc}")
-                err.service = self._service
-                err.__cause__ = exc
-        if err is None and m.state == STOPPED:
-            err = m.err or MachineStopped(m.addr)
-        if err is not None:
-            self._boot_failed(st, err)
-            return
-        with self._lock:
-            self._boot_failures = 0
-            st.started = True
-            st.slots = m.maxprocs
-        m.on_stop(lambda _m: self._wake(st))
-        for _ in range(m.maxprocs - 1):
-            threading.Thread(target=self._slot_main, args=(st,), daemon=True,
-                             name=f"bigexec-slot-{m.addr}").start()
-        self._slot_main(st)
-
-    def _boot_failed(self, st: _MachineSlots, err: BaseException) -> None:
-        with self._lock:
-            self._forget_machine(st)
-            if self._stopped or self._broken is not None:
-                return
-            if isinstance(err, BootError) and err.service == self._service:
-                self._break(BrokenCluster(
-                    f"A machine initializer failed, the executor is not usable anymore: {err}"),
-                    cause=err)
-                return
-            self._boot_failures += 1
-            failures = self._boot_failures
-            running = any(s.started and not s.dead for s in self._machines)
-            booting = any(not s.started and not s.dead for s in self._machines)
-        if not self._can_replace:
-            log.warning("a machine failed to boot: %s", err)
-            self._machine_unavailable(err)
-        elif running or (booting and failures >= _MAX_BOOT_FAILURES):
-            # Others run the tasks (or may yet) meanwhile: keep the size, retrying for as long
-            # as it takes, but less often the longer boots keep failing.
-            first, most = BOOT_RETRY_BACKOFF
-            wait = min(most, first * 2 ** (failures - 1)) * random.uniform(0.75, 1.25)
-            log.warning("a machine failed to boot (%d in a row), retrying in %.1fs: %s",
-                        failures, wait, err)
-            threading.Thread(target=self._retry_boot, args=(wait,), daemon=True,
-                             name="bigexec-boot-retry").start()
-        elif failures < _MAX_BOOT_FAILURES:
-            log.warning("a machine failed to boot (%d in a row), retrying now: %s", failures, err)
-            self._start_machines(1)
-        else:
-            log.warning("a machine failed to boot: %s", err)
-            self._machine_unavailable(err)
-
-    def _retry_boot(self, wait: float) -> None:
-        with self._lock:
-            self._idle.wait_for(lambda: self._stopped or self._broken is not None, wait)
-            if self._stopped or self._broken is not None:
-                return
-        self._start_machines(1)
-
-    def _machine_unavailable(self, err: BaseException) -> None:
-        with self._lock:
-            live = any(not s.dead for s in self._machines)
-            # (machines killed on purpose with the work, by stop_running, break nothing)
-            if (live or self._broken is not None or self._stopped
-                    or self._cancel_running is not None):
-                return
-            self._break(BrokenCluster(f"no machine can be had to run tasks: {err}"), cause=err)
-
-    def _forget_machine(self, st: _MachineSlots) -> None:
-        """Let go of a machine that is gone (the caller holds the lock)."""
-        if st in self._machines:
-            self._machines.remove(st)
-        if st.machine in self._started_machines:
-            self._started_machines.remove(st.machine)
-
-    def _machine_gone(self, st: _MachineSlots, why: BaseException | None) -> None:
-        """A machine died or retired: replace it to keep the size, unless we are done."""
-        with self._lock:
-            self._forget_machine(st)
-            replace = (not self._stopped and self._broken is None and self._can_replace
-                       and self._cancel_running is None)
-        if replace:
-            self.replacements += 1
-            self._start_machines(1)
-        elif why is not None:
-            self._machine_unavailable(why)
-
-    # --- the slots -----------------------------------------------------------------------
-
-    def _slot_main(self, st: _MachineSlots) -> None:
+    def serve(self, st: MachineSlots) -> None:
+        """Be one slot thread of ``st``'s machine: run its batches and direct calls."""
         try:
             while self._serve_once(st):
                 pass
@@ -454,7 +163,9 @@ class Scheduler:
         finally:
             self._slot_done(st)
 
-    def _serve_once(self, st: _MachineSlots) -> bool:
+    # --- the slots -----------------------------------------------------------------------
+
+    def _serve_once(self, st: MachineSlots) -> bool:
         """Take one batch or direct call and run it; False when the slot should end.
 
         A frame of its own per piece of work, so that an idle slot thread holds nothing of
@@ -462,9 +173,9 @@ class Scheduler:
         work = self._take(st)
         if work is None:
             return False
-        if type(work) is _Direct:
+        if isinstance(work, DirectCall):
             if work.claim():  # else its future's waiter reads the reply
-                self._run_direct(work)
+                self.read_direct(work)
             return True
         try:
             self._run(st, work)
@@ -473,19 +184,15 @@ class Scheduler:
                 st.busy -= 1
         return not st.dead
 
-    def _wake(self, st: _MachineSlots) -> None:
-        with self._lock:
-            st.wake_all()
-
     def _notify_everyone(self) -> None:
         """The state changed for all (stop, break, requeue): wake slots and idle waiters."""
-        for st in self._machines:
+        for st in self._fleet.machines:
             st.wake_all()
         self._idle.notify_all()
 
     def _wake_slots(self, n: int) -> None:
         """Wake up to ``n`` idle slot threads (the caller holds the lock)."""
-        for st in self._machines:
+        for st in self._fleet.machines:
             if n <= 0:
                 return
             k = min(n, st.waiting)
@@ -494,7 +201,7 @@ class Scheduler:
                 st.cond.notify(k)
                 n -= k
 
-    def _slot_done(self, st: _MachineSlots) -> None:
+    def _slot_done(self, st: MachineSlots) -> None:
         m = st.machine
         with self._lock:
             st.slots -= 1
@@ -502,7 +209,7 @@ class Scheduler:
             orphans, st.direct = list(st.direct), deque()
         for d in orphans:
             if d.claim():
-                self._run_direct(d)
+                self.read_direct(d)
         with self._lock:
             if st.slots > 0 or st.dead:
                 return
@@ -510,11 +217,11 @@ class Scheduler:
             retiring = st.retiring
         if retiring and m.state != STOPPED:
             m.shutdown()
-            self._machine_gone(st, None)
+            self._fleet.gone(st, None)
         elif m.state == STOPPED:  # it died while idle
-            self._machine_gone(st, m.err or MachineStopped(m.addr))
+            self._fleet.gone(st, m.err or MachineStopped(m.addr))
 
-    def _take(self, st: _MachineSlots) -> list[Task] | _Direct | None:
+    def _take(self, st: MachineSlots) -> list[Task] | _Direct | None:
         with self._lock:
             while True:
                 if st.direct:
@@ -532,17 +239,13 @@ class Scheduler:
                 st.waiting += 1
                 st.cond.wait()
 
-    def _pop_batch(self, st: _MachineSlots) -> list[Task]:
+    def _pop_batch(self, st: MachineSlots) -> list[Task]:
         q = self._queue
         # Machines still booting count too: else the first one up takes the whole queue in one
         # batch, and tasks meant to run side by side run one after another on it.
-        slots = max(sum(s.slots for s in self._machines if s.started and not s.dead),
+        slots = max(sum(s.slots for s in self._fleet.machines if s.started and not s.dead),
                     self._size, 1)
-        if self._avg_seconds is None or q[0].suspect:
-            n = 1  # measure before batching; a suspect runs alone
-        else:
-            n = int(_BATCH_SECONDS / max(self._avg_seconds, 1e-7))
-        n = max(1, min(n, _MAX_BATCH, math.ceil(len(q) / slots)))
+        n = batch_size(len(q), q[0].suspect, self._task_time.mean, slots)
         if self._maxtasks is not None:
             n = min(n, self._maxtasks - st.dispatched)
         batch: list[Task] = []
@@ -575,21 +278,67 @@ class Scheduler:
             return [m.call(f"{self._service}.run_one", fn(t.fn), t.args, t.kwargs)]
         return m.call(f"{self._service}.run", [(fn(t.fn), t.args, t.kwargs) for t in batch])
 
-    def _hand_back(self, d: _Direct) -> None:
-        """A waiter claimed ``d`` but its reply was not whole in time: a slot thread reads
-        it."""
-        st = d.st
+    # --- direct calls (see direct.py): this scheduler as their DirectOwner -------------------
+
+    def _direct_slot(self) -> MachineSlots | None:
+        """A machine with an idle slot thread and nothing queued (the caller holds the lock)."""
+        if (self._queue or self._broken is not None or self._closing or self._stopped
+                or self._cancel_running is not None or self._to_start):
+            return None
+        for st in self._fleet.machines:
+            if (st.waiting and st.busy < st.slots and st.started and not st.dead
+                    and not st.retiring and st.machine.state == RUNNING):
+                return st
+        return None
+
+    def _send_direct(self, task: Task) -> bool:
+        """Send ``task`` to an idle machine from this thread, if one is idle and the task
+        small; return whether it went. A slot thread would only add a wake-up to the trip."""
+        if self._direct_slot() is None:  # a guess without the lock; checked again below
+            return False
+        prepared = prepare_small(self._functions, task.fn, task.args, task.kwargs)
+        if prepared is None:
+            return False
         with self._lock:
-            if st.slots > 0:
-                d.unclaim()
+            st = self._direct_slot()
+            if st is None:
+                return False
+            if not task.future.set_running_or_notify_cancel():
+                return True  # cancelled before it was ever queued
+            task.started = True
+            st.busy += 1
+            st.dispatched += 1
+            self._inflight += 1
+        d = DirectCall(self, st, task, st.machine)
+        d.send(f"{self._service}.run_one", prepared)
+        with self._lock:
+            gone = st.slots <= 0  # its slot threads have all left: nobody else will read it
+            if not gone:
                 st.direct.append(d)
                 st.wake_one()
+        if gone and d.claim():
+            self.read_direct(d)
+        return True
+
+    def hand_back(self, call: _Direct) -> None:
+        """A waiter claimed ``call`` but its reply was not whole in time: a slot thread reads
+        it."""
+        st = call.slot
+        with self._lock:
+            if st.slots > 0:
+                call.unclaim()
+                st.direct.append(call)
+                st.wake_one()
                 return
-        self._run_direct(d)  # its slot threads have all left (it is dying): read it here
+        self.read_direct(call)  # its slot threads have all left (it is dying): read it here
+
+    def read_direct(self, call: _Direct) -> None:
+        """Read and deliver a claimed direct call's reply here, then free its slot."""
+        # through _run_direct, which tests/test_deadlines.py wraps to see who reads
+        self._run_direct(call)
 
     def _run_direct(self, d: _Direct) -> None:
-        """Read and deliver a direct call's reply (by its claimer), then free its slot."""
-        st = d.st
+        st = d.slot
         try:
             self._run(st, [d.task], d)
         except BaseException:
@@ -604,7 +353,9 @@ class Scheduler:
                 if self._queue and st.busy < st.slots:
                     st.wake_one()
 
-    def _run(self, st: _MachineSlots, batch: list[Task], direct: _Direct | None = None) -> None:
+    # --- running a call, and what a lost machine costs ------------------------------------
+
+    def _run(self, st: MachineSlots, batch: list[Task], direct: _Direct | None = None) -> None:
         m = st.machine
         try:
             try:
@@ -626,11 +377,10 @@ class Scheduler:
         finished = [False] * len(batch)
         try:
             for frame in stream:
-                for index, outcome, seconds, value in _records(frame):
-                    finished[index] = True
-                    self._complete(batch[index], outcome, value)
-                    a = self._avg_seconds
-                    self._avg_seconds = seconds if a is None else 0.8 * a + 0.2 * seconds
+                for r in reply_records(frame):
+                    finished[r.position] = True
+                    self._complete(batch[r.position], r.outcome, r.value)
+                    self._task_time.add(r.seconds)
         except (MachineStopped, NetworkError) as exc:
             _close(stream)
             self._lost(st, [t for t, f in zip(batch, finished, strict=True) if not f], exc)
@@ -646,14 +396,14 @@ class Scheduler:
     def _complete(self, task: Task, outcome: int, value: Any) -> None:
         """Settle ``task`` with its result (``value``, for OK) or its encoded error."""
         if outcome == OK:
-            _settle(task.future, result=value)
+            settle(task.future, result=value)
         elif isinstance(value, BaseException):  # decoding its result failed here
-            _settle(task.future, error=value)
+            settle(task.future, error=value)
         else:
             exc = wire.decode_error(value, base_exceptions=True)  # as the stdlib's futures
             if outcome == UNPICKLABLE_RESULT and self._unpicklable_result is not None:
                 exc = self._unpicklable_result(exc)
-            _settle(task.future, error=exc)
+            settle(task.future, error=exc)
         with self._lock:
             self._inflight -= 1
             self.tasks_completed += 1
@@ -662,7 +412,7 @@ class Scheduler:
 
     def _fail(self, tasks: list[Task], exc: BaseException) -> None:
         for t in tasks:
-            _settle(t.future, error=exc)
+            settle(t.future, error=exc)
         with self._lock:
             self._inflight -= len(tasks)
             self._idle.notify_all()
@@ -679,7 +429,7 @@ class Scheduler:
                 good.append(t)
         return good
 
-    def _lost(self, st: _MachineSlots, unfinished: list[Task], exc: BaseException,
+    def _lost(self, st: MachineSlots, unfinished: list[Task], exc: BaseException,
               grace: float = 1.0) -> None:
         """The call on ``st``'s machine failed in transport: the machine died, most likely;
         ``grace`` is how long to wait for its system to confirm a death."""
@@ -702,7 +452,7 @@ class Scheduler:
         if first_time:
             if m.state != STOPPED:
                 m.cancel()
-            self._machine_gone(st, why or exc)
+            self._fleet.gone(st, why or exc)
 
     def _requeue(self, tasks: list[Task], charge: str | None) -> None:
         if not tasks:
@@ -715,27 +465,19 @@ class Scheduler:
             elif self._broken is not None:
                 doomed = [(t, self._broken) for t in tasks]
                 tasks = []
-            elif charge is not None and len(tasks) > 1:
-                # Any unfinished task may have been running: the machine sends the results of
-                # quick tasks together, so the last ones may have finished unseen. Run each
-                # alone from now on, so that the next death names its task.
-                self.crashes += 1
-                for t in tasks:
-                    t.suspect = True
             elif charge is not None:
-                first = tasks[0]
-                first.crashes.append(charge)
                 self.crashes += 1
-                if len(first.crashes) >= self._max_crashes:
-                    doomed.append((first, WorkerLostError(first.describe(), first.crashes)))
-                    tasks = tasks[1:]
+                lost = charge_loss(tasks, charge, self._max_crashes)
+                if lost is not None:
+                    doomed.append((lost, lost_error(lost)))
+                    tasks = [t for t in tasks if t is not lost]
             self._inflight -= len(tasks)
             self._queue.extendleft(reversed(tasks))
             self._notify_everyone()
         # The doomed stay in flight until settled: else wait_idle could return (and a Pool
         # stop its result thread) before their futures' callbacks have run.
         for t, err in doomed:
-            _settle(t.future, error=err)
+            settle(t.future, error=err)
         if doomed:
             with self._lock:
                 self._inflight -= len(doomed)
@@ -755,7 +497,7 @@ class Scheduler:
         queued, self._queue = list(self._queue), deque()
         self._notify_everyone()
         for t in queued:
-            _settle(t.future, error=exc)
+            settle(t.future, error=exc)
 
     def submit(self, task: Task) -> Future:
         self.submit_many([task])
@@ -773,62 +515,12 @@ class Scheduler:
             self._wake_slots(len(tasks))  # a slot that wakes for nothing costs a round trip
             start, self._to_start = self._to_start, 0
         if start:
-            self._start_machines(start)
-
-    def _direct_slot(self) -> _MachineSlots | None:
-        """A machine with an idle slot thread and nothing queued (the caller holds the lock)."""
-        if (self._queue or self._broken is not None or self._closing or self._stopped
-                or self._cancel_running is not None or self._to_start):
-            return None
-        for st in self._machines:
-            if (st.waiting and st.busy < st.slots and st.started and not st.dead
-                    and not st.retiring and st.machine.state == RUNNING):
-                return st
-        return None
-
-    def _send_direct(self, task: Task) -> bool:
-        """Send ``task`` to an idle machine from this thread, if one is idle and the task
-        small; return whether it went. A slot thread would only add a wake-up to the trip."""
-        if self._direct_slot() is None:  # a guess without the lock; checked again below
-            return False
-        try:
-            prepared = Client.prepare((self._functions.encode(task.fn), task.args,
-                                       task.kwargs), {})
-        except codec.EncodeError:
-            return False  # the queue's path fails it as it should
-        if wire.body_length(prepared.body) > _DIRECT_MAX_BYTES:
-            return False  # submit must not block on a large send
-        with self._lock:
-            st = self._direct_slot()
-            if st is None:
-                return False
-            if not task.future.set_running_or_notify_cancel():
-                return True  # cancelled before it was ever queued
-            task.started = True
-            st.busy += 1
-            st.dispatched += 1
-            self._inflight += 1
-        d = _Direct(self, st, task)
-        if type(task.future) is _TaskFuture:
-            task.future._direct = d  # before anyone can claim d, so a claim clears it
-        try:
-            d.pending = st.machine.begin_call(f"{self._service}.run_one", prepared, None,
-                                          new_call_id(), CallHandle())
-        except BaseException as exc:  # the reader handles it, as a failed call
-            d.error = exc
-        with self._lock:
-            gone = st.slots <= 0  # its slot threads have all left: nobody else will read it
-            if not gone:
-                st.direct.append(d)
-                st.wake_one()
-        if gone and d.claim():
-            self._run_direct(d)
-        return True
+            self._fleet.start(start)
 
     def cancel_pending(self) -> None:
         """Cancel every queued task that has not started (as ``cancel_futures=True``)."""
         with self._lock:
-            keep = deque()
+            keep: deque[Task] = deque()
             for t in self._queue:
                 if t.started or not t.future.cancel():
                     keep.append(t)
@@ -843,11 +535,11 @@ class Scheduler:
             self._cancel_running = reason
             self._closing = True  # nothing submitted from now on could run
             queued, self._queue = list(self._queue), deque()
-            busy = [s.machine for s in self._machines if s.busy]
+            busy = [s.machine for s in self._fleet.machines if s.busy]
             self._notify_everyone()
         for t in queued:
             if not t.future.cancel():
-                _settle(t.future, error=reason)
+                settle(t.future, error=reason)
         for m in busy:
             if m.owned:
                 m.cancel()
@@ -889,12 +581,12 @@ class Scheduler:
             self._stopped = True
             self._notify_everyone()
             leftovers, self._queue = list(self._queue), deque()
-            started = list(self._started_machines)
+            started = list(self._fleet.started)
         self.b.remove_metrics_source(f"scheduler:{self._service}")
         err = self._broken or RuntimeError("the executor shut down before the task could run")
         for t in leftovers:
             if not t.future.cancel():
-                _settle(t.future, error=err)
+                settle(t.future, error=err)
         if self._own_session:
             self.b.shutdown()
         else:
@@ -903,4 +595,4 @@ class Scheduler:
 
     def machines(self) -> list[Machine]:
         with self._lock:
-            return [s.machine for s in self._machines if not s.dead]
+            return [s.machine for s in self._fleet.machines if not s.dead]

@@ -13,6 +13,7 @@ import pytest
 import bigexec
 from bigexec import scheduler
 from bigexec.errors import BootError
+from bigexec.machine import Backoff
 from bigexec.systems.base import MachineHandle
 from bigexec.systems.threads import ThreadsSystem
 
@@ -61,7 +62,7 @@ class FlakySystem(ThreadsSystem):
 
 @pytest.fixture
 def quick_backoff(monkeypatch):
-    monkeypatch.setattr(scheduler, "BOOT_RETRY_BACKOFF", (0.05, 0.2))
+    monkeypatch.setattr(scheduler, "BOOT_RETRY_BACKOFF", Backoff(first=0.05, most=0.2, factor=2.0))
 
 
 def test_the_executor_grows_back_to_its_size(quick_backoff, caplog):
