@@ -114,7 +114,7 @@ class Executor(ClusterViews, _StdExecutor):
 
     # observe.ClusterViews declares ``session`` a plain attribute; read-only is what it means
     @property
-    def session(self) -> B:  # type: ignore[override]
+    def session(self) -> B:
         """The session whose machines run the tasks."""
         return self._scheduler.b
 

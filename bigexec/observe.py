@@ -309,7 +309,10 @@ def render_profile(b: ObservedSession, fmt: str, seconds: float,
 class ClusterViews:
     """The session's views, offered by Executor and Pool (which have a ``session``)."""
 
-    session: ObservedSession
+    @property
+    def session(self) -> ObservedSession:
+        """The session whose views these are."""
+        raise NotImplementedError
 
     def status(self) -> list[dict[str, Any]]:
         """See ``B.status``."""

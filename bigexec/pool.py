@@ -338,7 +338,7 @@ class Pool(ClusterViews):
 
     # observe.ClusterViews declares ``session`` a plain attribute; read-only is what it means
     @property
-    def session(self) -> B:  # type: ignore[override]
+    def session(self) -> B:
         return self._scheduler.b
 
     # --- apply ---------------------------------------------------------------------------

@@ -332,12 +332,8 @@ class Scheduler:
                 return
         self.read_direct(call)  # its slot threads have all left (it is dying): read it here
 
-    def read_direct(self, call: _Direct) -> None:
+    def read_direct(self, d: _Direct) -> None:
         """Read and deliver a claimed direct call's reply here, then free its slot."""
-        # through _run_direct, which tests/test_deadlines.py wraps to see who reads
-        self._run_direct(call)
-
-    def _run_direct(self, d: _Direct) -> None:
         st = d.slot
         try:
             self._run(st, [d.task], d)

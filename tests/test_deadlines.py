@@ -121,13 +121,13 @@ def test_a_timed_result_still_reads_a_small_reply_in_the_waiting_thread(monkeypa
     from bigexec import scheduler
 
     readers: list[threading.Thread] = []
-    real = scheduler.Scheduler._run_direct
+    real = scheduler.Scheduler.read_direct
 
     def run_direct(self, d):
         readers.append(threading.current_thread())
         return real(self, d)
 
-    monkeypatch.setattr(scheduler.Scheduler, "_run_direct", run_direct)
+    monkeypatch.setattr(scheduler.Scheduler, "read_direct", run_direct)
     with bigexec.Executor(1, system="threads") as ex:
         assert ex.submit(square, 3).result(timeout=30) == 9
         readers.clear()
