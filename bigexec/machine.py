@@ -112,6 +112,10 @@ class Machine:
                  handle: MachineHandle | None = None,
                  services: list[tuple[str, bytes]] | None = None) -> None:
         self._b = b
+        # The session's client and call pool, held here: they are fixed for the session's
+        # life, and a call looks them up twice or more (one attribute read, not a property).
+        self._client = b.client
+        self._call_pool = b.call_pool
         self.owned = owned
         self.addr = addr
         self.hostname = ""
@@ -387,7 +391,7 @@ class Machine:
 
     def _call_raw(self, method: str, args: tuple, kwargs: dict, timeout: float | None) -> Any:
         """A call that ignores the machine's state (boot, keepalive)."""
-        return self._b.client.call(self.addr, method, args, kwargs, timeout=timeout)
+        return self._client.call(self.addr, method, args, kwargs, timeout=timeout)
 
     def _call(self, method: str, prepared: PreparedCall, timeout: float | None, call_id: str,
               handle: CallHandle) -> Any:
@@ -409,7 +413,7 @@ class Machine:
                 raise MachineStopped(self.addr, self._err)
             self._inflight.add(handle)
         try:
-            return self._b.client.begin(self.addr, method, prepared, timeout=timeout,
+            return self._client.begin(self.addr, method, prepared, timeout=timeout,
                                          call_id=call_id, handle=handle, deadline=deadline)
         except BaseException as exc:
             self._untrack(handle)
@@ -421,14 +425,14 @@ class Machine:
     def reply_buffered(self, p: PendingCall, timeout: float) -> bool:
         """Whether ``finish_call(p)`` can read the whole reply without waiting (see
         ``Client.reply_buffered``)."""
-        return self._b.client.reply_buffered(p, timeout)
+        return self._client.reply_buffered(p, timeout)
 
     def finish_call(self, p: PendingCall) -> Any:
         handle = p.handle
         assert handle is not None
         streaming = False
         try:
-            result = self._b.client.finish(p)
+            result = self._client.finish(p)
             if isinstance(result, Stream):
                 # the machine may still stop mid-stream: keep the call abortable till the end
                 streaming = True
@@ -472,7 +476,7 @@ class Machine:
             except Exception as exc:  # best effort: the machine may be gone
                 log.debug("cancelling call %s on %s failed: %s", call_id, self.addr, exc)
         if self._state < STOPPED:
-            self._b.call_pool.submit(cancel, bounded=False)  # never behind the calls it ends
+            self._call_pool.submit(cancel, bounded=False)  # never behind the calls it ends
 
     def call(self, method: str, *args: Any, timeout: float | None = None, **kwargs: Any) -> Any:
         """Call ``"Service.method"`` on this machine and return its result.
@@ -482,7 +486,7 @@ class Machine:
         waited for. Raises the remote exception, ``MachineStopped``, ``NetworkError``, or
         ``TypeError`` (before sending anything) for an argument that cannot be pickled.
         """
-        prepared = self._b.client.prepare(args, kwargs)
+        prepared = self._client.prepare(args, kwargs)
         return self._call(method, prepared, timeout, new_call_id(), CallHandle())
 
     def submit(self, method: str, *args: Any, timeout: float | None = None,
@@ -492,7 +496,7 @@ class Machine:
         The future stays pending until the reply arrives; ``cancel()`` on it therefore always
         succeeds before then, and also cancels the remote method's ``ctx``.
         """
-        prepared = self._b.client.prepare(args, kwargs)  # unpicklable: raise here
+        prepared = self._client.prepare(args, kwargs)  # unpicklable: raise here
         fut: Future = Future()
         handle = CallHandle()
         call_id = new_call_id()
@@ -522,7 +526,7 @@ class Machine:
                 self._remote_cancel(call_id)
 
         fut.add_done_callback(on_done)
-        self._b.call_pool.submit(run)
+        self._call_pool.submit(run)
         return fut
 
     def retry_call(self, method: str, *args: Any, timeout: float | None = None,
@@ -535,7 +539,7 @@ class Machine:
         first, most, factor = self.retry_backoff
         deadline = None if timeout is None else time.monotonic() + timeout
         wait = first
-        prepared = self._b.client.prepare(args, kwargs)
+        prepared = self._client.prepare(args, kwargs)
         while True:
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
