@@ -4,6 +4,7 @@ records, the direct call's ownership token, and the session an executor runs in.
 from __future__ import annotations
 
 import threading
+from concurrent.futures import TimeoutError as FutureTimeout  # builtin only from 3.11
 
 import pytest
 
@@ -152,7 +153,7 @@ def test_the_waiter_reads_a_direct_reply_itself():
 
 def test_a_timed_wait_hands_back_a_reply_not_whole_in_time():
     owner, task, call = _sent(buffered=False)
-    with pytest.raises(TimeoutError):
+    with pytest.raises(FutureTimeout):
         task.future.result(timeout=0.05)
     assert owner.handed_back == [call] and not owner.readers
     assert call.claim()  # up for claiming again, by a slot thread
