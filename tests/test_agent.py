@@ -12,6 +12,7 @@ import threading
 import time
 
 import pytest
+from agent_harness import HOST, agent_document, driver_client, running_agent, worker_spec
 
 from bigexec import __version__, tls
 from bigexec.agent import Agent, AgentDocument, workers
@@ -19,8 +20,6 @@ from bigexec.authority import Authority
 from bigexec.errors import NetworkError
 from bigexec.rpc.client import Client
 from bigexec.systems.bootstrap import Versions, WorkerSpec
-
-from agent_harness import HOST, agent_document, driver_client, running_agent, worker_spec
 
 pytestmark = pytest.mark.timeout(180)
 
