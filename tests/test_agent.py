@@ -191,8 +191,13 @@ def test_a_lapsed_lease_kills_the_workers_and_powers_off_once(tmp_path):
 # --- the output buffer, in process -----------------------------------------------------------
 
 
-def test_a_reader_that_falls_behind_the_bounded_buffer_is_told_what_it_missed(monkeypatch):
-    monkeypatch.setattr(workers, "MAX_BUFFERED_LINES", 5)
+@pytest.mark.parametrize("bound, value", [
+    ("MAX_BUFFERED_LINES", 5),
+    ("MAX_BUFFERED_BYTES", len("line 7\nline 8\nline 9\nline 10\nline 11\n")),
+])
+def test_a_reader_that_falls_behind_the_bounded_buffer_is_told_what_it_missed(monkeypatch,
+                                                                              bound, value):
+    monkeypatch.setattr(workers, bound, value)
     ca = Authority()
     agent = Agent(session="s", instance_id="i-local", lease=60.0, poweroff=["true"])
     try:

@@ -33,7 +33,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bigexec agent: cannot use the bootstrap document {args.bootstrap}: {exc}",
               file=sys.stderr, flush=True)
         return 2
-    instance_id = doc.instance_id or imds.instance_id()
+    try:
+        instance_id = doc.instance_id or imds.instance_id()
+    except (OSError, ValueError) as exc:  # not on an instance, or its metadata is off
+        print(f"bigexec agent: the document names no instance and the instance metadata "
+              f"service did not say: {exc}", file=sys.stderr, flush=True)
+        return 2
     agent = Agent(session=doc.session, instance_id=instance_id, lease=doc.lease,
                   poweroff=doc.poweroff)
     registry = ServiceRegistry()

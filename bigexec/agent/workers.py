@@ -16,6 +16,7 @@ so to the driver.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import os
 import signal
 import subprocess
@@ -28,11 +29,12 @@ from typing import IO
 from ..systems.bootstrap import MachineOutput, WorkerSpec, parse_announcement
 from ..worker import describe_exit
 
-__all__ = ["MAX_BUFFERED_LINES", "MAX_LINE_BYTES", "WorkerProcess"]
+__all__ = ["MAX_BUFFERED_BYTES", "MAX_BUFFERED_LINES", "MAX_LINE_BYTES", "WorkerProcess"]
 
-#: Output lines a worker's buffer keeps; a reader that falls further behind is told how many
-#: it missed.
+#: Output a worker's buffer keeps, at most (the oldest lines go first); a reader that falls
+#: further behind is told how many lines it missed.
 MAX_BUFFERED_LINES = 10000
+MAX_BUFFERED_BYTES = 8 << 20
 #: A longer line is cut into pieces of this size.
 MAX_LINE_BYTES = 64 << 10
 _BOOT_OUTPUT_LINES = 20  # quoted in the error of a worker that died before it listened
@@ -63,7 +65,9 @@ class WorkerProcess:
         self.pid = self.proc.pid
         self._boot = MachineOutput(f"{worker_id} (pid {self.pid})", keep=_BOOT_OUTPUT_LINES)
         self._cond = threading.Condition()
-        self._lines: deque[bytes] = deque(maxlen=MAX_BUFFERED_LINES)
+        self._lines: deque[bytes] = deque()
+        self._buffered_bytes = 0
+        self._max_lines, self._max_bytes = MAX_BUFFERED_LINES, MAX_BUFFERED_BYTES
         self._first = 0  # the sequence number of _lines[0]
         self._output_ended = False
         self._addr: str | None = None
@@ -104,9 +108,12 @@ class WorkerProcess:
             for line in iter(lambda: out.readline(MAX_LINE_BYTES), b""):
                 self._boot.line(line.decode("utf-8", "replace"))
                 with self._cond:
-                    if len(self._lines) == self._lines.maxlen:
-                        self._first += 1
                     self._lines.append(line)
+                    self._buffered_bytes += len(line)
+                    while len(self._lines) > self._max_lines or (
+                            self._buffered_bytes > self._max_bytes and len(self._lines) > 1):
+                        self._buffered_bytes -= len(self._lines.popleft())
+                        self._first += 1
                     self._cond.notify_all()
         finally:
             out.close()
@@ -148,7 +155,7 @@ class WorkerProcess:
 
     def lines(self) -> Iterator[bytes]:
         """Every output line from the oldest one kept, then each new one, until the worker's
-        output ends. A reader that fell more than ``MAX_BUFFERED_LINES`` behind gets a line
+        output ends. A reader that fell behind what the buffer keeps gets a line
         saying how many it missed."""
         seq = 0
         while True:
@@ -157,7 +164,7 @@ class WorkerProcess:
                     self._cond.wait()
                 missed = max(0, self._first - seq)
                 seq += missed
-                batch = list(self._lines)[seq - self._first:]
+                batch = list(itertools.islice(self._lines, seq - self._first, None))
                 ended = self._output_ended
             # (never yield with the lock held: the reader may take its time)
             if missed:
