@@ -1,0 +1,206 @@
+"""The agent itself: its workers, its lease and watchdog, and the "Agent" service.
+
+    driver                                     agent (this module, on the instance)
+    ──────                                     ────────────────────────────────────
+    Agent.identity() ────────────────────────> instance id, session, versions: the cookie a
+                                               driver checks so a recycled IP never answers
+                                               for another instance
+    Agent.start_worker(spec) ────────────────> a WorkerProcess: id at once
+    Agent.address(id, timeout) ──────────────> its announced address, or a BootError quoting
+                                               its last lines
+    Agent.output(id) ────────────────────────> a Stream of its output lines
+    Agent.status(id) / Agent.kill(id)
+    Agent.keepalive(lease) ──────────────────> extends the agent's lease
+                                               watchdog: lease lapsed (the driver is gone) ─>
+                                               kill every worker, run the poweroff command
+                                               once (with shutdown behaviour "terminate",
+                                               powering off ends the instance)
+
+After the lapse the agent refuses new workers and keepalives: its instance is going away.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+from .. import __version__
+from ..systems.bootstrap import WorkerSpec
+from .workers import WorkerProcess
+
+__all__ = ["Agent", "AgentService", "LeaseLapsed"]
+
+log = logging.getLogger("bigexec.agent")
+
+_POWEROFF_TIMEOUT = 60.0
+
+
+class LeaseLapsed(RuntimeError):
+    """The agent's lease lapsed: its workers are gone and its instance powers off."""
+
+
+class Agent:
+    """An instance's workers, under one lease held by the driver."""
+
+    def __init__(self, *, session: str, instance_id: str, lease: float,
+                 poweroff: Sequence[str], python: str = sys.executable,
+                 run: Callable[[Sequence[str]], int] | None = None) -> None:
+        self.session = session
+        self.instance_id = instance_id
+        self.python = python
+        self.poweroff_command = tuple(poweroff)
+        self._run = run or _run_poweroff
+        self._lock = threading.Lock()
+        self._workers: dict[str, WorkerProcess] = {}
+        self._ids = itertools.count(1)
+        self._deadline = time.monotonic() + lease
+        self._lapsed = threading.Event()
+        self._stop = threading.Event()
+        #: The poweroff command's exit status, once it ran.
+        self.poweroff_status: int | None = None
+
+    # --- workers ------------------------------------------------------------------------------
+
+    def start_worker(self, spec: WorkerSpec) -> str:
+        with self._lock:
+            if self._lapsed.is_set():
+                raise LeaseLapsed("the agent's lease lapsed: it starts no more workers")
+            worker_id = f"w{next(self._ids)}"
+            self._workers[worker_id] = WorkerProcess(worker_id, spec, python=self.python)
+        return worker_id
+
+    def worker(self, worker_id: str) -> WorkerProcess:
+        with self._lock:
+            found = self._workers.get(worker_id)
+        if found is None:
+            raise LookupError(f"no worker {worker_id!r} on instance {self.instance_id}")
+        return found
+
+    def worker_ids(self) -> list[str]:
+        with self._lock:
+            return list(self._workers)
+
+    def kill_all(self, wait: float = 10.0) -> None:
+        with self._lock:
+            workers = list(self._workers.values())
+        for w in workers:
+            w.kill()
+        deadline = time.monotonic() + wait
+        for w in workers:
+            w.wait(max(0.0, deadline - time.monotonic()))
+
+    # --- lease --------------------------------------------------------------------------------
+
+    def keepalive(self, lease: float) -> float:
+        if isinstance(lease, bool) or not isinstance(lease, (int, float)) or not (
+                math.isfinite(lease) and lease > 0):
+            raise ValueError(f"lease must be a positive number of seconds, not {lease!r}")
+        with self._lock:
+            if self._lapsed.is_set():
+                raise LeaseLapsed("the agent's lease lapsed: its workers are gone and its "
+                                  "instance is powering off")
+            self._deadline = time.monotonic() + lease
+        return float(lease)
+
+    def lease_remaining(self) -> float:
+        with self._lock:
+            return self._deadline - time.monotonic()
+
+    @property
+    def lapsed(self) -> bool:
+        return self._lapsed.is_set()
+
+    def start_watchdog(self) -> None:
+        threading.Thread(target=self._watchdog, name="bigexec-agent-watchdog",
+                         daemon=True).start()
+
+    def _watchdog(self) -> None:
+        while not self._stop.is_set():
+            with self._lock:
+                left = self._deadline - time.monotonic()
+                if left <= 0:
+                    self._lapsed.set()  # under the lock: no keepalive slips in after this
+            if left <= 0:
+                self._power_off(-left)
+                return
+            self._stop.wait(min(1.0, max(0.05, left / 2)))
+
+    def _power_off(self, late: float) -> None:
+        log.warning("the driver's lease lapsed %.1fs ago: killing %d workers, then powering "
+                    "off with %s", late, len(self.worker_ids()), " ".join(self.poweroff_command))
+        self.kill_all()
+        self.poweroff_status = self._run(self.poweroff_command)
+        if self.poweroff_status != 0:
+            log.error("the poweroff command %s exited with status %s: this instance stays up "
+                      "until it is terminated (bigexec ec2 sweep finds it)",
+                      list(self.poweroff_command), self.poweroff_status)
+
+    def close(self) -> None:
+        """Stop the watchdog and kill the workers (the agent is ending, not the instance)."""
+        self._stop.set()
+        self.kill_all()
+
+
+def _run_poweroff(command: Sequence[str]) -> int:
+    try:
+        return subprocess.run(list(command), stdin=subprocess.DEVNULL,
+                              timeout=_POWEROFF_TIMEOUT).returncode
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        log.error("the poweroff command %s failed: %s", list(command), exc)
+        return -1
+
+
+class AgentService:
+    """The "Agent" service the driver calls (see the module's diagram)."""
+
+    def __init__(self, agent: Agent) -> None:
+        self._agent = agent
+
+    def identity(self) -> dict[str, Any]:
+        """Who answers: the instance-id cookie, the session, and what the agent runs."""
+        a = self._agent
+        return {"instance_id": a.instance_id, "session": a.session,
+                "bigexec_version": __version__,
+                "python": ".".join(str(p) for p in sys.version_info[:3]),
+                "cpu_count": os.cpu_count() or 1}
+
+    def start_worker(self, spec: bytes) -> str:
+        """Start a worker with this ``WorkerSpec`` (encoded); its id, at once."""
+        if not isinstance(spec, (bytes, bytearray)):
+            raise TypeError(f"spec must be an encoded WorkerSpec (bytes), not "
+                            f"{type(spec).__name__}")
+        return self._agent.start_worker(WorkerSpec.decode(bytes(spec)))
+
+    def address(self, worker_id: str, timeout: float = 60.0) -> str:
+        """The worker's announced address; ``BootError`` with its last lines if it died or
+        stayed silent first."""
+        return self._agent.worker(worker_id).address(timeout)
+
+    def output(self, worker_id: str) -> Iterator[bytes]:
+        """The worker's output lines (stdout and stderr), from its start, as a stream that
+        ends when its output ends."""
+        return self._agent.worker(worker_id).lines()
+
+    def status(self, worker_id: str) -> int | None:
+        """None while the worker runs, else its exit status (negative: the signal)."""
+        return self._agent.worker(worker_id).status()
+
+    def kill(self, worker_id: str) -> None:
+        """SIGKILL the worker and whatever its tasks started."""
+        self._agent.worker(worker_id).kill()
+
+    def workers(self) -> list[str]:
+        """The ids of the workers this agent started, running or not."""
+        return self._agent.worker_ids()
+
+    def keepalive(self, lease: float) -> float:
+        """Hold the agent for ``lease`` more seconds; returns the lease granted."""
+        return self._agent.keepalive(lease)
