@@ -1,0 +1,137 @@
+"""A real EC2 and SSM API on loopback for tests: moto's server bound to 127.0.0.1 on a free
+port, with a VPC and a 10.200.0.0/24 subnet (so that moto invents no public address), and
+ways to do what the real cloud does on its own (kill an instance, publish the Ubuntu AMI's
+SSM parameter, refuse or throttle a call).
+
+Nothing here, nor in the tests that use it, ever connects to an instance's address.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+
+boto3 = pytest.importorskip("boto3", reason="the ec2 tests need boto3 (pip install boto3)")
+moto_server = pytest.importorskip(
+    "moto.moto_server.threaded_moto_server",
+    reason="the ec2 tests need moto's server (pip install 'moto[server,ec2,ssm]')")
+
+REGION = "us-west-2"
+ACCOUNT = "123456789012"  # moto's default account
+CREDENTIALS = {"aws_access_key_id": "testing", "aws_secret_access_key": "testing",
+               "aws_session_token": "testing"}
+
+
+@dataclass
+class FakeHttp:
+    """What a botocore ``before-call`` hook hands back instead of a real HTTP response."""
+
+    status_code: int
+    headers: dict[str, str] = field(default_factory=dict)
+    text: str = ""
+    content: bytes = b""
+
+
+def refusal(code: str, status: int = 400) -> tuple[FakeHttp, dict[str, Any]]:
+    return FakeHttp(status), {"Error": {"Code": code, "Message": f"injected {code}"},
+                              "ResponseMetadata": {"HTTPStatusCode": status}}
+
+
+@dataclass
+class MotoEc2:
+    endpoint_url: str
+    subnet_id: str
+    vpc_id: str
+    calls: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+
+    def client(self, service: str = "ec2") -> Any:
+        return boto3.session.Session(region_name=REGION, **CREDENTIALS).client(
+            service, endpoint_url=self.endpoint_url)
+
+    def inject(self, client: Any, operation: str,
+               answer: Callable[[dict[str, Any]], tuple[FakeHttp, dict[str, Any]] | None]
+               ) -> None:
+        """Before each ``operation`` (e.g. ``RunInstances``) ``client`` makes, ask
+        ``answer(params)`` (the call's API parameters): a refusal() short-circuits the call,
+        None lets it through to the server."""
+
+        def keep(params: dict[str, Any], context: dict[str, Any], **_: Any) -> None:
+            context["test-api-params"] = dict(params)
+
+        def hook(context: dict[str, Any], **_: Any) -> Any:
+            return answer(context["test-api-params"])
+
+        client.meta.events.register(f"before-parameter-build.ec2.{operation}", keep)
+        client.meta.events.register(f"before-call.ec2.{operation}", hook)
+
+    def record_calls(self, client: Any) -> None:
+        """Append (operation, API parameters) to ``calls`` for every call ``client`` makes,
+        whether the server answers it or an injected refusal does."""
+
+        def hook(model: Any, params: dict[str, Any], **_: Any) -> None:
+            self.calls.append((model.name, dict(params)))
+
+        client.meta.events.register("before-parameter-build.*.*", hook)
+
+    def publish_ubuntu_ami(self, name: str, ami: str) -> None:
+        """Put the public SSM parameter the real cloud serves (moto cannot put ``/aws/``
+        names through the API), in-process."""
+        from moto.ssm.models import Parameter, ssm_backends
+
+        backend = ssm_backends[ACCOUNT][REGION]
+        backend._parameters[name].append(Parameter(
+            account_id=ACCOUNT, name=name, value=ami, parameter_type="String",
+            description=None, allowed_pattern=None, keyid=None,
+            last_modified_date=datetime.datetime.now(datetime.timezone.utc), version=1,
+            data_type="aws:ec2:image"))
+
+    def kill(self, instance_id: str, reason: str = "Server.SpotInstanceTermination") -> None:
+        """Terminate an instance as EC2 itself would (spot interruption, self power-off)."""
+        from moto.ec2.models import ec2_backends
+        from moto.ec2.models.instances import StateReason
+
+        instance = ec2_backends[ACCOUNT][REGION].get_instance(instance_id)
+        instance.terminate()
+        instance.state_reason = StateReason(f"{reason}: injected", reason)
+
+    def stop(self, instance_id: str) -> None:
+        from moto.ec2.models import ec2_backends
+
+        ec2_backends[ACCOUNT][REGION].get_instance(instance_id).stop()
+
+
+@contextlib.contextmanager
+def moto_cloud(monkeypatch: pytest.MonkeyPatch) -> Iterator[MotoEc2]:
+    """moto's EC2/SSM/IAM server on 127.0.0.1, stopped and emptied on the way out, however
+    the test ends (use it in a fixture)."""
+    # boto3 under test reads its credentials and region the ordinary way; none of them real
+    for key, value in CREDENTIALS.items():
+        monkeypatch.setenv(key.upper(), value)
+    monkeypatch.setenv("AWS_DEFAULT_REGION", REGION)
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent/bigexec-test-aws-config")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent/bigexec-test-aws-creds")
+    # a stray call to the instance metadata service would leave loopback: forbid it
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        assert host == "127.0.0.1"
+        url = f"http://127.0.0.1:{port}"
+        ec2 = boto3.session.Session(region_name=REGION, **CREDENTIALS).client(
+            "ec2", endpoint_url=url)
+        vpc = ec2.create_vpc(CidrBlock="10.200.0.0/16")["Vpc"]["VpcId"]
+        subnet = ec2.create_subnet(VpcId=vpc, CidrBlock="10.200.0.0/24")["Subnet"]["SubnetId"]
+        yield MotoEc2(endpoint_url=url, subnet_id=subnet, vpc_id=vpc)
+    finally:
+        server.stop()
+        # moto's backends live in this process: the next test starts from an empty cloud
+        from moto.core.base_backend import BackendDict
+
+        BackendDict.reset()
