@@ -26,6 +26,7 @@ from bigexec.systems.ec2 import (
     Ec2CapacityError,
     Ec2Instances,
     Ec2Options,
+    Ec2Throttled,
     PinnedRequirements,
     Wheelhouse,
     render_user_data,
@@ -74,6 +75,8 @@ def test_options_come_from_variables_with_keywords_overriding():
     assert opts.security_groups == ("sg-1", "sg-2")
     assert (opts.root_volume_gib, opts.procs_per_instance) == (64, 3)
     assert opts.region is None and opts.ami is None and opts.endpoint_url is None
+    # a keyword left at None is "not set": the variable still counts
+    assert Ec2Options.from_env(env, instance_type=None).instance_type == "m6i.large"
     assert opts.candidates() == [("m6i.large", "subnet-a"), ("m6i.large", "subnet-b"),
                                  ("m5.large", "subnet-a"), ("m5.large", "subnet-b")]
 
@@ -226,6 +229,24 @@ def test_throttling_backs_off_with_jitter_and_then_launches(cloud):
     assert len(set(waits)) > 1
 
 
+def test_a_request_that_got_no_answer_is_retried_like_throttling(cloud):
+    from botocore.exceptions import EndpointConnectionError
+
+    waits: list[float] = []
+    api, client = instances(cloud, ami=some_ami(cloud))
+    api = Ec2Instances(api.options, client=client, sleep=waits.append)
+    failures = iter(range(2))
+
+    def answer(params):
+        if next(failures, None) is not None:
+            raise EndpointConnectionError(endpoint_url=cloud.endpoint_url)
+        return None
+
+    cloud.inject(client, "DescribeInstanceTypes", answer)
+    assert api.vcpus("c6i.4xlarge") == 16
+    assert len(waits) == 2
+
+
 def test_throttling_gives_up_at_the_deadline(cloud):
     now = [0.0]
     api, client = instances(cloud, ami=some_ami(cloud))
@@ -233,7 +254,7 @@ def test_throttling_gives_up_at_the_deadline(cloud):
                        max_backoff=8.0, clock=lambda: now[0],
                        sleep=lambda s: now.__setitem__(0, now[0] + s))
     cloud.inject(client, "RunInstances", lambda p: refusal("RequestLimitExceeded", 503))
-    with pytest.raises(RuntimeError, match="throttled.*deadline"):
+    with pytest.raises(Ec2Throttled, match="throttled.*deadline"):
         api.launch("s", 1, b"x", time.time() + 60)
     assert now[0] <= 30.0
     assert now[0] > 30.0 - 8.0  # it waited out most of the deadline, not one try

@@ -57,8 +57,8 @@ from .. import __version__
 
 __all__ = ["AGENT_DOCUMENT_PATH", "CAPACITY_ERRORS", "DEAD_STATES", "DEFAULT_AMI_PARAMETER",
            "ENV_PREFIX", "LEASE_TAG", "USER_DATA_LIMIT", "DeadInstanceMonitor",
-           "Ec2CapacityError", "Ec2Instances", "Ec2Options", "InstallPlan", "InstanceRecord",
-           "PinnedRequirements", "Wheelhouse", "render_user_data"]
+           "Ec2CapacityError", "Ec2Instances", "Ec2Options", "Ec2Throttled", "InstallPlan",
+           "InstanceRecord", "PinnedRequirements", "Wheelhouse", "render_user_data"]
 
 log = logging.getLogger(__name__)
 
@@ -193,7 +193,7 @@ class Ec2Options:
         values: dict[str, Any] = {}
         for name in sorted(known):
             variable = ENV_PREFIX + name.upper()
-            if name in options:
+            if options.get(name) is not None:  # None: not set by the caller
                 values[name] = options[name]
             elif variable in environ:
                 try:
@@ -232,8 +232,24 @@ class Ec2CapacityError(RuntimeError):
     """No instance could be launched on any market, type or subnet the options allow."""
 
 
-class _ThrottleDeadline(RuntimeError):
-    pass
+class Ec2Throttled(RuntimeError):
+    """EC2 kept throttling (or kept failing transiently) until the operation's deadline."""
+
+
+#: botocore's exceptions for a request that never got an answer: retried like throttling.
+_TRANSIENT_EXCEPTIONS = frozenset({
+    "EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError",
+    "ConnectionClosedError"})
+
+
+def _transient(exc: BaseException) -> str | None:
+    """Why ``exc`` is worth retrying (its error code or class name), or None."""
+    code = _error_code(exc)
+    if code in THROTTLE_ERRORS:
+        return code
+    if type(exc).__name__ in _TRANSIENT_EXCEPTIONS:
+        return type(exc).__name__
+    return None
 
 
 def _error_code(exc: BaseException) -> str | None:
@@ -277,9 +293,11 @@ def _chunks(items: Sequence[str], size: int = BATCH) -> Iterable[list[str]]:
 class Ec2Instances:
     """bigexec's instances in one account and region: launch, renew leases, describe,
     terminate, list and sweep. Every call retries throttling with jittered exponential
-    backoff (``backoff`` seconds doubling up to ``max_backoff``) until ``deadline`` seconds
-    have passed since the operation began; boto3's own retries are turned off for this
-    client so that one deadline bounds everything.
+    backoff (``backoff`` seconds doubling up to ``max_backoff``; also a request that got no
+    answer) until ``deadline`` seconds have passed since the operation began, then raises
+    Ec2Throttled. boto3's own retries are turned off for this client (whatever
+    ``AWS_MAX_ATTEMPTS`` says) so that one deadline bounds everything; the rest of boto3's
+    configuration (profile, credentials, region) is its own.
 
     ``client``/``ssm_client`` stand in for the boto3 clients (tests); ``sleep`` and ``clock``
     for time.
@@ -340,16 +358,16 @@ class Ec2Instances:
             try:
                 return method(**params)
             except Exception as exc:
-                if _error_code(exc) not in THROTTLE_ERRORS:
+                why = _transient(exc)
+                if why is None:
                     raise
-                # full jitter: many drivers throttled together spread out
+                # jitter: many drivers throttled together spread out
                 wait = random.uniform(delay / 2, delay)
                 if self._clock() + wait > until:
-                    raise _ThrottleDeadline(
-                        f"EC2 {operation} still throttled ({_error_code(exc)}) when the "
+                    raise Ec2Throttled(
+                        f"EC2 {operation} still throttled ({why}) when the "
                         f"{self._deadline:.0f} s deadline ran out") from exc
-                log.info("EC2 %s throttled (%s); retrying in %.2f s", operation,
-                         _error_code(exc), wait)
+                log.info("EC2 %s throttled (%s); retrying in %.2f s", operation, why, wait)
                 self._sleep(wait)
                 delay = min(delay * 2, self._max_backoff)
 
