@@ -226,7 +226,7 @@ def test_throttling_backs_off_with_jitter_and_then_launches(cloud):
     caps = [1.0, 2.0, 4.0, 4.0, 4.0]
     assert len(waits) == 5
     assert all(cap / 2 <= w <= cap for w, cap in zip(waits, caps, strict=True))
-    assert len(set(waits)) > 1
+    assert any(w != cap for w, cap in zip(waits, caps, strict=True))  # jittered
 
 
 def test_a_request_that_got_no_answer_is_retried_like_throttling(cloud):
