@@ -183,6 +183,18 @@ def test_spot_capacity_refused_falls_back_to_on_demand(cloud):
     assert "InstanceLifecycle" not in item
 
 
+def test_what_spot_cannot_fill_goes_on_demand(cloud):
+    # spot has room for part of the batch only: refused all at once, then filled in part
+    # (moto launches MinCount instances where EC2 launches up to MaxCount), the rest on-demand
+    api, client = instances(cloud, ami=some_ami(cloud), procs_per_instance=1)
+    cloud.inject(client, "RunInstances", lambda p: refusal("InsufficientInstanceCapacity")
+                 if "InstanceMarketOptions" in p and p["MinCount"] > 1 else None)
+    records = api.launch("s", 3, b"x", time.time() + 60)
+    assert sorted(r.market for r in records) == ["on-demand", "on-demand", "spot"]
+    assert [(p["MinCount"], p["MaxCount"], "InstanceMarketOptions" in p)
+            for p in run_calls(cloud)] == [(3, 3, True), (1, 3, True), (2, 2, False)]
+
+
 def test_capacity_errors_move_to_the_listed_alternatives_before_on_demand(cloud):
     api, client = instances(cloud, ami=some_ami(cloud), alternatives=("m5.large",),
                             procs_per_instance=2)
@@ -190,7 +202,8 @@ def test_capacity_errors_move_to_the_listed_alternatives_before_on_demand(cloud)
                     if p["InstanceType"] == "c6i.4xlarge" else None)
     records = api.launch("s", 4, b"x", time.time() + 60)
     assert [(r.instance_type, r.market) for r in records] == [("m5.large", "spot")] * 2
-    assert [p["InstanceType"] for p in run_calls(cloud)] == ["c6i.4xlarge", "m5.large"]
+    assert [(p["InstanceType"], p["MinCount"]) for p in run_calls(cloud)] == [
+        ("c6i.4xlarge", 2), ("c6i.4xlarge", 1), ("m5.large", 2)]
 
 
 def test_spot_only_never_launches_on_demand(cloud):

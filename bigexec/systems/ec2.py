@@ -415,15 +415,16 @@ class Ec2Instances:
         return [{"Key": k, "Value": v} for k, v in tags.items()]
 
     def run_params(self, session: str, count: int, user_data: bytes, lease_until: float,
-                   instance_type: str, subnet: str | None, market: str) -> dict[str, Any]:
-        """The RunInstances request for ``count`` instances, all or none of them."""
+                   instance_type: str, subnet: str | None, market: str, *,
+                   at_least: int | None = None) -> dict[str, Any]:
+        """The RunInstances request for ``count`` instances: all or none of them, or as many
+        as EC2 has room for, from ``at_least`` up."""
         opts = self.options
         ami = self.ami()
         tags = self._tags(session, lease_until)
         params: dict[str, Any] = {
             "ImageId": ami, "InstanceType": instance_type,
-            # all or none: a partial fill on real EC2 would be lost to the accounting below
-            "MinCount": count, "MaxCount": count,
+            "MinCount": count if at_least is None else at_least, "MaxCount": count,
             "UserData": user_data,  # boto3 base64-encodes it
             "InstanceInitiatedShutdownBehavior": "terminate",
             "MetadataOptions": {"HttpTokens": "required", "HttpEndpoint": "enabled",
@@ -461,8 +462,11 @@ class Ec2Instances:
         """Instances for ``machines`` worker processes, one RunInstances request per batch:
         spot first (unless the market is on-demand), each (type, subnet) candidate in turn on
         capacity errors, then on-demand for what spot could not fill unless ``spot_only``.
-        Returns what was launched (fewer than needed is logged); none raises
-        Ec2CapacityError with every refusal."""
+        Each candidate is asked for all its instances at once (MinCount = MaxCount); refused
+        for capacity, it is asked once more for as many as it has room for (MinCount 1: real
+        EC2 then fills part), and the rest goes on to the next choice. Returns what was
+        launched (fewer than needed is logged); none at all raises Ec2CapacityError with
+        every refusal."""
         if machines <= 0:
             return []
         until = self._clock() + self._deadline
@@ -475,23 +479,25 @@ class Ec2Instances:
                     break
                 procs = self.procs_per_instance(instance_type)
                 count = math.ceil(remaining / procs)
-                params = self.run_params(session, count, user_data, lease_until,
-                                         instance_type, subnet, market)
-                try:
-                    answer = self.call("run_instances", until=until, **params)
-                except Exception as exc:
-                    code = _error_code(exc)
-                    if code not in CAPACITY_ERRORS:
-                        raise
-                    refusals.append(f"{market} {instance_type} in {subnet or 'any subnet'}: "
-                                    f"{code}")
-                    log.info("EC2 refused %d %s %s instance(s) (%s); trying the next choice",
-                             count, market, instance_type, code)
-                    continue
-                vcpus = self._vcpus.get(instance_type)
-                got = [_record(item, vcpus) for item in answer["Instances"]]
-                launched.extend(got)
-                remaining -= len(got) * procs
+                for at_least in ([None, 1] if count > 1 else [None]):
+                    params = self.run_params(session, count, user_data, lease_until,
+                                             instance_type, subnet, market, at_least=at_least)
+                    try:
+                        answer = self.call("run_instances", until=until, **params)
+                    except Exception as exc:
+                        code = _error_code(exc)
+                        if code not in CAPACITY_ERRORS:
+                            raise
+                        refusals.append(f"{market} {instance_type} x{params['MinCount']} in "
+                                        f"{subnet or 'any subnet'}: {code}")
+                        log.info("EC2 refused %d %s %s instance(s) (%s)", params["MinCount"],
+                                 market, instance_type, code)
+                        continue
+                    vcpus = self._vcpus.get(instance_type)
+                    got = [_record(item, vcpus) for item in answer["Instances"]]
+                    launched.extend(got)
+                    remaining -= len(got) * procs
+                    break
         if not launched:
             raise Ec2CapacityError("no EC2 instance could be launched: " + "; ".join(refusals))
         if remaining > 0:
