@@ -310,6 +310,27 @@ def test_user_data_over_the_limit_is_gzipped_and_then_refused():
         render_user_data(noise, Wheelhouse("/w"))
 
 
+def test_a_real_agent_document_fits_plainly_and_carries_no_ca_key(tmp_path):
+    from bigexec.authority import Authority
+
+    authority = Authority(tmp_path / "ca.pem")  # the file holds the CA's key too
+    ca_key = (tmp_path / "ca.pem").read_bytes().split(authority.cert_pem)[1].strip()
+    assert b"PRIVATE KEY" in ca_key
+    leaf = authority.issue("machine 1", ips=["10.200.0.4"], usage="server")
+    document = json.dumps({
+        "session": "0123456789abcdef", "instance_id": None, "port": 443, "lease": 600.0,
+        "ca_pem": leaf.ca_pem.decode(), "cert_pem": leaf.cert_pem.decode(),
+        "key_pem": leaf.key_pem.decode(), "poweroff": ["shutdown", "-h", "now"]}).encode()
+    pins = tuple(f"package-number-{n}==1.{n}.0" for n in range(40))
+    data = render_user_data(document, PinnedRequirements(("bigexec==0.1.0",) + pins))
+    assert data.startswith(b"#cloud-config")  # not gzipped: readable in the console
+    assert len(data) < USER_DATA_LIMIT // 2
+    written = base64.b64decode(json.loads(data.split(b"\n", 1)[1])["write_files"][0]["content"])
+    assert written == document
+    body = ca_key.splitlines()[1]
+    assert body not in written and body not in data
+
+
 # ── terminate, list, sweep ───────────────────────────────────────────────────────────────
 
 def test_terminate_and_describe(cloud):
@@ -394,6 +415,33 @@ def test_the_monitor_never_blocks_and_holds_its_rate_limit():
     assert len(batches) == 2  # one for i-1, one for everything suspected meanwhile
     assert batches[1][0] - batches[0][0] >= 0.3 - 0.01
     assert sorted(batches[1][1]) == sorted(f"i-{n}" for n in range(7))
+
+
+class CountingClient:
+    """A stand-in EC2 client that answers every call empty and remembers its arguments."""
+
+    def __init__(self):
+        self.calls: list[tuple[str, dict]] = []
+
+    def __getattr__(self, operation):
+        def call(**params):
+            self.calls.append((operation, params))
+            return {"Reservations": []}
+        return call
+
+
+def test_describe_and_terminate_batch_their_ids():
+    client = CountingClient()
+    api = Ec2Instances(Ec2Options(), client=client)
+    ids = [f"i-{n:08x}" for n in range(2500)]
+    assert api.describe(ids) == []
+    api.terminate(ids)
+    api.renew_lease(ids, 10.0)
+    sizes = [(op, len(p.get("InstanceIds") or p.get("Resources")
+                      or p["Filters"][0]["Values"])) for op, p in client.calls]
+    assert sizes == ([("describe_instances", 200)] * 12 + [("describe_instances", 100)]
+                     + [("terminate_instances", 1000)] * 2 + [("terminate_instances", 500)]
+                     + [("create_tags", 1000)] * 2 + [("create_tags", 500)])
 
 
 def test_the_module_imports_without_boto3():
