@@ -77,6 +77,8 @@ def test_options_come_from_variables_with_keywords_overriding():
     assert opts.region is None and opts.ami is None and opts.endpoint_url is None
     # a keyword left at None is "not set": the variable still counts
     assert Ec2Options.from_env(env, instance_type=None).instance_type == "m6i.large"
+    blank = Ec2Options.from_env({"BIGEXEC_EC2_REGION": " ", "BIGEXEC_EC2_INSTANCE_TYPE": ""})
+    assert (blank.region, blank.instance_type) == (None, Ec2Options().instance_type)
     assert opts.candidates() == [("m6i.large", "subnet-a"), ("m6i.large", "subnet-b"),
                                  ("m5.large", "subnet-a"), ("m5.large", "subnet-b")]
 

@@ -146,8 +146,10 @@ class Ec2Options:
 
     ``alternatives`` lists other instance types and/or subnets (``subnet-...``) to try, in
     order, when the first choice has no capacity. ``from_env`` reads ``BIGEXEC_EC2_<NAME>``
-    (upper case), keywords overriding: lists are comma-separated, ``tags`` is ``k=v,k2=v2``,
-    ``spot_only`` is 1/0, true/false, yes/no or on/off, the integers are positive.
+    (upper case), keywords overriding (a keyword or variable that is None or empty counts as
+    not set): lists are comma-separated, ``tags`` is ``k=v,k2=v2``, ``spot_only`` is 1/0,
+    true/false, yes/no or on/off, ``root_volume_gib`` and ``procs_per_instance`` are positive
+    integers, the rest is text as given.
     """
 
     instance_type: str = "c6i.xlarge"
@@ -195,7 +197,7 @@ class Ec2Options:
             variable = ENV_PREFIX + name.upper()
             if options.get(name) is not None:  # None: not set by the caller
                 values[name] = options[name]
-            elif variable in environ:
+            elif environ.get(variable, "").strip():  # an empty variable is not set either
                 try:
                     values[name] = _CONVERSIONS[name](environ[variable])
                     cls(**{name: values[name]})  # what the dataclass refuses names it too
