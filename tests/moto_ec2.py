@@ -10,15 +10,19 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import io
+import threading
+import urllib.parse
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
+from werkzeug.serving import make_server
 
 boto3 = pytest.importorskip("boto3", reason="the ec2 tests need boto3 (pip install boto3)")
-moto_server = pytest.importorskip(
-    "moto.moto_server.threaded_moto_server",
+moto_app = pytest.importorskip(
+    "moto.moto_server.werkzeug_app",
     reason="the ec2 tests need moto's server (pip install 'moto[server,ec2,ssm]')")
 
 REGION = "us-west-2"
@@ -42,11 +46,44 @@ def refusal(code: str, status: int = 400) -> tuple[FakeHttp, dict[str, Any]]:
                               "ResponseMetadata": {"HTTPStatusCode": status}}
 
 
+class Throttle:
+    """WSGI middleware in front of moto: answers the next ``pending[action]`` requests for an
+    EC2 ``Action`` with HTTP 503 RequestLimitExceeded, as EC2 does, and counts every request
+    that reached the server by action (``seen``)."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.pending: dict[str, int] = {}
+        self.seen: dict[str, int] = {}
+        self.lock = threading.Lock()
+
+    def __call__(self, environ: dict[str, Any], start_response: Any) -> Any:
+        length = int(environ.get("CONTENT_LENGTH") or 0)
+        body = environ["wsgi.input"].read(length) if length else b""
+        environ["wsgi.input"] = io.BytesIO(body)
+        action = urllib.parse.parse_qs(body.decode("utf-8", "replace")).get("Action", [""])[0]
+        with self.lock:
+            self.seen[action] = self.seen.get(action, 0) + 1
+            throttled = self.pending.get(action, 0) > 0
+            if throttled:
+                self.pending[action] -= 1
+        if not throttled:
+            return self.app(environ, start_response)
+        answer = (b"<?xml version=\"1.0\" encoding=\"UTF-8\"?><Response><Errors><Error>"
+                  b"<Code>RequestLimitExceeded</Code><Message>Request limit exceeded."
+                  b"</Message></Error></Errors><RequestID>injected</RequestID></Response>"
+                  )
+        start_response("503 Service Unavailable", [("Content-Type", "text/xml"),
+                                                   ("Content-Length", str(len(answer)))])
+        return [answer]
+
+
 @dataclass
 class MotoEc2:
     endpoint_url: str
     subnet_id: str
     vpc_id: str
+    throttle: Throttle
     calls: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
 
     def client(self, service: str = "ec2") -> Any:
@@ -118,19 +155,22 @@ def moto_cloud(monkeypatch: pytest.MonkeyPatch) -> Iterator[MotoEc2]:
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent/bigexec-test-aws-creds")
     # a stray call to the instance metadata service would leave loopback: forbid it
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
+    throttle = Throttle(moto_app.DomainDispatcherApplication(moto_app.create_backend_app))
+    server = make_server("127.0.0.1", 0, throttle, threaded=True,
+                         request_handler=moto_app.MotoRequestHandler)
+    thread = threading.Thread(target=server.serve_forever, name="moto", daemon=True)
+    thread.start()
     try:
-        host, port = server.get_host_and_port()
-        assert host == "127.0.0.1"
-        url = f"http://127.0.0.1:{port}"
+        url = f"http://127.0.0.1:{server.server_port}"
         ec2 = boto3.session.Session(region_name=REGION, **CREDENTIALS).client(
             "ec2", endpoint_url=url)
         vpc = ec2.create_vpc(CidrBlock="10.200.0.0/16")["Vpc"]["VpcId"]
         subnet = ec2.create_subnet(VpcId=vpc, CidrBlock="10.200.0.0/24")["Subnet"]["SubnetId"]
-        yield MotoEc2(endpoint_url=url, subnet_id=subnet, vpc_id=vpc)
+        yield MotoEc2(endpoint_url=url, subnet_id=subnet, vpc_id=vpc, throttle=throttle)
     finally:
-        server.stop()
+        server.shutdown()
+        server.server_close()
+        thread.join(10)
         # moto's backends live in this process: the next test starts from an empty cloud
         from moto.core.base_backend import BackendDict
 

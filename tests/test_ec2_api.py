@@ -262,6 +262,17 @@ def test_a_request_that_got_no_answer_is_retried_like_throttling(cloud):
     assert len(waits) == 2
 
 
+def test_throttling_over_http_is_retried_by_bigexec_not_by_boto3(cloud):
+    # the client Ec2Instances makes itself, from boto3's configuration (the fixture's
+    # AWS_* variables) and the endpoint; the server answers 503 RequestLimitExceeded 3 times
+    waits: list[float] = []
+    api = Ec2Instances(Ec2Options(endpoint_url=cloud.endpoint_url), sleep=waits.append)
+    cloud.throttle.pending["DescribeInstanceTypes"] = 3
+    assert api.vcpus("c6i.4xlarge") == 16
+    assert cloud.throttle.seen["DescribeInstanceTypes"] == 4  # no retry hidden in boto3
+    assert len(waits) == 3
+
+
 def test_throttling_gives_up_at_the_deadline(cloud):
     now = [0.0]
     api, client = instances(cloud, ami=some_ami(cloud))
