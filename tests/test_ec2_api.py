@@ -204,6 +204,7 @@ def test_capacity_errors_move_to_the_listed_alternatives_before_on_demand(cloud)
                     if p["InstanceType"] == "c6i.4xlarge" else None)
     records = api.launch("s", 4, b"x", time.time() + 60)
     assert [(r.instance_type, r.market) for r in records] == [("m5.large", "spot")] * 2
+    assert {r.vcpus for r in records} == {2}  # the type's, though procs_per_instance is set
     assert [(p["InstanceType"], p["MinCount"]) for p in run_calls(cloud)] == [
         ("c6i.4xlarge", 2), ("c6i.4xlarge", 1), ("m5.large", 2)]
 

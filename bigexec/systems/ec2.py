@@ -495,7 +495,7 @@ class Ec2Instances:
                         log.info("EC2 refused %d %s %s instance(s) (%s)", params["MinCount"],
                                  market, instance_type, code)
                         continue
-                    vcpus = self._vcpus.get(instance_type)
+                    vcpus = self.vcpus(instance_type)  # (cached: one call per type)
                     got = [_record(item, vcpus) for item in answer["Instances"]]
                     launched.extend(got)
                     remaining -= len(got) * procs
