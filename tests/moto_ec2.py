@@ -11,6 +11,8 @@ from __future__ import annotations
 import contextlib
 import datetime
 import io
+import ipaddress
+import socket
 import threading
 import urllib.parse
 from collections.abc import Callable, Iterator
@@ -142,6 +144,38 @@ class MotoEc2:
         ec2_backends[ACCOUNT][REGION].get_instance(instance_id).stop()
 
 
+def is_loopback(address: Any) -> bool:
+    """Whether a socket address (an AF_INET/AF_INET6 tuple, or an AF_UNIX path) stays on
+    this host's loopback."""
+    if not isinstance(address, tuple):
+        return True  # AF_UNIX
+    try:
+        return ipaddress.ip_address(address[0]).is_loopback
+    except ValueError:
+        return address[0] == "localhost"
+
+
+def refuse_non_loopback(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make every Python socket in this process refuse, before any packet, to connect
+    anywhere but loopback (a net under THE NETWORK RULE: the code under test must never dial
+    an address the fake cloud invented)."""
+    connect = socket.socket.connect
+    connect_ex = socket.socket.connect_ex
+
+    def guarded(sock: socket.socket, address: Any) -> Any:
+        if not is_loopback(address):
+            raise ConnectionRefusedError(f"test guard: no connection to {address!r}")
+        return connect(sock, address)
+
+    def guarded_ex(sock: socket.socket, address: Any) -> Any:
+        if not is_loopback(address):
+            raise ConnectionRefusedError(f"test guard: no connection to {address!r}")
+        return connect_ex(sock, address)
+
+    monkeypatch.setattr(socket.socket, "connect", guarded)
+    monkeypatch.setattr(socket.socket, "connect_ex", guarded_ex)
+
+
 @contextlib.contextmanager
 def moto_cloud(monkeypatch: pytest.MonkeyPatch) -> Iterator[MotoEc2]:
     """moto's EC2/SSM/IAM server on 127.0.0.1, stopped and emptied on the way out, however
@@ -155,6 +189,7 @@ def moto_cloud(monkeypatch: pytest.MonkeyPatch) -> Iterator[MotoEc2]:
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent/bigexec-test-aws-creds")
     # a stray call to the instance metadata service would leave loopback: forbid it
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    refuse_non_loopback(monkeypatch)
     throttle = Throttle(moto_app.DomainDispatcherApplication(moto_app.create_backend_app))
     server = make_server("127.0.0.1", 0, throttle, threaded=True,
                          request_handler=moto_app.MotoRequestHandler)

@@ -13,7 +13,7 @@ import threading
 import time
 
 import pytest
-from moto_ec2 import MotoEc2, moto_cloud, refusal
+from moto_ec2 import MotoEc2, is_loopback, moto_cloud, refusal
 
 from bigexec import __version__
 from bigexec.systems import ec2
@@ -103,6 +103,9 @@ def test_unknown_options_and_bad_keywords_are_refused():
 
 
 def test_boto3_configuration_is_honoured_when_the_region_is_not_set(cloud, monkeypatch):
+    import socket
+
+    assert socket.socket.connect.__name__ == "guarded"  # the fixture's loopback-only net
     monkeypatch.setenv("AWS_DEFAULT_REGION", "eu-north-1")
     api = Ec2Instances(Ec2Options(endpoint_url=cloud.endpoint_url))
     assert api.client.meta.region_name == "eu-north-1"
@@ -456,6 +459,13 @@ def test_describe_and_terminate_batch_their_ids():
     assert sizes == ([("describe_instances", 200)] * 12 + [("describe_instances", 100)]
                      + [("terminate_instances", 1000)] * 2 + [("terminate_instances", 500)]
                      + [("create_tags", 1000)] * 2 + [("create_tags", 500)])
+
+
+def test_the_network_guard_knows_loopback_from_the_rest():
+    assert is_loopback(("127.0.0.1", 443)) and is_loopback(("::1", 443, 0, 0))
+    assert is_loopback("/run/some.sock") and is_loopback(("localhost", 80))
+    assert not is_loopback(("10.200.0.4", 443)) and not is_loopback(("54.1.2.3", 443))
+    assert not is_loopback(("169.254.169.254", 80))
 
 
 def test_the_module_imports_without_boto3():
