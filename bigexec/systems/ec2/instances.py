@@ -1,79 +1,38 @@
-"""The AWS side of the ``ec2`` system: options, launching, tags, leases, user-data, sweeping
-and noticing dead instances, all through boto3 (imported only when an API is first used, so
-``import bigexec`` never needs it; install it with ``pip install bigexec[ec2]``).
+"""Launching, describing, tagging and terminating the ``ec2`` system's instances (boto3).
 
-What runs where::
-
-    driver                                           EC2
-    ──────                                           ───
-    Ec2Options (keywords over BIGEXEC_EC2_*)
-    Ec2Instances.launch(session, machines,
-      user_data, lease_until)  ── RunInstances ──>   ceil(machines / procs_per_instance)
-        spot first; capacity errors: the next          instances, tagged at launch, IMDSv2
-        alternative; then on-demand unless             required, shutdown = terminate
-        spot_only; throttling: jittered backoff
-        under one deadline
-    renew_lease(ids, until)   ── CreateTags ────>    bigexec-lease-until = epoch seconds
-    DeadInstanceMonitor.suspect(id): batched, at most one DescribeInstances per interval
-    terminate(ids) at shutdown; sweep() from anywhere: every instance of a session whose
-    newest lease tag lies in the past is terminated
-
-The lease tag: ``bigexec-lease-until`` holds the end of the driver's lease as whole epoch
-seconds (UTC). The driver sets it at launch and renews it on all its instances while it lives
-(one CreateTags call for up to 1,000 instances); the agent on each instance enforces the same
-lease by powering off. ``sweep`` is for what both missed (a driver killed before its agents
-came up, an agent that never started): it treats a session as lapsed when the newest
-``bigexec-lease-until`` among its live instances is older than ``now - grace``; an instance of
-bigexec's with no readable lease tag counts as lapsed once it is an hour old.
-
-User-data: ``render_user_data`` writes a ``#cloud-config`` document that puts the agent's
-bootstrap document at ``/run/bigexec/agent.json`` (mode 0600) and runs the install, then
-``python3 -m bigexec.agent --bootstrap /run/bigexec/agent.json`` from the new environment.
-EC2 limits user-data to 16 KB (16,384 bytes) in raw form, before base64 (Amazon EC2 User
-Guide, "Work with instance user data"); boto3 base64-encodes it itself, so the raw bytes are
-what is checked: gzip (which cloud-init reads) is used only when the plain text does not fit.
+Spot first; on a capacity error the next alternative (type, subnet); then on-demand unless
+``spot_only``. Throttling and unanswered requests are retried with jittered backoff under one
+deadline. The lease tag and ``sweep``: see the package's docstring.
 """
 
 from __future__ import annotations
 
-import base64
 import getpass
-import gzip
-import json
 import logging
 import math
 import os
 import random
-import shlex
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, NamedTuple, Protocol
+from typing import Any, NamedTuple
 
-from .. import __version__
+from ... import __version__
+from .options import DEFAULT_AMI_PARAMETER, Ec2Options
 
-__all__ = ["AGENT_DOCUMENT_PATH", "CAPACITY_ERRORS", "DEAD_STATES", "DEFAULT_AMI_PARAMETER",
-           "ENV_PREFIX", "LEASE_TAG", "USER_DATA_LIMIT", "DeadInstanceMonitor",
-           "Ec2CapacityError", "Ec2Instances", "Ec2Options", "Ec2Throttled", "InstallPlan",
-           "InstanceRecord", "PinnedRequirements", "Wheelhouse", "render_user_data"]
+__all__ = ["BATCH", "CAPACITY_ERRORS", "DEAD_STATES", "LEASE_TAG", "LIVE_STATES", "OWNER_TAG",
+           "PROGRAM_TAG", "SESSION_TAG", "THROTTLE_ERRORS", "UNTAGGED_LAPSE", "VERSION_TAG",
+           "Ec2CapacityError", "Ec2Instances", "Ec2Throttled", "InstanceRecord"]
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("bigexec.systems.ec2")
 
-ENV_PREFIX = "BIGEXEC_EC2_"
-#: A stock Ubuntu LTS (python3 and cloud-init included), published by Canonical through SSM.
-DEFAULT_AMI_PARAMETER = (
-    "/aws/service/canonical/ubuntu/server/24.04/stable/current/amd64/hvm/ebs-gp3/ami-id")
 SESSION_TAG = "bigexec-session"
 OWNER_TAG = "bigexec-owner"
 VERSION_TAG = "bigexec-version"
 PROGRAM_TAG = "bigexec-program"
 LEASE_TAG = "bigexec-lease-until"
-AGENT_DOCUMENT_PATH = "/run/bigexec/agent.json"
-#: EC2's limit on user-data, in raw bytes before base64.
-USER_DATA_LIMIT = 16384
 #: States in which an instance will never serve again (or not without someone starting it).
 DEAD_STATES = frozenset({"shutting-down", "terminated", "stopping", "stopped"})
 LIVE_STATES = ("pending", "running", "stopping", "stopped", "shutting-down")
@@ -93,127 +52,6 @@ THROTTLE_ERRORS = frozenset({
 BATCH = 200
 UNTAGGED_LAPSE = 3600.0
 
-
-# ── options ───────────────────────────────────────────────────────────────────────────────
-
-def _text(value: str) -> str:
-    return value.strip()
-
-
-def _words(value: str) -> tuple[str, ...]:
-    return tuple(w.strip() for w in value.split(",") if w.strip())
-
-
-def _flag(value: str) -> bool:
-    word = value.strip().lower()
-    if word in ("1", "true", "yes", "on"):
-        return True
-    if word in ("0", "false", "no", "off", ""):
-        return False
-    raise ValueError(f"not a boolean: {value!r} (use 1/0, true/false, yes/no, on/off)")
-
-
-def _positive(value: str) -> int:
-    number = int(value)
-    if number <= 0:
-        raise ValueError(f"not a positive integer: {value!r}")
-    return number
-
-
-def _tag_pairs(value: str) -> dict[str, str]:
-    tags = {}
-    for pair in _words(value):
-        key, sep, val = pair.partition("=")
-        if not sep or not key.strip():
-            raise ValueError(f"not KEY=VALUE: {pair!r}")
-        tags[key.strip()] = val.strip()
-    return tags
-
-
-#: How each BIGEXEC_EC2_<NAME> variable's text becomes the option's value.
-_CONVERSIONS: dict[str, Callable[[str], Any]] = {
-    "instance_type": _text, "region": _text, "market": _text, "spot_only": _flag,
-    "alternatives": _words, "subnet": _text, "security_groups": _words,
-    "instance_profile": _text, "key_name": _text, "root_volume_gib": _positive, "ami": _text,
-    "procs_per_instance": _positive, "tags": _tag_pairs, "endpoint_url": _text,
-}
-
-
-@dataclass(frozen=True)
-class Ec2Options:
-    """Every option of the ``ec2`` system. ``None`` means "not set": boto3's own configuration
-    (profile, ``AWS_*`` variables, the profile's region) or the documented default applies.
-
-    ``alternatives`` lists other instance types and/or subnets (``subnet-...``) to try, in
-    order, when the first choice has no capacity. ``from_env`` reads ``BIGEXEC_EC2_<NAME>``
-    (upper case), keywords overriding (a keyword or variable that is None or empty counts as
-    not set): lists are comma-separated, ``tags`` is ``k=v,k2=v2``, ``spot_only`` is 1/0,
-    true/false, yes/no or on/off, ``root_volume_gib`` and ``procs_per_instance`` are positive
-    integers, the rest is text as given.
-    """
-
-    instance_type: str = "c6i.xlarge"
-    region: str | None = None
-    market: str = "spot"
-    spot_only: bool = False
-    alternatives: tuple[str, ...] = ()
-    subnet: str | None = None
-    security_groups: tuple[str, ...] = ()
-    instance_profile: str | None = None
-    key_name: str | None = None
-    root_volume_gib: int = 30
-    ami: str | None = None
-    procs_per_instance: int | None = None
-    tags: Mapping[str, str] = field(default_factory=dict)
-    endpoint_url: str | None = None
-
-    def __post_init__(self) -> None:
-        if self.market not in ("spot", "on-demand"):
-            raise ValueError(f"market must be 'spot' or 'on-demand', not {self.market!r}")
-        if not self.instance_type:
-            raise ValueError("instance_type must not be empty")
-        for name in ("root_volume_gib", "procs_per_instance"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value <= 0):
-                raise ValueError(f"{name} must be a positive integer, not {value!r}")
-        for name in ("alternatives", "security_groups"):
-            value = getattr(self, name)
-            if isinstance(value, str):
-                raise ValueError(f"{name} must be a sequence of strings, not one string")
-            object.__setattr__(self, name, tuple(value))
-        object.__setattr__(self, "tags", dict(self.tags))
-
-    @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None, **options: Any) -> Ec2Options:
-        """The options from keyword arguments over ``BIGEXEC_EC2_<NAME>`` variables; a bad
-        variable raises ValueError naming it."""
-        environ = os.environ if environ is None else environ
-        known = {f.name for f in fields(cls)}
-        unknown = set(options) - known
-        if unknown:
-            raise TypeError(f"unknown ec2 option(s): {', '.join(sorted(unknown))}")
-        values: dict[str, Any] = {}
-        for name in sorted(known):
-            variable = ENV_PREFIX + name.upper()
-            if options.get(name) is not None:  # None: not set by the caller
-                values[name] = options[name]
-            elif environ.get(variable, "").strip():  # an empty variable is not set either
-                try:
-                    values[name] = _CONVERSIONS[name](environ[variable])
-                    cls(**{name: values[name]})  # what the dataclass refuses names it too
-                except ValueError as exc:
-                    raise ValueError(f"{variable}={environ[variable]!r}: {exc}") from None
-        return cls(**values)
-
-    def candidates(self) -> list[tuple[str, str | None]]:
-        """(instance type, subnet) pairs in the order they are tried."""
-        types = [self.instance_type] + [a for a in self.alternatives
-                                        if not a.startswith("subnet-")]
-        subnets = [self.subnet] + [a for a in self.alternatives if a.startswith("subnet-")]
-        return [(t, s) for t in types for s in subnets]
-
-
-# ── launching, describing, terminating ───────────────────────────────────────────────────
 
 class InstanceRecord(NamedTuple):
     """One instance as the EC2 API describes it."""
@@ -327,8 +165,8 @@ class Ec2Instances:
     # boto3, lazily, with only what the user set
     def _make_client(self, service: str) -> Any:
         # (no type information ships with them)
-        import boto3  # type: ignore[import-untyped, unused-ignore]
-        from botocore.config import Config  # type: ignore[import-untyped, unused-ignore]
+        import boto3
+        from botocore.config import Config
 
         session = boto3.session.Session(region_name=self.options.region)
         kwargs: dict[str, Any] = {"config": Config(retries={"total_max_attempts": 1})}
@@ -568,192 +406,3 @@ class Ec2Instances:
         if ids:
             self.terminate(ids)
         return ids
-
-
-# ── user-data ────────────────────────────────────────────────────────────────────────────
-
-VENV = "/opt/bigexec/venv"
-BOOT_LOG = "/var/log/bigexec-boot.log"
-
-
-class InstallPlan(Protocol):
-    """How an instance gets an environment with bigexec and the driver's distributions:
-    ``shell(venv)`` is POSIX shell that leaves a virtualenv at ``venv``."""
-
-    def shell(self, venv: str) -> str: ...
-
-
-@dataclass(frozen=True)
-class PinnedRequirements:
-    """Install pinned requirements (``bigexec==X``, ``numpy==Y``, ...) from a package index:
-    the real-EC2 path (the instance has the internet)."""
-
-    requirements: tuple[str, ...]
-    index_url: str | None = None
-
-    def shell(self, venv: str) -> str:
-        pip = [f"{venv}/bin/python", "-m", "pip", "install", "--isolated", "-q"]
-        if self.index_url:
-            pip += ["--index-url", self.index_url]
-        # stock Ubuntu lacks ensurepip: install python3-venv when the plain venv fails
-        return "\n".join([
-            f"python3 -m venv {shlex.quote(venv)} || {{ apt-get update -q && "
-            f"apt-get install -y -q python3-venv && python3 -m venv {shlex.quote(venv)}; }}",
-            shlex.join(pip + list(self.requirements)),
-        ])
-
-
-@dataclass(frozen=True)
-class Wheelhouse:
-    """Install from a directory of wheels (``location``: a path on the instance, or an
-    ``http(s)://`` URL of a tar archive of one) with no index: the offline path. The
-    wheelhouse must hold a pip wheel, which runs pip without ensurepip."""
-
-    location: str
-    requirements: tuple[str, ...] = ("bigexec",)
-
-    def shell(self, venv: str) -> str:
-        lines = []
-        where = self.location
-        if where.startswith(("http://", "https://")):
-            fetch = ("import sys, urllib.request as u; "
-                     "sys.stdout.buffer.write(u.urlopen(sys.argv[1]).read())")
-            lines.append(f"mkdir -p /opt/bigexec/wheels && python3 -c {shlex.quote(fetch)} "
-                         f"{shlex.quote(where)} | tar -x -C /opt/bigexec/wheels")
-            where = "/opt/bigexec/wheels"
-        quoted = shlex.quote(where)
-        lines += [
-            f"python3 -m venv --without-pip {shlex.quote(venv)}",
-            f"{shlex.quote(venv)}/bin/python \"$(ls {quoted}/pip-*.whl | head -n 1)\"/pip "
-            f"install --isolated -q --no-index --find-links {quoted} "
-            + shlex.join(self.requirements),
-        ]
-        return "\n".join(lines)
-
-
-def _boot_script(install: InstallPlan, poweroff_on_failure: int) -> str:
-    agent = [f"{VENV}/bin/python3", "-m", "bigexec.agent", "--bootstrap", AGENT_DOCUMENT_PATH]
-    return "\n".join([
-        "set -e",
-        f"exec >>{BOOT_LOG} 2>&1",
-        # a boot that fails leaves no orphan even when the driver is gone
-        f"trap 'echo bigexec: bootstrap failed; shutdown -h +{poweroff_on_failure}' EXIT",
-        install.shell(VENV),
-        "trap - EXIT",
-        # the agent runs on after cloud-init's final stage ends
-        f"setsid nohup {shlex.join(agent)} >>{BOOT_LOG} 2>&1 </dev/null &",
-    ])
-
-
-def render_user_data(agent_document: bytes, install: InstallPlan, *,
-                     poweroff_on_failure_minutes: int = 5) -> bytes:
-    """The user-data for an instance: a ``#cloud-config`` that writes ``agent_document``
-    (the agent's bootstrap JSON) to /run/bigexec/agent.json with mode 0600, installs with
-    ``install`` and starts the agent. JSON is YAML, so the document is written as JSON.
-    Gzipped when the plain text exceeds EC2's 16,384-byte limit; ValueError when even that
-    does not fit."""
-    config = {
-        "write_files": [{"path": AGENT_DOCUMENT_PATH, "permissions": "0600",
-                         "owner": "root:root", "encoding": "b64",
-                         "content": base64.b64encode(agent_document).decode("ascii")}],
-        "runcmd": [["sh", "-c", _boot_script(install, poweroff_on_failure_minutes)]],
-    }
-    plain = ("#cloud-config\n" + json.dumps(config, indent=1) + "\n").encode()
-    if len(plain) <= USER_DATA_LIMIT:
-        return plain
-    packed = gzip.compress(plain, mtime=0)
-    if len(packed) <= USER_DATA_LIMIT:
-        return packed
-    raise ValueError(
-        f"EC2 user-data is limited to {USER_DATA_LIMIT} bytes before base64; this one is "
-        f"{len(plain)} bytes ({len(packed)} gzipped): ship large files after boot instead")
-
-
-# ── noticing dead instances ──────────────────────────────────────────────────────────────
-
-class DeadInstanceMonitor:
-    """Learns, from the EC2 API, which suspected instances are dead. ``suspect(id)`` (e.g. when
-    a keepalive fails) returns at once; a thread of the monitor's own batches the suspects
-    and calls ``describe`` (``Ec2Instances.describe``) at most once per ``interval`` seconds.
-    An instance found in shutting-down, terminated, stopping or stopped, or unknown to EC2,
-    is reported once through ``on_dead(instance_id, state, reason)``; others are dropped
-    until suspected again."""
-
-    def __init__(self, describe: Callable[[list[str]], list[InstanceRecord]],
-                 on_dead: Callable[[str, str, str], None], *, interval: float = 1.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
-        self._describe = describe
-        self._on_dead = on_dead
-        self._interval = interval
-        self._clock = clock
-        self._cond = threading.Condition()
-        self._pending: dict[str, None] = {}
-        self._reported: set[str] = set()
-        self._closed = False
-        self._last_call = -math.inf
-        self.calls = 0
-        self._thread = threading.Thread(target=self._run, name="bigexec-ec2-monitor",
-                                        daemon=True)
-        self._thread.start()
-
-    def suspect(self, instance_id: str) -> None:
-        with self._cond:
-            if instance_id in self._reported or self._closed:
-                return
-            self._pending[instance_id] = None
-            self._cond.notify()
-
-    def close(self) -> None:
-        with self._cond:
-            self._closed = True
-            self._cond.notify()
-        self._thread.join()
-
-    def __enter__(self) -> DeadInstanceMonitor:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def _next_batch(self) -> list[str] | None:
-        with self._cond:
-            while True:
-                if self._closed:
-                    return None
-                wait = self._last_call + self._interval - self._clock()
-                if self._pending and wait <= 0:
-                    batch = list(self._pending)
-                    self._pending.clear()
-                    self._last_call = self._clock()
-                    self.calls += 1
-                    return batch
-                self._cond.wait(wait if self._pending else None)
-
-    def _run(self) -> None:
-        while (batch := self._next_batch()) is not None:
-            try:
-                records = {r.instance_id: r for r in self._describe(batch)}
-            except Exception:
-                log.exception("DescribeInstances for %d suspected instance(s) failed; "
-                              "asking again", len(batch))
-                with self._cond:
-                    for instance_id in batch:
-                        self._pending.setdefault(instance_id, None)
-                continue
-            for instance_id in batch:
-                record = records.get(instance_id)
-                if record is None:
-                    state, reason = "terminated", "unknown to EC2"
-                elif record.state in DEAD_STATES:
-                    state, reason = record.state, record.state_reason
-                else:
-                    continue
-                with self._cond:
-                    if instance_id in self._reported:
-                        continue
-                    self._reported.add(instance_id)
-                log.info("EC2 instance %s is %s (%s)", instance_id, state, reason or "no reason")
-                try:
-                    self._on_dead(instance_id, state, reason)
-                except Exception:
-                    log.exception("the dead-instance callback failed for %s", instance_id)

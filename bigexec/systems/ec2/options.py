@@ -1,0 +1,136 @@
+"""The ``ec2`` system's options: keywords over ``BIGEXEC_EC2_*`` variables (``Ec2Options``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+__all__ = ["DEFAULT_AMI_PARAMETER", "ENV_PREFIX", "Ec2Options"]
+
+log = logging.getLogger("bigexec.systems.ec2")
+
+ENV_PREFIX = "BIGEXEC_EC2_"
+#: A stock Ubuntu LTS (python3 and cloud-init included), published by Canonical through SSM.
+DEFAULT_AMI_PARAMETER = (
+    "/aws/service/canonical/ubuntu/server/24.04/stable/current/amd64/hvm/ebs-gp3/ami-id")
+
+
+def _text(value: str) -> str:
+    return value.strip()
+
+
+def _words(value: str) -> tuple[str, ...]:
+    return tuple(w.strip() for w in value.split(",") if w.strip())
+
+
+def _flag(value: str) -> bool:
+    word = value.strip().lower()
+    if word in ("1", "true", "yes", "on"):
+        return True
+    if word in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"not a boolean: {value!r} (use 1/0, true/false, yes/no, on/off)")
+
+
+def _positive(value: str) -> int:
+    number = int(value)
+    if number <= 0:
+        raise ValueError(f"not a positive integer: {value!r}")
+    return number
+
+
+def _tag_pairs(value: str) -> dict[str, str]:
+    tags = {}
+    for pair in _words(value):
+        key, sep, val = pair.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"not KEY=VALUE: {pair!r}")
+        tags[key.strip()] = val.strip()
+    return tags
+
+
+#: How each BIGEXEC_EC2_<NAME> variable's text becomes the option's value.
+_CONVERSIONS: dict[str, Callable[[str], Any]] = {
+    "instance_type": _text, "region": _text, "market": _text, "spot_only": _flag,
+    "alternatives": _words, "subnet": _text, "security_groups": _words,
+    "instance_profile": _text, "key_name": _text, "root_volume_gib": _positive, "ami": _text,
+    "procs_per_instance": _positive, "tags": _tag_pairs, "endpoint_url": _text,
+}
+
+
+@dataclass(frozen=True)
+class Ec2Options:
+    """Every option of the ``ec2`` system. ``None`` means "not set": boto3's own configuration
+    (profile, ``AWS_*`` variables, the profile's region) or the documented default applies.
+
+    ``alternatives`` lists other instance types and/or subnets (``subnet-...``) to try, in
+    order, when the first choice has no capacity. ``from_env`` reads ``BIGEXEC_EC2_<NAME>``
+    (upper case), keywords overriding (a keyword or variable that is None or empty counts as
+    not set): lists are comma-separated, ``tags`` is ``k=v,k2=v2``, ``spot_only`` is 1/0,
+    true/false, yes/no or on/off, ``root_volume_gib`` and ``procs_per_instance`` are positive
+    integers, the rest is text as given.
+    """
+
+    instance_type: str = "c6i.xlarge"
+    region: str | None = None
+    market: str = "spot"
+    spot_only: bool = False
+    alternatives: tuple[str, ...] = ()
+    subnet: str | None = None
+    security_groups: tuple[str, ...] = ()
+    instance_profile: str | None = None
+    key_name: str | None = None
+    root_volume_gib: int = 30
+    ami: str | None = None
+    procs_per_instance: int | None = None
+    tags: Mapping[str, str] = field(default_factory=dict)
+    endpoint_url: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.market not in ("spot", "on-demand"):
+            raise ValueError(f"market must be 'spot' or 'on-demand', not {self.market!r}")
+        if not self.instance_type:
+            raise ValueError("instance_type must not be empty")
+        for name in ("root_volume_gib", "procs_per_instance"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value <= 0):
+                raise ValueError(f"{name} must be a positive integer, not {value!r}")
+        for name in ("alternatives", "security_groups"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                raise ValueError(f"{name} must be a sequence of strings, not one string")
+            object.__setattr__(self, name, tuple(value))
+        object.__setattr__(self, "tags", dict(self.tags))
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **options: Any) -> Ec2Options:
+        """The options from keyword arguments over ``BIGEXEC_EC2_<NAME>`` variables; a bad
+        variable raises ValueError naming it."""
+        environ = os.environ if environ is None else environ
+        known = {f.name for f in fields(cls)}
+        unknown = set(options) - known
+        if unknown:
+            raise TypeError(f"unknown ec2 option(s): {', '.join(sorted(unknown))}")
+        values: dict[str, Any] = {}
+        for name in sorted(known):
+            variable = ENV_PREFIX + name.upper()
+            if options.get(name) is not None:  # None: not set by the caller
+                values[name] = options[name]
+            elif environ.get(variable, "").strip():  # an empty variable is not set either
+                try:
+                    values[name] = _CONVERSIONS[name](environ[variable])
+                    cls(**{name: values[name]})  # what the dataclass refuses names it too
+                except ValueError as exc:
+                    raise ValueError(f"{variable}={environ[variable]!r}: {exc}") from None
+        return cls(**values)
+
+    def candidates(self) -> list[tuple[str, str | None]]:
+        """(instance type, subnet) pairs in the order they are tried."""
+        types = [self.instance_type] + [a for a in self.alternatives
+                                        if not a.startswith("subnet-")]
+        subnets = [self.subnet] + [a for a in self.alternatives if a.startswith("subnet-")]
+        return [(t, s) for t in types for s in subnets]
