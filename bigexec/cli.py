@@ -1,8 +1,12 @@
-"""The ``bigexec`` command: look at a running driver through its debug server.
+"""The ``bigexec`` command: look at a running driver through its debug server, and at
+bigexec's EC2 instances.
 
     bigexec status URL                                  the machines, as a table
     bigexec profile URL --seconds 10 -o out.prof [--format pstats|callgrind|collapsed|text]
     bigexec top URL --seconds 10                        the merged profile's top functions
+    bigexec ec2 ls [--session S] [--region R] [--json]  bigexec's EC2 instances
+    bigexec ec2 sweep [--region R] [--grace S] [--dry-run]
+                                                        terminate lapsed sessions' instances
 
 URL is the driver's debug server, e.g. ``http://127.0.0.1:3333`` (start it with
 ``b.serve_debug()`` or ``BIGEXEC_DEBUG_ADDR=127.0.0.1:3333``). Machines themselves are started
@@ -11,6 +15,9 @@ with ``python -m bigexec.worker`` by their driver, never by hand.
 The server's token, which it wants from other hosts and for other users' profiles, comes from
 the URL the driver printed (``...?token=...``), ``--token`` or ``BIGEXEC_DEBUG_TOKEN``, and is
 sent as an ``Authorization: Bearer`` header.
+
+The ``ec2`` commands (``bigexec.ec2_cli``) need boto3 (``pip install bigexec[ec2]``) and take
+their options from ``BIGEXEC_EC2_*`` variables as the ``ec2`` system does.
 """
 
 from __future__ import annotations
@@ -23,6 +30,8 @@ from urllib.parse import parse_qs, urlsplit
 
 import requests
 
+from .ec2_cli import add_ec2_commands
+
 __all__ = ["main"]
 
 _PREFIX = "/debug/bigexec"
@@ -30,16 +39,23 @@ _TOKEN_ENV = "BIGEXEC_DEBUG_TOKEN"  # as bigexec.debug.TOKEN_ENV, without import
 _BROKEN_PIPE_STATUS = 141  # what a shell reports for a command killed by SIGPIPE: 128 + 13
 
 # The help is plain text: argparse prints it as is, so it cannot reuse the reST docstring.
-_DESCRIPTION = "Look at a running bigexec driver through its debug server."
+_DESCRIPTION = ("Look at a running bigexec driver through its debug server, and at bigexec's "
+                "EC2 instances.")
 _EPILOG = """\
 examples:
   bigexec status http://127.0.0.1:3333
   bigexec profile http://127.0.0.1:3333 --seconds 10 -o out.prof
   bigexec top http://127.0.0.1:3333 --seconds 10
+  bigexec ec2 ls --region us-west-2
+  bigexec ec2 sweep --dry-run
 
 URL is the driver's debug server. A driver starts one with b.serve_debug(), or when it runs
 with BIGEXEC_DEBUG_ADDR=127.0.0.1:3333 in its environment. The server's token comes from the
-URL the driver printed (...?token=...), --token, or BIGEXEC_DEBUG_TOKEN."""
+URL the driver printed (...?token=...), --token, or BIGEXEC_DEBUG_TOKEN.
+
+The ec2 commands need boto3 (pip install bigexec[ec2]); their options also come from
+BIGEXEC_EC2_* variables (BIGEXEC_EC2_REGION, ...), and AWS credentials from boto3's own
+configuration."""
 _URL_HELP = "the driver's debug server, e.g. http://127.0.0.1:3333"
 _TOKEN_HELP = (f"the debug server's token (default: the URL's ?token=, else ${_TOKEN_ENV}); "
                "needed from other hosts, and for profiles as another user")
@@ -167,6 +183,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="how many functions to print (default: 25)")
     p.add_argument("--machine", help="profile this machine only (its address)")
     p.set_defaults(fn=_top)
+
+    add_ec2_commands(sub)
     return parser
 
 
