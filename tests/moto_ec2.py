@@ -193,7 +193,9 @@ def moto_cloud(monkeypatch: pytest.MonkeyPatch) -> Iterator[MotoEc2]:
     throttle = Throttle(moto_app.DomainDispatcherApplication(moto_app.create_backend_app))
     server = make_server("127.0.0.1", 0, throttle, threaded=True,
                          request_handler=moto_app.MotoRequestHandler)
-    thread = threading.Thread(target=server.serve_forever, name="moto", daemon=True)
+    # a short poll: shutting the server down waits for one, and every test does it
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
+                              name="moto", daemon=True)
     thread.start()
     try:
         url = f"http://127.0.0.1:{server.server_port}"

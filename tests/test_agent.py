@@ -110,7 +110,8 @@ def test_the_agent_starts_workers_that_the_driver_reaches(tmp_path):
         stream = client.call(agent.addr, "Agent.output", (ids[0],), timeout=30)
         reading = threading.Thread(target=lambda: live.extend(stream), daemon=True)
         reading.start()
-        client.call(addrs[0], "Supervisor.shutdown", (0.0, "first worker says goodbye"),
+        # (a moment after its reply: with no delay the worker may exit before the reply is out)
+        client.call(addrs[0], "Supervisor.shutdown", (0.5, "first worker says goodbye"),
                     timeout=10)
         reading.join(30)
         assert not reading.is_alive(), "the output stream did not end with the worker"
@@ -204,7 +205,8 @@ def test_a_reader_that_falls_behind_the_bounded_buffer_is_told_what_it_missed(mo
         w = agent.start_worker(WorkerSpec.decode(worker_spec(ca)))
         addr = agent.worker(w).address(60.0)
         message = "\n".join(f"line {n}" for n in range(12))
-        driver_client(ca).call(addr, "Supervisor.shutdown", (0.0, message), timeout=10)
+        # a moment after its reply: with no delay the worker may exit before the reply is out
+        driver_client(ca).call(addr, "Supervisor.shutdown", (0.5, message), timeout=10)
         assert agent.worker(w).wait(30) == 0
         out = b"".join(agent.worker(w).lines()).decode()
         assert out.splitlines()[-5:] == [f"line {n}" for n in range(7, 12)]

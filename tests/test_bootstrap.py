@@ -206,3 +206,16 @@ def test_an_ipv6_machine_announces_a_bracketed_address_and_answers(system):
         assert server.addr == f"http://[::1]:{server.port}"
     finally:
         server.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_live_threads_machine_is_not_waited_for_on_a_transport_error():
+    # a threads machine's death is known the moment it happens: died(grace) must not sit out
+    # the grace (it did once, and every dropped call on threads then cost a second)
+    with bigexec.start("threads") as b:
+        (m,) = b.start(1)
+        assert m.wait(bigexec.RUNNING, 30) and m.err is None
+        assert m.died(600) is None  # would outlast this test's timeout if it waited
+        b.system.kill(m)
+        assert m.wait(bigexec.STOPPED, 10)
+        assert isinstance(m.died(), bigexec.MachineLost)

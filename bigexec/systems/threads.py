@@ -50,6 +50,11 @@ class _ThreadHandle(MachineHandle):
     def address(self, timeout: float) -> str:
         return self.addr
 
+    def died(self, grace: float = 0.0) -> BaseException | None:
+        # A machine of this process is known dead the moment it exits (``exited`` runs in
+        # its exit): there is no word in flight to wait for.
+        return super().died(0.0)
+
     def exited(self, code: int) -> None:
         """The machine's runtime exited with ``code`` (its ``exit``, called by itself, by
         its lease, or by ``kill``)."""
