@@ -51,17 +51,27 @@ class _ThreadHandle(MachineHandle):
         return self.addr
 
     def died(self, grace: float = 0.0) -> BaseException | None:
-        # A machine of this process is known dead the moment it exits (``exited`` runs in
-        # its exit): there is no word in flight to wait for.
-        return super().died(0.0)
+        # A machine of this process is known dead the moment its runtime begins to exit,
+        # before its server drops the connections that a call then fails on: ask the runtime,
+        # and never sit out ``grace`` for word that is not in flight.
+        known = super().died(0.0)
+        if known is not None:
+            return known
+        runtime = self.runtime
+        if runtime is not None and runtime.stopped:
+            return self._why(runtime.exit_code)
+        return None
+
+    def _why(self, code: int | None) -> MachineLost:
+        what = "was killed" if self.killed else describe_exit(code, self.lease)
+        return MachineLost(f"machine {self.addr} {what}")
 
     def exited(self, code: int) -> None:
         """The machine's runtime exited with ``code`` (its ``exit``, called by itself, by
         its lease, or by ``kill``)."""
         self.exit_code = code
         self.runtime = None  # it has stopped serving: nothing of it is needed any more
-        what = "was killed" if self.killed else describe_exit(code, self.lease)
-        self.report_lost(MachineLost(f"machine {self.addr} {what}"))
+        self.report_lost(self._why(code))
 
     def kill(self) -> None:
         runtime = self.runtime
