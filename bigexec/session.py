@@ -29,7 +29,6 @@ from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from . import observe
 from .dialer import Dialer
 from .machine import STOPPED, Machine
 from .rpc import codec
@@ -194,10 +193,14 @@ class B(Dialer):
     def status(self) -> list[dict[str, Any]]:
         """One dict per machine: state, address, uptime, keepalives, memory, disk, load,
         tasks, RPC counts, and why stopped machines stopped."""
+        from . import observe  # here: a worker, which imports this module, never needs it
+
         return observe.status(self)
 
     def metrics(self) -> dict[str, Any]:
         """Counters of the driver and of every running machine, and their totals."""
+        from . import observe  # here: a worker, which imports this module, never needs it
+
         return observe.metrics(self)
 
     def profile(self, seconds: float = 30.0, machines: list[Machine] | None = None,
@@ -205,6 +208,8 @@ class B(Dialer):
         """Profile the machines (default: all running ones) with yappi for ``seconds`` and
         merge their profiles into one ``pstats.Stats``; ``include_driver`` adds this process.
         """
+        from . import observe  # here: a worker, which imports this module, never needs it
+
         return observe.profile(self, seconds, machines, include_driver)
 
     def serve_debug(self, port: int = 3333, host: str = "127.0.0.1",

@@ -7,6 +7,7 @@ import os
 
 import pytest
 from protocol_system import PipeSystem
+from test_debug_security import needs_ipv6
 
 import bigexec
 from bigexec.authority import Authority
@@ -177,18 +178,7 @@ def test_a_worker_refuses_a_driver_of_other_versions_and_says_why():
     assert "bigexec 0.0.1-other" in first and f"bigexec {bigexec.__version__}" in first, first
 
 
-def _has_ipv6_loopback() -> bool:
-    import socket
-
-    try:
-        with socket.socket(socket.AF_INET6) as s:
-            s.bind(("::1", 0))
-        return True
-    except OSError:
-        return False
-
-
-@pytest.mark.skipif(not _has_ipv6_loopback(), reason="this host has no IPv6 loopback")
+@needs_ipv6
 @pytest.mark.parametrize("system", ["local", "threads-server"])
 def test_an_ipv6_machine_announces_a_bracketed_address_and_answers(system):
     if system == "local":

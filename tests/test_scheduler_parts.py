@@ -8,7 +8,6 @@ from concurrent.futures import TimeoutError as FutureTimeout  # builtin only fro
 
 import pytest
 
-import bigexec
 from bigexec import boot_retry, scheduler
 from bigexec.batching import (
     BATCH_SECONDS,
@@ -170,24 +169,6 @@ def test_a_failed_send_is_raised_to_the_reader():
     assert call.reply_buffered(10.0)  # nothing to wait for
     with pytest.raises(ConnectionResetError):
         call.finish()
-
-
-def test_a_waiter_reads_its_direct_reply_through_the_schedulers_public_seam(monkeypatch):
-    readers: list[threading.Thread] = []
-    real = scheduler.Scheduler.read_direct
-
-    def read_direct(self, call):
-        readers.append(threading.current_thread())
-        return real(self, call)
-
-    monkeypatch.setattr(scheduler.Scheduler, "read_direct", read_direct)
-    with bigexec.Executor(1, system="threads") as ex:
-        assert ex.submit(square, 3).result(timeout=30) == 9
-        readers.clear()
-        for i in range(50):
-            assert ex.submit(square, i).result(timeout=30) == i * i
-    assert readers  # the calls went straight to the idle machine
-    assert sum(1 for t in readers if t is threading.current_thread()) >= len(readers) // 2
 
 
 # --- the session --------------------------------------------------------------------------
