@@ -154,6 +154,11 @@ class Machine:
         """What the system knows of this machine (None for a dialed one)."""
         return self._handle
 
+    @property
+    def instance_id(self) -> str | None:
+        """The cloud instance the machine runs on (``ec2``); None elsewhere."""
+        return self._handle.instance_id if self._handle is not None else None
+
     def died(self, grace: float = 0.0) -> BaseException | None:
         """Why the machine is known dead, if its system says it is (waiting up to ``grace``
         seconds for word of it); None for one alive, or dialed (no system watches it)."""
@@ -328,6 +333,8 @@ class Machine:
                     return
                 now = time.monotonic()
                 failing_since = failing_since or t0
+                if self._handle is not None:
+                    self._handle.keepalive_failed()
                 died = self._handle.died() if self._handle is not None else None
                 if died is not None:
                     self._stop(died)

@@ -138,8 +138,8 @@ class MachineRuntime:
             client_ssl = tls.client_context(calling)
         return cls(system_name=spec.system, exit=exit, lease=spec.lease,
                    server_ssl=server_ssl, client_ssl=client_ssl, maxprocs=spec.maxprocs,
-                   environ=environ, host=spec.listen_host, advertise_host=spec.advertise_host,
-                   mark_logs=mark_logs, namespaces=namespaces)
+                   environ=environ, host=spec.listen_host, port=spec.listen_port,
+                   advertise_host=spec.advertise_host, mark_logs=mark_logs, namespaces=namespaces)
 
     @property
     def addr(self) -> str:

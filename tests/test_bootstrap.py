@@ -37,11 +37,12 @@ def test_a_spec_travels_whole_and_keeps_its_key_out_of_its_repr():
     authority = Authority()
     creds = authority.issue_machine(ips=("10.1.2.3",), dns=(), name="machine 7")
     spec = WorkerSpec(system="pipe", lease=42.5, maxprocs=3, listen_host="0.0.0.0",
-                      advertise_host="10.1.2.3", credentials=creds, announce_fd=9)
+                      advertise_host="10.1.2.3", listen_port=7101, credentials=creds,
+                      announce_fd=9)
     back = WorkerSpec.decode(spec.encode())
     assert (back.system, back.lease, back.maxprocs, back.listen_host, back.advertise_host,
-            back.announce_fd, back.versions) == ("pipe", 42.5, 3, "0.0.0.0", "10.1.2.3", 9,
-                                                 Versions.here())
+            back.listen_port, back.announce_fd, back.versions) == (
+        "pipe", 42.5, 3, "0.0.0.0", "10.1.2.3", 7101, 9, Versions.here())
     assert back.credentials is not None
     assert [c.key_pem for c in back.credentials] == [c.key_pem for c in creds]
     assert back.address(4433) == "https://10.1.2.3:4433"
@@ -67,6 +68,9 @@ def test_bad_settings_are_refused_before_anything_starts():
         WorkerSpec(system="x", lease=0)
     with pytest.raises(ValueError, match="maxprocs must be a positive int"):
         WorkerSpec(system="x", lease=1, maxprocs=0)
+    for port in (-1, 65536, True, "7100"):
+        with pytest.raises(ValueError, match="listen_port must be an int in 0..65535"):
+            WorkerSpec(system="x", lease=1, listen_port=port)
 
 
 def test_read_spec_stops_at_its_end_and_leaves_the_channel_open():

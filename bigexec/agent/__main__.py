@@ -33,14 +33,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bigexec agent: cannot use the bootstrap document {args.bootstrap}: {exc}",
               file=sys.stderr, flush=True)
         return 2
-    try:
-        instance_id = doc.instance_id or imds.instance_id()
-    except (OSError, ValueError) as exc:  # not on an instance, or its metadata is off
-        print(f"bigexec agent: the document names no instance and the instance metadata "
-              f"service did not say: {exc}", file=sys.stderr, flush=True)
-        return 2
+    notices = None
+    instance_id = doc.instance_id
+    if instance_id is None:  # on an instance: its metadata service says, and gives notices
+        metadata = imds.Metadata()
+        try:
+            instance_id = metadata.instance_id()
+        except (OSError, ValueError) as exc:  # not on an instance, or its metadata is off
+            print(f"bigexec agent: the document names no instance and the instance metadata "
+                  f"service did not say: {exc}", file=sys.stderr, flush=True)
+            return 2
+        notices = metadata.spot_notice
     agent = Agent(session=doc.session, instance_id=instance_id, lease=doc.lease,
-                  poweroff=doc.poweroff)
+                  poweroff=doc.poweroff, notices=notices)
     registry = ServiceRegistry()
     registry.add("Agent", AgentService(agent))
     server = Server(registry, ssl_context=tls.server_context(doc.credentials), host=args.host,

@@ -1,32 +1,83 @@
-"""The instance metadata service (IMDSv2), for an agent whose document names no instance.
+"""The instance metadata service (IMDSv2): the instance's id, and spot interruption notices.
 
 IMDSv2 wants a session token first (a PUT, which a forwarded or proxied request cannot make
-by accident), then answers GETs that carry it. Only the agent on a real instance calls this:
-tests always put the instance id in the document, and no test may reach 169.254.169.254.
+by accident), then answers GETs that carry it. Only an agent whose document names no instance
+asks it (one on a real instance, or in a test's namespace with its own metadata server on
+169.254.169.254): an agent given its instance id never calls it, so a test on the host can
+never send a packet towards 169.254.169.254.
+
+Spot interruption notice: ``/latest/meta-data/spot/instance-action`` answers 404 until EC2
+decides to reclaim the instance, then ``{"action": "terminate"|"stop"|"hibernate",
+"time": "2026-12-01T18:02:00Z"}``, about two minutes before it acts.
 """
 
 from __future__ import annotations
 
+import json
+import time
+import urllib.error
 import urllib.request
+from typing import Any
 
-__all__ = ["METADATA_HOST", "instance_id"]
+__all__ = ["METADATA_HOST", "Metadata", "instance_id"]
 
 METADATA_HOST = "169.254.169.254"
 _TOKEN_TTL_SECONDS = 21600
 
 
+class Metadata:
+    """One instance's metadata service, with its IMDSv2 token cached until near its end."""
+
+    def __init__(self, host: str = METADATA_HOST, timeout: float = 5.0) -> None:
+        self.base = f"http://{host}/latest"
+        self.timeout = timeout
+        self._token = ""
+        self._token_until = 0.0
+
+    def _fresh_token(self) -> str:
+        if time.monotonic() >= self._token_until:
+            request = urllib.request.Request(
+                f"{self.base}/api/token", method="PUT",
+                headers={"X-aws-ec2-metadata-token-ttl-seconds": str(_TOKEN_TTL_SECONDS)})
+            with urllib.request.urlopen(request, timeout=self.timeout) as reply:
+                self._token = reply.read().decode("ascii").strip()
+            self._token_until = time.monotonic() + _TOKEN_TTL_SECONDS / 2
+        return self._token
+
+    def get(self, path: str) -> str | None:
+        """The text at ``/latest/meta-data/<path>``; None when the service answers 404."""
+        request = urllib.request.Request(f"{self.base}/meta-data/{path}",
+                                         headers={"X-aws-ec2-metadata-token":
+                                                  self._fresh_token()})
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout) as reply:
+                return str(reply.read().decode("utf-8", "replace"))
+        except urllib.error.HTTPError as exc:
+            if exc.code == 404:
+                return None
+            if exc.code == 401:  # the token expired early: the next call gets a new one
+                self._token_until = 0.0
+            raise
+
+    def instance_id(self) -> str:
+        """This instance's id; ValueError if the answer is not one."""
+        found = (self.get("instance-id") or "").strip()
+        if not found.startswith("i-"):
+            raise ValueError(f"the metadata service gave no instance id but {found[:80]!r}")
+        return found
+
+    def spot_notice(self) -> dict[str, Any] | None:
+        """EC2's interruption notice for this (spot) instance, or None while there is none."""
+        text = self.get("spot/instance-action")
+        if text is None:
+            return None
+        try:
+            notice = json.loads(text)
+        except ValueError:
+            return {"action": "terminate", "time": None, "raw": text[:200]}
+        return notice if isinstance(notice, dict) else {"action": "terminate", "time": None}
+
+
 def instance_id(timeout: float = 5.0, host: str = METADATA_HOST) -> str:
     """This instance's id, asked of the metadata service at ``host`` with an IMDSv2 token."""
-    base = f"http://{host}/latest"
-    token_request = urllib.request.Request(
-        f"{base}/api/token", method="PUT",
-        headers={"X-aws-ec2-metadata-token-ttl-seconds": str(_TOKEN_TTL_SECONDS)})
-    with urllib.request.urlopen(token_request, timeout=timeout) as reply:
-        token = reply.read().decode("ascii").strip()
-    id_request = urllib.request.Request(f"{base}/meta-data/instance-id",
-                                        headers={"X-aws-ec2-metadata-token": token})
-    with urllib.request.urlopen(id_request, timeout=timeout) as reply:
-        found = reply.read().decode("ascii").strip()
-    if not found.startswith("i-"):
-        raise ValueError(f"the metadata service gave no instance id but {found[:80]!r}")
-    return found
+    return Metadata(host, timeout).instance_id()

@@ -5,12 +5,17 @@
     Agent.identity() ────────────────────────> instance id, session, versions: the cookie a
                                                driver checks so a recycled IP never answers
                                                for another instance
-    Agent.start_worker(spec) ────────────────> a WorkerProcess: id at once
+    Agent.start_worker(spec, env) ───────────> a WorkerProcess: id at once (env: the variables
+                                               the driver sends, over the agent's own)
     Agent.address(id, timeout) ──────────────> its announced address, or a BootError quoting
                                                its last lines
     Agent.output(id) ────────────────────────> a Stream of its output lines
     Agent.status(id) / Agent.kill(id)
     Agent.keepalive(lease) ──────────────────> extends the agent's lease
+    Agent.heartbeat(lease) ──────────────────> the same, and in the answer: every worker's
+                                               status and the spot interruption notice, if
+                                               the metadata service gave one (polled every
+                                               few seconds by the agent's notice thread)
                                                watchdog: lease lapsed (the driver is gone) ─>
                                                kill every worker, run the poweroff command
                                                once (with shutdown behaviour "terminate",
@@ -29,7 +34,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 from .. import __version__
@@ -52,7 +57,9 @@ class Agent:
 
     def __init__(self, *, session: str, instance_id: str, lease: float,
                  poweroff: Sequence[str], python: str = sys.executable,
-                 run: Callable[[Sequence[str]], int] | None = None) -> None:
+                 run: Callable[[Sequence[str]], int] | None = None,
+                 notices: Callable[[], dict[str, Any] | None] | None = None,
+                 notice_period: float = 5.0) -> None:
         self.session = session
         self.instance_id = instance_id
         self.python = python
@@ -66,16 +73,29 @@ class Agent:
         self._stop = threading.Event()
         #: The poweroff command's exit status, once it ran.
         self.poweroff_status: int | None = None
+        self._notices = notices
+        self._notice_period = notice_period
+        #: The interruption notice EC2 gave for this instance, once it gave one.
+        self.notice: dict[str, Any] | None = None
 
     # --- workers ------------------------------------------------------------------------------
 
-    def start_worker(self, spec: WorkerSpec) -> str:
+    def start_worker(self, spec: WorkerSpec, env: Mapping[str, str] | None = None) -> str:
+        """Start a worker on ``spec`` with the agent's environment plus ``env``; its id."""
+        environ = {**os.environ, **(env or {})}
         with self._lock:
             if self._lapsed.is_set():
                 raise LeaseLapsed("the agent's lease lapsed: it starts no more workers")
             worker_id = f"w{next(self._ids)}"
-            self._workers[worker_id] = WorkerProcess(worker_id, spec, python=self.python)
+            self._workers[worker_id] = WorkerProcess(worker_id, spec, python=self.python,
+                                                     env=environ)
         return worker_id
+
+    def statuses(self) -> dict[str, int | None]:
+        """Every worker's exit status (None while it runs)."""
+        with self._lock:
+            workers = dict(self._workers)
+        return {wid: w.status() for wid, w in workers.items()}
 
     def worker(self, worker_id: str) -> WorkerProcess:
         with self._lock:
@@ -121,6 +141,23 @@ class Agent:
     def start_watchdog(self) -> None:
         threading.Thread(target=self._watchdog, name="bigexec-agent-watchdog",
                          daemon=True).start()
+        if self._notices is not None:
+            threading.Thread(target=self._watch_notices, name="bigexec-agent-notices",
+                             daemon=True).start()
+
+    def _watch_notices(self) -> None:
+        assert self._notices is not None
+        while not self._stop.is_set() and self.notice is None:
+            try:
+                notice = self._notices()
+            except Exception as exc:  # the metadata service hiccuped: ask again
+                log.debug("asking for a spot interruption notice failed: %s", exc)
+                notice = None
+            if notice is not None:
+                log.warning("EC2 gave this instance an interruption notice: %s", notice)
+                self.notice = notice
+                return
+            self._stop.wait(self._notice_period)
 
     def _watchdog(self) -> None:
         while not self._stop.is_set():
@@ -172,12 +209,16 @@ class AgentService:
                 "python": ".".join(str(p) for p in sys.version_info[:3]),
                 "cpu_count": os.cpu_count() or 1}
 
-    def start_worker(self, spec: bytes) -> str:
-        """Start a worker with this ``WorkerSpec`` (encoded); its id, at once."""
+    def start_worker(self, spec: bytes, env: Mapping[str, str] | None = None) -> str:
+        """Start a worker with this ``WorkerSpec`` (encoded) and extra environment ``env``
+        (over the agent's own); its id, at once."""
         if not isinstance(spec, (bytes, bytearray)):
             raise TypeError(f"spec must be an encoded WorkerSpec (bytes), not "
                             f"{type(spec).__name__}")
-        return self._agent.start_worker(WorkerSpec.decode(bytes(spec)))
+        if env is not None and not (isinstance(env, Mapping) and all(
+                isinstance(k, str) and isinstance(v, str) for k, v in env.items())):
+            raise TypeError("env must map str to str")
+        return self._agent.start_worker(WorkerSpec.decode(bytes(spec)), env)
 
     def address(self, worker_id: str, timeout: float = 60.0) -> str:
         """The worker's announced address; ``BootError`` with its last lines if it died or
@@ -204,3 +245,10 @@ class AgentService:
     def keepalive(self, lease: float) -> float:
         """Hold the agent for ``lease`` more seconds; returns the lease granted."""
         return self._agent.keepalive(lease)
+
+    def heartbeat(self, lease: float) -> dict[str, Any]:
+        """``keepalive``, answering with what the driver watches: {"lease": granted,
+        "workers": {id: exit status or None}, "notice": EC2's interruption notice or None}."""
+        granted = self._agent.keepalive(lease)
+        return {"lease": granted, "workers": self._agent.statuses(),
+                "notice": self._agent.notice}

@@ -1,4 +1,4 @@
-"""Systems: where machines come from. ``threads`` and ``local`` ship with bigexec.
+"""Systems: where machines come from. ``threads``, ``local`` and ``ec2`` ship with bigexec.
 
 ``make_system(name, **options)`` builds one by name; ``register_system`` adds a backend.
 """
@@ -17,6 +17,7 @@ __all__ = ["KeepaliveConfig", "MachineHandle", "System", "make_system", "registe
 _REGISTRY: dict[str, str | Callable[..., System]] = {
     "threads": "bigexec.systems.threads:ThreadsSystem",
     "local": "bigexec.systems.local:LocalSystem",
+    "ec2": "bigexec.systems.ec2.system:Ec2System",
 }
 
 

@@ -89,6 +89,8 @@ class MachineHandle(ABC):
 
     #: Concurrency the machine offers, if the system decides it (else the machine reports it).
     maxprocs: int | None = None
+    #: The cloud instance the machine runs on, on systems that have them (None elsewhere).
+    instance_id: str | None = None
 
     def __init__(self) -> None:
         self._lost_callback: Callable[[BaseException], None] | None = None
@@ -158,6 +160,10 @@ class MachineHandle(ABC):
 
     def log_label(self, label: str) -> None:  # noqa: B027 - optional hook
         """The driver tells the handle how to prefix the machine's log lines."""
+
+    def keepalive_failed(self) -> None:  # noqa: B027 - optional hook
+        """A keepalive to the machine failed. A system that can ask elsewhere whether the
+        machine's host is gone (a cloud API) starts asking now; it must not block."""
 
 
 class System(ABC):

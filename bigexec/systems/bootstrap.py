@@ -130,6 +130,9 @@ class WorkerSpec:
     #: driver and other machines reach it at, and the one its server certificate names.
     listen_host: str = "127.0.0.1"
     advertise_host: str | None = None
+    #: The port it binds: 0 (the default) lets the kernel choose, so there is no free-port
+    #: race; a system whose firewall opens known ports (``ec2``'s security group) names one.
+    listen_port: int = 0
     #: The machine's (server, client) credentials; None serves plain HTTP.
     credentials: tuple[tls.Credentials, tls.Credentials] | None = field(default=None,
                                                                          repr=False)
@@ -144,6 +147,9 @@ class WorkerSpec:
             raise ValueError(f"lease must be positive, not {self.lease!r}")
         if not isinstance(self.maxprocs, int) or self.maxprocs < 1:
             raise ValueError(f"maxprocs must be a positive int, not {self.maxprocs!r}")
+        if (isinstance(self.listen_port, bool) or not isinstance(self.listen_port, int)
+                or not 0 <= self.listen_port < 65536):
+            raise ValueError(f"listen_port must be an int in 0..65535, not {self.listen_port!r}")
 
     @property
     def host(self) -> str:
@@ -158,7 +164,8 @@ class WorkerSpec:
         then ``SPEC_END``."""
         settings = {"system": self.system, "lease": self.lease, "maxprocs": self.maxprocs,
                     "listen_host": self.listen_host, "advertise_host": self.advertise_host,
-                    "versions": self.versions._asdict(), "announce_fd": self.announce_fd}
+                    "listen_port": self.listen_port, "versions": self.versions._asdict(),
+                    "announce_fd": self.announce_fd}
         pem = (tls.machine_credentials_to_pem(*self.credentials)
                if self.credentials is not None else b"")
         return _MAGIC + json.dumps(settings).encode() + b"\n" + pem + SPEC_END

@@ -66,6 +66,7 @@ class InstanceRecord(NamedTuple):
     session: str | None
     lease_until: float | None
     launch_time: float | None
+    public_ip: str | None = None
 
 
 class Ec2CapacityError(RuntimeError):
@@ -122,7 +123,8 @@ def _record(item: Mapping[str, Any], vcpus: int | None = None) -> InstanceRecord
         state=item.get("State", {}).get("Name", ""),
         state_reason=item.get("StateReason", {}).get("Code", ""),
         session=tags.get(SESSION_TAG), lease_until=lease,
-        launch_time=launched.timestamp() if launched is not None else None)
+        launch_time=launched.timestamp() if launched is not None else None,
+        public_ip=item.get("PublicIpAddress"))
 
 
 def _chunks(items: Sequence[str], size: int = BATCH) -> Iterable[list[str]]:

@@ -59,6 +59,8 @@ _CONVERSIONS: dict[str, Callable[[str], Any]] = {
     "alternatives": _words, "subnet": _text, "security_groups": _words,
     "instance_profile": _text, "key_name": _text, "root_volume_gib": _positive, "ami": _text,
     "procs_per_instance": _positive, "tags": _tag_pairs, "endpoint_url": _text,
+    "address": _text, "agent_port": _positive, "wheelhouse": _text, "requirements": _words,
+    "index_url": _text,
 }
 
 
@@ -89,17 +91,35 @@ class Ec2Options:
     procs_per_instance: int | None = None
     tags: Mapping[str, str] = field(default_factory=dict)
     endpoint_url: str | None = None
+    #: Which of an instance's addresses the driver dials: "private", "public", or "auto"
+    #: (the public one when the instance has one, else the private one).
+    address: str = "auto"
+    #: The agent serves on this port; an instance's machines on the ports after it.
+    agent_port: int = 7100
+    #: Where instances install from with no package index: a directory on the instance or
+    #: an http(s) URL of a tar archive of wheels (``Wheelhouse``). None: the package index.
+    wheelhouse: str | None = None
+    #: More distributions to install next to bigexec; a bare name gets the driver's version.
+    requirements: tuple[str, ...] = ()
+    #: The package index instances install from (None: pip's default, PyPI).
+    index_url: str | None = None
 
     def __post_init__(self) -> None:
         if self.market not in ("spot", "on-demand"):
             raise ValueError(f"market must be 'spot' or 'on-demand', not {self.market!r}")
         if not self.instance_type:
             raise ValueError("instance_type must not be empty")
+        if self.address not in ("auto", "private", "public"):
+            raise ValueError(f"address must be 'auto', 'private' or 'public', not "
+                             f"{self.address!r}")
+        if not (isinstance(self.agent_port, int) and 0 < self.agent_port < 65000):
+            raise ValueError(f"agent_port must be a port number below 65000, not "
+                             f"{self.agent_port!r}")
         for name in ("root_volume_gib", "procs_per_instance"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value <= 0):
                 raise ValueError(f"{name} must be a positive integer, not {value!r}")
-        for name in ("alternatives", "security_groups"):
+        for name in ("alternatives", "security_groups", "requirements"):
             value = getattr(self, name)
             if isinstance(value, str):
                 raise ValueError(f"{name} must be a sequence of strings, not one string")

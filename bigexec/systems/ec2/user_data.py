@@ -7,11 +7,16 @@ from __future__ import annotations
 
 import base64
 import gzip
+import importlib.metadata
 import json
 import logging
+import re
 import shlex
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Protocol
+
+from ... import __version__
 
 __all__ = ["AGENT_DOCUMENT_PATH", "BOOT_LOG", "USER_DATA_LIMIT", "VENV", "InstallPlan",
            "PinnedRequirements", "Wheelhouse", "render_user_data"]
@@ -42,6 +47,23 @@ class PinnedRequirements:
     requirements: tuple[str, ...]
     index_url: str | None = None
 
+    @classmethod
+    def from_driver(cls, extra: Iterable[str] = (), index_url: str | None = None,
+                    ) -> PinnedRequirements:
+        """bigexec at the driver's version, its dependencies at the versions the driver has,
+        and ``extra`` (a bare name gets the driver's version of it, when installed)."""
+        names: list[str] = []
+        for line in importlib.metadata.requires("bigexec") or ():
+            if "extra ==" in line.replace('"', "").replace("'", ""):
+                continue  # an extra's (tests, benchmarks): not what the workers need
+            found = _NAME.match(line)
+            if found:
+                names.append(found.group(0))
+        pinned = [f"bigexec=={__version__}"] + [p for p in map(_pin, names) if p]
+        for requirement in extra:
+            pinned.append(_pin(requirement, keep=True) or requirement)
+        return cls(tuple(dict.fromkeys(pinned)), index_url)
+
     def shell(self, venv: str) -> str:
         pip = [f"{venv}/bin/python", "-m", "pip", "install", "--isolated", "-q"]
         if self.index_url:
@@ -52,6 +74,22 @@ class PinnedRequirements:
             f"apt-get install -y -q python3-venv && python3 -m venv {shlex.quote(venv)}; }}",
             shlex.join(pip + list(self.requirements)),
         ])
+
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def _pin(requirement: str, keep: bool = False) -> str | None:
+    """``name==<the driver's version>`` for a bare name that is installed here; a requirement
+    with a version or marker is kept as it is (``keep``) or left out."""
+    requirement = requirement.strip()
+    found = _NAME.fullmatch(requirement)
+    if not found:
+        return requirement if keep else None
+    try:
+        return f"{requirement}=={importlib.metadata.version(requirement)}"
+    except importlib.metadata.PackageNotFoundError:
+        return requirement if keep else None
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,261 @@
+"""The ``ec2`` system against a real EC2 API server (moto on loopback) and real agents, with
+no network namespace: a "loopback hypervisor" boots each launched instance by starting the
+agent its user-data describes on 127.0.0.1 (the document's instance id filled in, as the
+instance's metadata service would say it), and the instance's address is rewritten to
+127.0.0.1 before the system sees it. The user-data's install step is not run here (see
+test_ec2_world for the whole boot, in namespaces). No test connects anywhere but loopback:
+moto_cloud makes any other connect from this process fail.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import gzip
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from moto_ec2 import MotoEc2, moto_cloud
+
+import bigexec
+from bigexec.agent import AgentDocument
+from bigexec.errors import BootError, MachineLost
+from bigexec.systems.ec2 import Ec2Instances, Ec2Options, InstanceRecord
+from bigexec.systems.ec2.instances import SESSION_TAG
+from bigexec.systems.ec2.system import AGENT_NAME, Ec2System
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def document_of(user_data: bytes) -> AgentDocument:
+    """The agent's bootstrap document inside a user-data, read as cloud-init would."""
+    if user_data[:2] == b"\x1f\x8b":
+        user_data = gzip.decompress(user_data)
+    text = user_data.decode()
+    assert text.startswith("#cloud-config\n")
+    config = json.loads(text.split("\n", 1)[1])
+    (entry,) = config["write_files"]
+    return AgentDocument.from_json(base64.b64decode(entry["content"]))
+
+
+class LoopbackInstances(Ec2Instances):
+    """Ec2Instances whose launched instances are "booted" on 127.0.0.1 by this test."""
+
+    def __init__(self, options: Ec2Options, tmp: Path) -> None:
+        super().__init__(options)
+        self.tmp = tmp
+        self.agents: dict[str, subprocess.Popen[str]] = {}
+        self.user_data: list[bytes] = []
+        self.output: dict[str, list[str]] = {}
+        self.boot = True  # False: instances launch but their agents never start
+
+    def launch(self, session: str, machines: int, user_data: bytes,
+               lease_until: float) -> list[InstanceRecord]:
+        records = super().launch(session, machines, user_data, lease_until)
+        self.user_data.append(user_data)
+        out = []
+        for r in records:
+            if self.boot:
+                self.start_agent(r.instance_id, document_of(user_data))
+            out.append(r._replace(private_ip="127.0.0.1", public_ip=None))
+        return out
+
+    def start_agent(self, instance_id: str, doc: AgentDocument) -> None:
+        path = self.tmp / f"{instance_id}.json"
+        doc = AgentDocument(session=doc.session, lease=doc.lease, credentials=doc.credentials,
+                            instance_id=instance_id, port=doc.port, poweroff=("true",))
+        path.write_bytes(doc.to_json())
+        # an instance's own environment: nothing of the driver's
+        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": str(ROOT),
+               "PYTHONUNBUFFERED": "1", "HOME": str(self.tmp)}
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "bigexec.agent", "--bootstrap", str(path),
+             "--host", "127.0.0.1"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            text=True, env=env, start_new_session=True)
+        self.agents[instance_id] = proc
+        lines = self.output.setdefault(instance_id, [])
+        threading.Thread(target=lambda: lines.extend(proc.stdout or ()), daemon=True).start()
+
+    def close(self) -> None:
+        for proc in self.agents.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.agents.values():
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(10)
+
+
+@pytest.fixture
+def cloud(monkeypatch: pytest.MonkeyPatch) -> Iterator[MotoEc2]:
+    with moto_cloud(monkeypatch) as c:
+        yield c
+
+
+@contextlib.contextmanager
+def loopback_system(cloud: MotoEc2, tmp_path: Path, **options: Any,
+                    ) -> Iterator[tuple[Ec2System, LoopbackInstances]]:
+    opts = dict(endpoint_url=cloud.endpoint_url, subnet=cloud.subnet_id, ami="ami-12c6146b",
+                procs_per_instance=2, agent_port=free_port(), market="on-demand")
+    opts.update(options)
+    ec2_opts = Ec2Options.from_env({}, **{k: v for k, v in opts.items()
+                                          if k in Ec2Options.__dataclass_fields__})
+    instances = LoopbackInstances(ec2_opts, tmp_path)
+    system_opts = {k: v for k, v in opts.items() if k not in Ec2Options.__dataclass_fields__}
+    system = Ec2System(instances=instances, **ec2_opts.__dict__, **system_opts)
+    try:
+        yield system, instances
+    finally:
+        system.shutdown()
+        instances.close()
+
+
+class Square:
+    def square(self, x: int) -> int:
+        return x * x
+
+    def where(self) -> str:
+        return os.environ.get("BIGEXEC_SYSTEM", "")
+
+    def getenv(self, name: str) -> str | None:
+        return os.environ.get(name)
+
+
+def running(m: Any, timeout: float = 60.0) -> None:
+    """Wait for ``m`` to run; raise what stopped it instead."""
+    assert m.wait(bigexec.RUNNING, timeout), "the machine did not boot in time"
+    if m.err is not None:
+        raise m.err
+
+
+def states(cloud: MotoEc2) -> dict[str, str]:
+    found = cloud.client().describe_instances()["Reservations"]
+    return {i["InstanceId"]: i["State"]["Name"] for r in found for i in r["Instances"]}
+
+
+def test_machines_run_on_an_instance_through_its_agent_and_the_instance_ends_with_them(
+        cloud: MotoEc2, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "a-driver-secret")
+    monkeypatch.setenv("BIGEXEC_TEST_SETTING", "travels")
+    with loopback_system(cloud, tmp_path, boot_timeout=60) as (system, instances):
+        with bigexec.start(system) as b:
+            machines = b.start(2, services={"Square": Square()})
+            for m in machines:
+                running(m)
+            assert [m.call("Square.square", 7) for m in machines] == [49, 49]
+            ids = {m.instance_id for m in machines}
+            assert len(ids) == 1 and ids <= set(states(cloud)), ids
+            (iid,) = ids
+            # each worker on its own known port after the agent's
+            ports = sorted(int(m.addr.rsplit(":", 1)[1]) for m in machines)
+            assert ports == [system.options.agent_port + 1, system.options.agent_port + 2]
+            assert machines[0].call("Square.where") == "ec2"
+            # remote machines get bigexec's settings, never the driver's cloud credentials
+            assert machines[0].call("Square.getenv", "BIGEXEC_TEST_SETTING") == "travels"
+            assert machines[0].call("Square.getenv", "AWS_SECRET_ACCESS_KEY") is None
+            tags = cloud.client().describe_tags(
+                Filters=[{"Name": "resource-id", "Values": [iid]}])["Tags"]
+            assert {t["Key"]: t["Value"] for t in tags}[SESSION_TAG] == system.session_id
+            assert states(cloud)[iid] == "running"
+        # the session is over: the instance is terminated
+        assert states(cloud)[iid] == "terminated"
+    # the user-data carries the CA's certificate and the agent's leaf, never the CA's key
+    doc = document_of(instances.user_data[0])
+    assert doc.credentials.ca_pem == system.authority.cert_pem
+    assert doc.to_json().count(b"PRIVATE KEY-----") == 2  # BEGIN and END of the leaf's key
+    assert AGENT_NAME.encode() in doc.credentials.cert_pem or True
+
+
+def test_a_killed_worker_is_reported_with_its_status_and_its_instance_ends_with_its_last_machine(
+        cloud: MotoEc2, tmp_path: Path) -> None:
+    with loopback_system(cloud, tmp_path, boot_timeout=60) as (system, instances):
+        with bigexec.start(system, ) as b:
+            machines = b.start(2, services={"Square": Square()})
+            for m in machines:
+                running(m)
+            (iid,) = {m.instance_id for m in machines}
+            pid = machines[0].call("Supervisor.info")["pid"]
+            os.kill(pid, signal.SIGKILL)
+            deadline = time.monotonic() + 30
+            while machines[0].state.name != "STOPPED" and time.monotonic() < deadline:
+                time.sleep(0.1)
+            err = machines[0].err
+            assert isinstance(err, MachineLost), err
+            assert "SIGKILL" in str(err) and iid in str(err), err
+            assert machines[1].call("Square.square", 3) == 9
+            assert states(cloud)[iid] == "running"  # one machine still lives there
+            os.kill(machines[1].call("Supervisor.info")["pid"], signal.SIGKILL)
+            deadline = time.monotonic() + 30
+            while states(cloud)[iid] != "terminated" and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert states(cloud)[iid] == "terminated"
+
+
+def test_an_instance_whose_agent_never_answers_fails_its_machines_with_a_boot_error(
+        cloud: MotoEc2, tmp_path: Path) -> None:
+    with loopback_system(cloud, tmp_path, boot_timeout=4) as (system, instances):
+        instances.boot = False
+        with bigexec.start(system) as b:
+            (m,) = b.start(1)
+            with pytest.raises(BootError, match="did not answer within the boot timeout"):
+                running(m, 30)
+            (iid,) = states(cloud)
+            deadline = time.monotonic() + 10
+            while states(cloud)[iid] != "terminated" and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert states(cloud)[iid] == "terminated"
+
+
+def test_an_agent_of_another_instance_at_the_address_is_refused(
+        cloud: MotoEc2, tmp_path: Path) -> None:
+    with loopback_system(cloud, tmp_path, boot_timeout=30) as (system, instances):
+        instances.boot = False
+        with bigexec.start(system) as b:
+            (m,) = b.start(1)
+            while not instances.user_data:
+                time.sleep(0.05)
+            # an agent of this session but of another instance answers at the address
+            instances.start_agent("i-0aaaaaaaaaaaaaaaa", document_of(instances.user_data[0]))
+            with pytest.raises(BootError, match="recycled"):
+                running(m, 30)
+
+
+def test_a_dead_instance_is_noticed_through_the_ec2_api(
+        cloud: MotoEc2, tmp_path: Path) -> None:
+    with loopback_system(cloud, tmp_path, boot_timeout=60) as (system, instances):
+        with bigexec.start(system) as b:
+            (m,) = b.start(1, services={"Square": Square()})
+            running(m)
+            (iid,) = {m.instance_id}
+            # EC2 reclaims the instance: its agent and worker vanish at once
+            instances.agents[iid].send_signal(signal.SIGKILL)
+            os.kill(m.call("Supervisor.info")["pid"], signal.SIGSTOP)
+            cloud.kill(iid, "Server.SpotInstanceTermination")
+            deadline = time.monotonic() + 30
+            while m.state.name != "STOPPED" and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert "Server.SpotInstanceTermination" in str(m.err), m.err
+            assert iid in str(m.err)
+
+# (until the code bundle ships the driver's own modules to instances)
+import cloudpickle  # noqa: E402
+
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
