@@ -86,8 +86,9 @@ class LoopbackInstances(Ec2Instances):
                "PYTHONUNBUFFERED": "1", "HOME": str(self.tmp)}
         proc = subprocess.Popen(
             [sys.executable, "-m", "bigexec.agent", "--bootstrap", str(path),
-             "--host", "127.0.0.1"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            text=True, env=env, start_new_session=True)
+             "--host", "127.0.0.1", "--bundles", str(self.tmp / "bundles")],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+            start_new_session=True)
         self.agents[instance_id] = proc
         lines = self.output.setdefault(instance_id, [])
         threading.Thread(target=lambda: lines.extend(proc.stdout or ()), daemon=True).start()
@@ -254,8 +255,3 @@ def test_a_dead_instance_is_noticed_through_the_ec2_api(
                 time.sleep(0.1)
             assert "Server.SpotInstanceTermination" in str(m.err), m.err
             assert iid in str(m.err)
-
-# (until the code bundle ships the driver's own modules to instances)
-import cloudpickle  # noqa: E402
-
-cloudpickle.register_pickle_by_value(sys.modules[__name__])

@@ -16,6 +16,9 @@ from . import ANNOUNCE_PREFIX, imds
 from .document import DEFAULT_PATH, AgentDocument
 from .runtime import Agent, AgentService
 
+#: Next to the environment the user-data installs (a directory of bigexec's own).
+DEFAULT_BUNDLES = "/opt/bigexec/bundles"
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bigexec.agent",
@@ -24,6 +27,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="the bootstrap document (deleted once read; default %(default)s)")
     parser.add_argument("--host", default="0.0.0.0",
                         help="the address to serve on (default %(default)s)")
+    parser.add_argument("--bundles", default=DEFAULT_BUNDLES,
+                        help="where the driver's code bundles are kept (default %(default)s)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=os.environ.get("BIGEXEC_LOG_LEVEL", "INFO"),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -45,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         notices = metadata.spot_notice
     agent = Agent(session=doc.session, instance_id=instance_id, lease=doc.lease,
-                  poweroff=doc.poweroff, notices=notices)
+                  poweroff=doc.poweroff, notices=notices, bundles=args.bundles)
     registry = ServiceRegistry()
     registry.add("Agent", AgentService(agent))
     server = Server(registry, ssl_context=tls.server_context(doc.credentials), host=args.host,

@@ -5,8 +5,11 @@
     Agent.identity() ────────────────────────> instance id, session, versions: the cookie a
                                                driver checks so a recycled IP never answers
                                                for another instance
-    Agent.start_worker(spec, env) ───────────> a WorkerProcess: id at once (env: the variables
-                                               the driver sends, over the agent's own)
+    Agent.has_bundle(digest) / put_bundle ───> the driver's own modules (``CodeBundle``),
+                                               kept in the bundle directory by digest
+    Agent.start_worker(spec, env, bundle) ───> a WorkerProcess: id at once (env: the variables
+                                               the driver sends, over the agent's own; the
+                                               bundle first on its PYTHONPATH)
     Agent.address(id, timeout) ──────────────> its announced address, or a BootError quoting
                                                its last lines
     Agent.output(id) ────────────────────────> a Stream of its output lines
@@ -32,6 +35,7 @@ import math
 import os
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -39,6 +43,7 @@ from typing import Any
 
 from .. import __version__
 from ..systems.bootstrap import WorkerSpec
+from ..systems.code_bundle import CodeBundle
 from .workers import WorkerProcess
 
 __all__ = ["Agent", "AgentService", "LeaseLapsed"]
@@ -59,7 +64,7 @@ class Agent:
                  poweroff: Sequence[str], python: str = sys.executable,
                  run: Callable[[Sequence[str]], int] | None = None,
                  notices: Callable[[], dict[str, Any] | None] | None = None,
-                 notice_period: float = 5.0) -> None:
+                 notice_period: float = 5.0, bundles: str | None = None) -> None:
         self.session = session
         self.instance_id = instance_id
         self.python = python
@@ -74,15 +79,50 @@ class Agent:
         #: The poweroff command's exit status, once it ran.
         self.poweroff_status: int | None = None
         self._notices = notices
+        #: Where code bundles are kept (None: in a directory of the agent's own, made at
+        #: the first bundle).
+        self.bundle_dir = bundles
         self._notice_period = notice_period
         #: The interruption notice EC2 gave for this instance, once it gave one.
         self.notice: dict[str, Any] | None = None
 
     # --- workers ------------------------------------------------------------------------------
 
-    def start_worker(self, spec: WorkerSpec, env: Mapping[str, str] | None = None) -> str:
-        """Start a worker on ``spec`` with the agent's environment plus ``env``; its id."""
+    # --- code bundles -------------------------------------------------------------------
+
+    def _bundle_path(self, digest: str) -> str:
+        if not (len(digest) == 64 and all(c in "0123456789abcdef" for c in digest)):
+            raise ValueError(f"a bundle digest is 64 hex digits, not {digest[:80]!r}")
+        with self._lock:
+            if self.bundle_dir is None:
+                self.bundle_dir = tempfile.mkdtemp(prefix="bigexec-bundles-")
+            return os.path.join(self.bundle_dir, f"{digest}.zip")
+
+    def has_bundle(self, digest: str) -> bool:
+        return os.path.exists(self._bundle_path(digest))
+
+    def put_bundle(self, digest: str, data: bytes) -> None:
+        path = self._bundle_path(digest)
+        CodeBundle.check(digest, data)
+        os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
+        part = f"{path}.{os.getpid()}.{threading.get_ident()}.part"
+        with open(part, "wb") as f:
+            f.write(data)
+        os.replace(part, path)  # whole or not at all, for a worker that starts meanwhile
+
+    def start_worker(self, spec: WorkerSpec, env: Mapping[str, str] | None = None,
+                     bundle: str | None = None) -> str:
+        """Start a worker on ``spec`` with the agent's environment plus ``env`` and the
+        code bundle ``bundle`` (a digest given to ``put_bundle``) first on its path; its
+        id."""
         environ = {**os.environ, **(env or {})}
+        if bundle is not None:
+            path = self._bundle_path(bundle)
+            if not os.path.exists(path):
+                raise LookupError(f"no code bundle {bundle[:12]}... on this instance: "
+                                  f"put_bundle it first")
+            environ["PYTHONPATH"] = os.pathsep.join(
+                p for p in (path, environ.get("PYTHONPATH", "")) if p)
         with self._lock:
             if self._lapsed.is_set():
                 raise LeaseLapsed("the agent's lease lapsed: it starts no more workers")
@@ -209,16 +249,27 @@ class AgentService:
                 "python": ".".join(str(p) for p in sys.version_info[:3]),
                 "cpu_count": os.cpu_count() or 1}
 
-    def start_worker(self, spec: bytes, env: Mapping[str, str] | None = None) -> str:
-        """Start a worker with this ``WorkerSpec`` (encoded) and extra environment ``env``
-        (over the agent's own); its id, at once."""
+    def has_bundle(self, digest: str) -> bool:
+        """Whether the code bundle of this digest is here already."""
+        return self._agent.has_bundle(digest)
+
+    def put_bundle(self, digest: str, data: bytes) -> None:
+        """Keep the code bundle ``data`` (a zip whose sha256 is ``digest``)."""
+        if not isinstance(data, (bytes, bytearray)):
+            raise TypeError(f"a code bundle is bytes, not {type(data).__name__}")
+        self._agent.put_bundle(digest, bytes(data))
+
+    def start_worker(self, spec: bytes, env: Mapping[str, str] | None = None,
+                     bundle: str | None = None) -> str:
+        """Start a worker with this ``WorkerSpec`` (encoded), extra environment ``env``
+        (over the agent's own) and the code bundle ``bundle`` (a digest); its id, at once."""
         if not isinstance(spec, (bytes, bytearray)):
             raise TypeError(f"spec must be an encoded WorkerSpec (bytes), not "
                             f"{type(spec).__name__}")
         if env is not None and not (isinstance(env, Mapping) and all(
                 isinstance(k, str) and isinstance(v, str) for k, v in env.items())):
             raise TypeError("env must map str to str")
-        return self._agent.start_worker(WorkerSpec.decode(bytes(spec)), env)
+        return self._agent.start_worker(WorkerSpec.decode(bytes(spec)), env, bundle)
 
     def address(self, worker_id: str, timeout: float = 60.0) -> str:
         """The worker's announced address; ``BootError`` with its last lines if it died or

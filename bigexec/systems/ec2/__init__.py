@@ -1,7 +1,9 @@
-"""The ``ec2`` system (first step: its AWS side): options, launching, tags, leases,
-user-data, sweeping and noticing dead instances, all through boto3 (imported only when an
-API is first used, so ``import bigexec`` never needs it: ``pip install bigexec[ec2]``).
-One module per job: ``options``, ``instances``, ``user_data``, ``monitor``.
+"""The ``ec2`` system: machines on EC2 instances (``bigexec.start("ec2")``). Its AWS side
+(options, launching, tags, leases, user-data, sweeping, noticing dead instances) goes through
+boto3, imported only when an API is first used, so ``import bigexec`` never needs it
+(``pip install bigexec[ec2]``). One module per job: ``options``, ``instances``,
+``user_data``, ``monitor``, and ``system``, which joins them with the instances' agents
+(``bigexec.agent``); its docstring has the picture of a boot.
 
 What runs where::
 
@@ -48,6 +50,7 @@ from .instances import (
 )
 from .monitor import DeadInstanceMonitor
 from .options import DEFAULT_AMI_PARAMETER, ENV_PREFIX, Ec2Options
+from .system import Ec2Machine, Ec2System
 from .user_data import (
     AGENT_DOCUMENT_PATH,
     USER_DATA_LIMIT,
@@ -59,5 +62,6 @@ from .user_data import (
 
 __all__ = ["AGENT_DOCUMENT_PATH", "CAPACITY_ERRORS", "DEAD_STATES", "DEFAULT_AMI_PARAMETER",
            "ENV_PREFIX", "LEASE_TAG", "USER_DATA_LIMIT", "DeadInstanceMonitor",
-           "Ec2CapacityError", "Ec2Instances", "Ec2Options", "Ec2Throttled", "InstallPlan",
-           "InstanceRecord", "PinnedRequirements", "Wheelhouse", "render_user_data"]
+           "Ec2CapacityError", "Ec2Instances", "Ec2Machine", "Ec2Options", "Ec2System",
+           "Ec2Throttled", "InstallPlan", "InstanceRecord", "PinnedRequirements", "Wheelhouse",
+           "render_user_data"]

@@ -50,6 +50,7 @@ from ...rpc.client import Client
 from ...worker import describe_exit
 from ..base import KeepaliveConfig, MachineHandle, System
 from ..bootstrap import MachineOutput, WorkerSpec, format_address
+from ..code_bundle import CodeBundle
 from .instances import Ec2Instances, InstanceRecord
 from .monitor import DeadInstanceMonitor
 from .options import Ec2Options
@@ -423,7 +424,8 @@ class Ec2System(System):
             self._machines += count
         handles = [Ec2Machine(self, first + i) for i in range(count)]
         environ = self.machine_environment(env)
-        threading.Thread(target=self._launch, args=(handles, environ), daemon=True,
+        bundle = CodeBundle.of_driver()  # the driver's own modules, as they are now
+        threading.Thread(target=self._launch, args=(handles, environ, bundle), daemon=True,
                          name="bigexec-ec2-launch").start()
         return list(handles)
 
@@ -434,7 +436,8 @@ class Ec2System(System):
             return public
         return record.private_ip
 
-    def _launch(self, handles: list[Ec2Machine], env: dict[str, str]) -> None:
+    def _launch(self, handles: list[Ec2Machine], env: dict[str, str],
+                bundle: CodeBundle | None) -> None:
         t0 = time.monotonic()
         deadline = t0 + self.boot_timeout
         try:
@@ -470,18 +473,25 @@ class Ec2System(System):
             instance.machines = mine
             with self._lock:
                 self._instances[record.instance_id] = instance
-            threading.Thread(target=self._boot_instance, args=(instance, env, deadline),
+            threading.Thread(target=self._boot_instance,
+                             args=(instance, env, bundle, deadline),
                              daemon=True, name=f"bigexec-ec2-boot-{record.instance_id}").start()
         for h in waiting:
             h.fail(BootError(f"EC2 launched instances for only {len(handles) - len(waiting)} "
                              f"of {len(handles)} machines (no capacity for the rest)"))
 
     def _boot_instance(self, instance: _Instance, env: dict[str, str],
-                       deadline: float) -> None:
+                       bundle: CodeBundle | None, deadline: float) -> None:
         record = instance.record
         try:
             instance.wait_for_agent(deadline)
             instance.start_heartbeat()
+            if bundle is not None and not instance.call("Agent.has_bundle", (bundle.digest,),
+                                                        timeout=30.0):
+                left = max(30.0, deadline - time.monotonic())
+                instance.call("Agent.put_bundle", (bundle.digest, bundle.data), timeout=left)
+                log.info("ec2: sent the driver's modules (%s: %d KiB) to %s",
+                         ", ".join(bundle.names), len(bundle.data) >> 10, record.instance_id)
             ips = tuple(dict.fromkeys(
                 ip for ip in (instance.host, record.private_ip, record.public_ip) if ip))
             for k, machine in enumerate(instance.machines):
@@ -492,8 +502,10 @@ class Ec2System(System):
                                   listen_host="0.0.0.0", advertise_host=instance.host,
                                   listen_port=self.options.agent_port + 1 + k,
                                   credentials=creds)
-                worker_id = instance.call("Agent.start_worker", (spec.encode(), env),
-                                          timeout=30.0)
+                worker_id = instance.call(
+                    "Agent.start_worker",
+                    (spec.encode(), env, bundle.digest if bundle is not None else None),
+                    timeout=30.0)
                 machine.identity, machine.cert_names = identity, (ips, ())
                 machine.attach(instance, worker_id)
         except BaseException as exc:
