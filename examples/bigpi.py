@@ -5,6 +5,7 @@ the samples over every machine's ``maxprocs`` and adds up the counts.
 
     python examples/bigpi.py -n 2000000 --nmach 2                    # local processes
     python examples/bigpi.py -n 2000000 --nmach 2 --system threads   # in-process machines
+    python examples/bigpi.py -n 10000000000 --nmach 64 --system ec2  # on EC2 (BIGEXEC_EC2_*)
 """
 
 from __future__ import annotations

@@ -93,6 +93,22 @@ class LoopbackInstances(Ec2Instances):
         lines = self.output.setdefault(instance_id, [])
         threading.Thread(target=lambda: lines.extend(proc.stdout or ()), daemon=True).start()
 
+    def terminate(self, ids: Any) -> None:
+        super().terminate(ids)
+        for iid in ids:  # as EC2 would: the instance, its agent and workers are gone
+            self.stop_agent(iid)
+
+    def stop_agent(self, instance_id: str) -> None:
+        proc = self.agents.get(instance_id)
+        if proc is None or proc.poll() is not None:
+            return
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+
     def close(self) -> None:
         for proc in self.agents.values():
             if proc.poll() is None:
@@ -246,12 +262,34 @@ def test_a_dead_instance_is_noticed_through_the_ec2_api(
             (m,) = b.start(1, services={"Square": Square()})
             running(m)
             (iid,) = {m.instance_id}
-            # EC2 reclaims the instance: its agent and worker vanish at once
-            instances.agents[iid].send_signal(signal.SIGKILL)
-            os.kill(m.call("Supervisor.info")["pid"], signal.SIGSTOP)
-            cloud.kill(iid, "Server.SpotInstanceTermination")
-            deadline = time.monotonic() + 30
-            while m.state.name != "STOPPED" and time.monotonic() < deadline:
-                time.sleep(0.1)
-            assert "Server.SpotInstanceTermination" in str(m.err), m.err
-            assert iid in str(m.err)
+            # EC2 reclaims the instance: its agent and worker go silent at once
+            pid = m.call("Supervisor.info")["pid"]
+            os.kill(pid, signal.SIGSTOP)
+            try:
+                instances.agents[iid].send_signal(signal.SIGKILL)
+                cloud.kill(iid, "Server.SpotInstanceTermination")
+                deadline = time.monotonic() + 30
+                while m.state.name != "STOPPED" and time.monotonic() < deadline:
+                    time.sleep(0.1)
+                assert "Server.SpotInstanceTermination" in str(m.err), m.err
+                assert iid in str(m.err)
+            finally:
+                os.kill(pid, signal.SIGKILL)
+
+
+def cube(x: int) -> int:
+    return x ** 3
+
+
+def test_the_executor_and_pool_run_on_ec2_machines_unchanged(cloud: MotoEc2,
+                                                            tmp_path: Path) -> None:
+    with loopback_system(cloud, tmp_path, boot_timeout=60) as (system, instances):
+        b = bigexec.start(system)
+        try:
+            with bigexec.Executor(2, b=b) as ex:
+                assert list(ex.map(cube, range(50))) == [x ** 3 for x in range(50)]
+            with bigexec.Pool(2, b=b) as pool:
+                assert pool.map(cube, range(20), chunksize=3) == [x ** 3 for x in range(20)]
+        finally:
+            b.shutdown()
+        assert set(states(cloud).values()) == {"terminated"}

@@ -33,6 +33,7 @@ protocol of ``systems.base`` and ``systems.bootstrap`` with the pieces of this p
 from __future__ import annotations
 
 import atexit
+import importlib.util
 import inspect
 import logging
 import math
@@ -40,7 +41,7 @@ import secrets
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 from ... import tls
 from ...agent.document import AgentDocument
@@ -67,6 +68,7 @@ _LEASE_TAG_PERIOD = 60.0  # seconds between renewals of the instances' lease tag
 _BOOT_OUTPUT_LINES = 20
 _AGENT_POLL = 1.0  # seconds between tries to reach an agent that is not up yet
 _DESCRIBE_WHILE_BOOTING = 15.0  # seconds between looks at an instance whose agent is silent
+_EXIT_STATUS_WAIT = 5.0  # seconds a worker whose output ended may take to be reaped
 
 
 def _lines(chunks: Iterator[bytes]) -> Iterator[bytes]:
@@ -98,6 +100,7 @@ class Ec2Machine(MachineHandle):
         self._instance: _Instance | None = None
         self._worker_id: str | None = None
         self._ended = threading.Event()  # the worker is gone, or the instance is
+        self._created = time.monotonic()
 
     # --- placing the machine (the system's boot thread) ----------------------------------
 
@@ -142,6 +145,8 @@ class Ec2Machine(MachineHandle):
                             f"({instance.host}) stopped answering while worker {worker_id} "
                             f"booted: {exc}") from exc
         self.output.mark_listening(str(addr).split("://", 1)[-1])
+        log.info("ec2: machine %s on %s listening, %.1fs after its start", addr,
+                 instance.record.instance_id, time.monotonic() - self._created)
         return str(addr)
 
     def kill(self) -> None:
@@ -182,7 +187,18 @@ class Ec2Machine(MachineHandle):
                           worker_id, exc)
                 instance.suspect()
             return
-        instance.check_soon()  # its output ended: its exit status is about to be known
+        # its output ended: its exit status is known in a moment (the agent reaps it)
+        deadline = time.monotonic() + _EXIT_STATUS_WAIT
+        while not self._ended.is_set() and time.monotonic() < deadline:
+            try:
+                code = instance.call("Agent.status", (worker_id,), timeout=10.0)
+            except Exception:
+                break
+            if code is not None:
+                self.worker_exited(int(code))
+                return
+            time.sleep(0.05)
+        instance.check_soon()
 
     def worker_exited(self, code: int) -> None:
         """The agent reports the worker's exit status."""
@@ -215,20 +231,99 @@ class Ec2Machine(MachineHandle):
             self._instance.suspect()
 
 
-class _Instance:
-    """One launched instance: its agent, its machines and its heartbeat."""
+class _Placement(NamedTuple):
+    slot: int
+    machine: Ec2Machine
+    env: dict[str, str]
+    bundle: CodeBundle | None
 
-    def __init__(self, system: Ec2System, record: InstanceRecord, host: str) -> None:
+
+class _Instance:
+    """One launched instance: its agent, its worker slots and machines, its heartbeat."""
+
+    def __init__(self, system: Ec2System, record: InstanceRecord, host: str,
+                 procs: int) -> None:
         self.system = system
         self.record = record
         self.host = host
         self.agent_addr = format_address(host, system.options.agent_port)
+        #: Every machine placed here, and which holds each worker slot (port) now.
         self.machines: list[Ec2Machine] = []
+        self.slots: list[Ec2Machine | None] = [None] * procs
         self.launched_at = time.monotonic()
         self._stop = threading.Event()
         self._check = threading.Event()
+        self._pending: list[_Placement] = []  # placed, its worker not asked for yet
+        self._ready = False  # the agent answered: workers can be started
         self.terminated = False
         self.lost: BaseException | None = None
+
+    # --- placing machines (the system's lock held) -----------------------------------------
+
+    def free_slots(self) -> list[int]:
+        if self.terminated or self.lost is not None:
+            return []
+        return [k for k, m in enumerate(self.slots) if m is None or m.ended]
+
+    def place(self, slot: int, machine: Ec2Machine, env: dict[str, str],
+              bundle: CodeBundle | None) -> bool:
+        """Give ``machine`` the worker slot ``slot``; whether its worker can be asked for now
+        (the agent answers) rather than after the boot."""
+        self.slots[slot] = machine
+        self.machines.append(machine)
+        self._pending.append(_Placement(slot, machine, env, bundle))
+        return self._ready
+
+    # --- starting workers (no lock held) -------------------------------------------------
+
+    def boot(self, deadline: float) -> None:
+        """The boot thread: wait for the agent, then start the workers placed so far."""
+        try:
+            self.wait_for_agent(deadline)
+        except BaseException as exc:
+            err = exc if isinstance(exc, BootError) else BootError(
+                f"EC2 instance {self.record.instance_id} failed to boot: {exc}")
+            self.system.boot_failed(self, err)
+            return
+        self.start_heartbeat()
+        with self.system.lock:
+            self._ready = True
+        self.start_workers(deadline)
+
+    def start_workers(self, deadline: float | None = None) -> None:
+        """Ask the agent for a worker for every placement not yet started."""
+        deadline = deadline or time.monotonic() + self.system.boot_timeout
+        sent: set[str] = set()
+        while True:
+            with self.system.lock:
+                if not self._pending:
+                    return
+                p = self._pending.pop(0)
+            try:
+                if p.bundle is not None and p.bundle.digest not in sent:
+                    self._ensure_bundle(p.bundle, deadline)
+                    sent.add(p.bundle.digest)
+                self.system.start_worker(self, p)
+            except BaseException as exc:
+                p.machine.fail(exc if isinstance(exc, BootError) else BootError(
+                    f"the agent on EC2 instance {self.record.instance_id} did not start a "
+                    f"worker: {exc}"))
+                self.system.machine_ended(p.machine)
+
+    def _ensure_bundle(self, bundle: CodeBundle, deadline: float) -> None:
+        if self.call("Agent.has_bundle", (bundle.digest,), timeout=30.0):
+            return
+        left = max(30.0, deadline - time.monotonic())
+        self.call("Agent.put_bundle", (bundle.digest, bundle.data), timeout=left)
+        log.info("ec2: sent the driver's modules (%s: %d KiB) to %s", ", ".join(bundle.names),
+                 len(bundle.data) >> 10, self.record.instance_id)
+
+    def fail_pending(self, err: BaseException) -> list[Ec2Machine]:
+        with self.system.lock:
+            pending, self._pending = self._pending, []
+        for p in pending:
+            p.machine.fail(err)
+        return [p.machine for p in pending]
 
     def call(self, method: str, args: tuple = (), *, timeout: float | None) -> Any:
         return self.system.agent_client().call(self.agent_addr, method, args, timeout=timeout)
@@ -334,6 +429,9 @@ class Ec2System(System):
         base = {k: options.pop(k) for k in list(options) if k in _SYSTEM_OPTIONS}
         super().__init__(**base)
         self.options = Ec2Options.from_env(**options)
+        if instances is None and importlib.util.find_spec("boto3") is None:
+            raise ImportError("the ec2 system calls EC2 through boto3, which is not "
+                              "installed: pip install 'bigexec[ec2]'")
         self.instances = instances or Ec2Instances(self.options)
         if install is None:
             install = (Wheelhouse(self.options.wheelhouse) if self.options.wheelhouse
@@ -344,7 +442,7 @@ class Ec2System(System):
         #: This driver's session: in every instance's tags and every agent's document.
         self.session_id = f"bx-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(4)}"
         self.authority = Authority()  # in memory only: its key never leaves this process
-        self._lock = threading.Lock()
+        self.lock = threading.RLock()
         self._instances: dict[str, _Instance] = {}
         self._machines = 0
         self._monitor: DeadInstanceMonitor | None = None
@@ -363,7 +461,7 @@ class Ec2System(System):
     def agent_client(self) -> Client:
         """The driver's client for agents: CA-verified TLS without a name check (an agent's
         certificate names ``AGENT_NAME``; ``Agent.identity`` says which instance answers)."""
-        with self._lock:
+        with self.lock:
             now = time.monotonic()
             if self._agent_client is None or now >= self._agent_client_until:
                 ctx = tls.client_context(self.authority.issue_driver(ttl=self._ttl()))
@@ -376,14 +474,14 @@ class Ec2System(System):
             return self._agent_client
 
     def monitor(self) -> DeadInstanceMonitor:
-        with self._lock:
+        with self.lock:
             if self._monitor is None:
                 self._monitor = DeadInstanceMonitor(self.instances.describe,
                                                     self._instance_dead)
             return self._monitor
 
     def _instance_dead(self, instance_id: str, state: str, reason: str) -> None:
-        with self._lock:
+        with self.lock:
             instance = self._instances.get(instance_id)
         if instance is not None:
             instance.terminated = True
@@ -393,7 +491,7 @@ class Ec2System(System):
 
     def machine_ended(self, machine: Ec2Machine) -> None:
         """A machine ended: an instance none of whose machines runs any more is terminated."""
-        with self._lock:
+        with self.lock:
             instance = self._instances.get(machine.instance_id or "")
             idle = (instance is not None and not instance.terminated
                     and all(m.ended for m in instance.machines))
@@ -417,16 +515,30 @@ class Ec2System(System):
     # --- System ---------------------------------------------------------------------------
 
     def start(self, count: int, env: Mapping[str, str]) -> list[MachineHandle]:
+        """The machines go to free worker slots of this session's instances first (booted or
+        booting); the rest to instances launched for them."""
         if self._closed.is_set():
             raise RuntimeError("the ec2 system was shut down")
-        with self._lock:
-            first = self._machines
-            self._machines += count
-        handles = [Ec2Machine(self, first + i) for i in range(count)]
         environ = self.machine_environment(env)
         bundle = CodeBundle.of_driver()  # the driver's own modules, as they are now
-        threading.Thread(target=self._launch, args=(handles, environ, bundle), daemon=True,
-                         name="bigexec-ec2-launch").start()
+        ready: list[_Instance] = []
+        with self.lock:
+            first = self._machines
+            self._machines += count
+            handles = [Ec2Machine(self, first + i) for i in range(count)]
+            rest = list(handles)
+            for instance in self._instances.values():
+                for slot in instance.free_slots():
+                    if not rest:
+                        break
+                    if instance.place(slot, rest.pop(0), environ, bundle):
+                        ready.append(instance)
+        for instance in dict.fromkeys(ready):
+            threading.Thread(target=instance.start_workers, daemon=True,
+                             name=f"bigexec-ec2-place-{instance.record.instance_id}").start()
+        if rest:
+            threading.Thread(target=self._launch, args=(rest, environ, bundle), daemon=True,
+                             name="bigexec-ec2-launch").start()
         return list(handles)
 
     def _host_of(self, record: InstanceRecord) -> str | None:
@@ -462,61 +574,45 @@ class Ec2System(System):
         waiting = list(handles)
         for record in records:
             procs = self.options.procs_per_instance or record.vcpus or per
-            mine, waiting = waiting[:procs], waiting[procs:]
             host = self._host_of(record)
-            if host is None or not mine:
-                for h in mine:
-                    h.fail(BootError(f"EC2 instance {record.instance_id} has no address"))
-                self._terminate([record.instance_id], "not used")
+            if host is None or not waiting:
+                self._terminate([record.instance_id], "no address" if waiting else "not used")
                 continue
-            instance = _Instance(self, record, host)
-            instance.machines = mine
-            with self._lock:
+            instance = _Instance(self, record, host, procs)
+            with self.lock:
                 self._instances[record.instance_id] = instance
-            threading.Thread(target=self._boot_instance,
-                             args=(instance, env, bundle, deadline),
-                             daemon=True, name=f"bigexec-ec2-boot-{record.instance_id}").start()
+                for slot in range(min(procs, len(waiting))):
+                    instance.place(slot, waiting.pop(0), env, bundle)
+            threading.Thread(target=instance.boot, args=(deadline,), daemon=True,
+                             name=f"bigexec-ec2-boot-{record.instance_id}").start()
         for h in waiting:
             h.fail(BootError(f"EC2 launched instances for only {len(handles) - len(waiting)} "
                              f"of {len(handles)} machines (no capacity for the rest)"))
 
-    def _boot_instance(self, instance: _Instance, env: dict[str, str],
-                       bundle: CodeBundle | None, deadline: float) -> None:
+    def start_worker(self, instance: _Instance, p: _Placement) -> None:
+        """Ask ``instance``'s agent for the worker of placement ``p``."""
         record = instance.record
-        try:
-            instance.wait_for_agent(deadline)
-            instance.start_heartbeat()
-            if bundle is not None and not instance.call("Agent.has_bundle", (bundle.digest,),
-                                                        timeout=30.0):
-                left = max(30.0, deadline - time.monotonic())
-                instance.call("Agent.put_bundle", (bundle.digest, bundle.data), timeout=left)
-                log.info("ec2: sent the driver's modules (%s: %d KiB) to %s",
-                         ", ".join(bundle.names), len(bundle.data) >> 10, record.instance_id)
-            ips = tuple(dict.fromkeys(
-                ip for ip in (instance.host, record.private_ip, record.public_ip) if ip))
-            for k, machine in enumerate(instance.machines):
-                identity = self.new_machine_identity()
-                creds = self.machine_credentials(identity, ips=ips, dns=())
-                spec = WorkerSpec(system=self.name,
-                                  lease=max(self.keepalive.lease, self.boot_timeout),
-                                  listen_host="0.0.0.0", advertise_host=instance.host,
-                                  listen_port=self.options.agent_port + 1 + k,
-                                  credentials=creds)
-                worker_id = instance.call(
-                    "Agent.start_worker",
-                    (spec.encode(), env, bundle.digest if bundle is not None else None),
-                    timeout=30.0)
-                machine.identity, machine.cert_names = identity, (ips, ())
-                machine.attach(instance, worker_id)
-        except BaseException as exc:
-            err = exc if isinstance(exc, BootError) else BootError(
-                f"EC2 instance {record.instance_id} failed to boot: {exc}")
-            for m in instance.machines:
-                m.fail(err)
-            instance.stop()
-            with self._lock:
-                instance.terminated = True
-            self._terminate([record.instance_id], "its boot failed")
+        ips = tuple(dict.fromkeys(
+            ip for ip in (instance.host, record.private_ip, record.public_ip) if ip))
+        identity = self.new_machine_identity()
+        creds = self.machine_credentials(identity, ips=ips, dns=())
+        spec = WorkerSpec(system=self.name, lease=max(self.keepalive.lease, self.boot_timeout),
+                          listen_host="0.0.0.0", advertise_host=instance.host,
+                          listen_port=self.options.agent_port + 1 + p.slot, credentials=creds)
+        worker_id = instance.call(
+            "Agent.start_worker",
+            (spec.encode(), p.env, p.bundle.digest if p.bundle is not None else None),
+            timeout=30.0)
+        p.machine.identity, p.machine.cert_names = identity, (ips, ())
+        p.machine.attach(instance, worker_id)
+
+    def boot_failed(self, instance: _Instance, err: BaseException) -> None:
+        """``instance`` never came up: its machines fail, and it is terminated."""
+        instance.fail_pending(err)
+        instance.stop()
+        with self.lock:
+            instance.terminated = True
+        self._terminate([instance.record.instance_id], "its boot failed")
 
     # --- leases and the end ---------------------------------------------------------------
 
@@ -524,7 +620,7 @@ class Ec2System(System):
         return max(self.keepalive.lease, 3 * _LEASE_TAG_PERIOD)
 
     def _live_ids(self) -> list[str]:
-        with self._lock:
+        with self.lock:
             return [i for i, inst in self._instances.items() if not inst.terminated]
 
     def _renew_lease_tags(self) -> None:
@@ -543,7 +639,7 @@ class Ec2System(System):
             return
         self._closed.set()
         atexit.unregister(self.shutdown)
-        with self._lock:
+        with self.lock:
             instances = list(self._instances.values())
             live = [i.record.instance_id for i in instances if not i.terminated]
             for i in instances:
@@ -551,7 +647,7 @@ class Ec2System(System):
         for i in instances:
             i.stop()
         self._terminate(live, "the session ended")
-        with self._lock:
+        with self.lock:
             monitor, self._monitor = self._monitor, None
         if monitor is not None:
             monitor.close()
