@@ -1,4 +1,5 @@
-"""The ``ec2`` system's options: keywords over ``BIGEXEC_EC2_*`` variables (``Ec2Options``).
+"""The ``ec2`` system's options (``Ec2Options``): keywords over ``BIGEXEC_EC2_*`` variables
+over the config file's ``[ec2]`` table (``bigexec.config``).
 """
 
 from __future__ import annotations
@@ -8,6 +9,8 @@ import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
+
+from ...config import ConfigSource, load_config
 
 __all__ = ["DEFAULT_AMI_PARAMETER", "ENV_PREFIX", "Ec2Options"]
 
@@ -61,6 +64,14 @@ _CONVERSIONS: dict[str, Callable[[str], Any]] = {
     "procs_per_instance": _positive, "tags": _tag_pairs, "endpoint_url": _text,
 }
 
+#: Each option's TOML type in the config file's ``[ec2]`` table.
+_CONFIG_TYPES: dict[str, Any] = {
+    "instance_type": str, "region": str, "market": str, "spot_only": bool,
+    "alternatives": list[str], "subnet": str, "security_groups": list[str],
+    "instance_profile": str, "key_name": str, "root_volume_gib": int, "ami": str,
+    "procs_per_instance": int, "tags": dict[str, str], "endpoint_url": str,
+}
+
 
 @dataclass(frozen=True)
 class Ec2Options:
@@ -107,14 +118,20 @@ class Ec2Options:
         object.__setattr__(self, "tags", dict(self.tags))
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None, **options: Any) -> Ec2Options:
-        """The options from keyword arguments over ``BIGEXEC_EC2_<NAME>`` variables; a bad
-        variable raises ValueError naming it."""
+    def from_env(cls, environ: Mapping[str, str] | None = None, config: ConfigSource = None,
+                 **options: Any) -> Ec2Options:
+        """The options from keyword arguments over ``BIGEXEC_EC2_<NAME>`` variables over the
+        config file's ``[ec2]`` table (precedence: see ``bigexec.config``). ``config`` None
+        reads the default file (found through ``environ``); a path reads that file, a mapping
+        is a parsed one. A bad variable raises ValueError naming it; a bad file entry raises
+        ``bigexec.config.ConfigError`` (a ValueError) naming the file, table and key."""
         environ = os.environ if environ is None else environ
         known = {f.name for f in fields(cls)}
         unknown = set(options) - known
         if unknown:
             raise TypeError(f"unknown ec2 option(s): {', '.join(sorted(unknown))}")
+        loaded = load_config(config, environ)
+        from_file = loaded.section("ec2", _CONFIG_TYPES)
         values: dict[str, Any] = {}
         for name in sorted(known):
             variable = ENV_PREFIX + name.upper()
@@ -126,6 +143,12 @@ class Ec2Options:
                     cls(**{name: values[name]})  # what the dataclass refuses names it too
                 except ValueError as exc:
                     raise ValueError(f"{variable}={environ[variable]!r}: {exc}") from None
+            elif name in from_file:
+                values[name] = from_file[name]
+                try:
+                    cls(**{name: values[name]})
+                except ValueError as exc:
+                    raise loaded.error("ec2", name, str(exc)) from None
         return cls(**values)
 
     def candidates(self) -> list[tuple[str, str | None]]:
