@@ -112,7 +112,8 @@ class Config:
                 self._check(None, key, value, _TOP_LEVEL_KEYS[key])
             elif not isinstance(value, Mapping):
                 raise ConfigError(
-                    f"{self.source}: unknown top-level key {key!r}; known keys: "
+                    f"{self.source}: unknown top-level key {key!r} "
+                    f"({_toml_type_name(value)} {value!r}); known keys: "
                     f"{', '.join(sorted(_TOP_LEVEL_KEYS))}, and one table per system "
                     f"([ec2], [local], ...)")
 
