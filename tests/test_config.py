@@ -9,7 +9,6 @@ import types
 
 import pytest
 
-from bigexec import config as bigexec_config
 from bigexec.config import Config, ConfigError, config_path, load_config
 from bigexec.systems.ec2 import Ec2Options
 
@@ -253,7 +252,6 @@ def test_without_tomllib_tomli_parses_the_file(tmp_path, monkeypatch):
 
 def test_without_any_toml_parser_only_an_existing_file_is_an_error(tmp_path, monkeypatch):
     without_tomllib(monkeypatch, None)
-    assert bigexec_config._toml_parser() is None
     assert Ec2Options.from_env({}, config=tmp_path / "missing.toml") == Ec2Options()
     assert Ec2Options.from_env({}, config={"ec2": {"key_name": "k"}}).key_name == "k"
     path = write(tmp_path, '[ec2]\nkey_name = "k9"\n')
