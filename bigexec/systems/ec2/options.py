@@ -1,5 +1,4 @@
-"""The ``ec2`` system's options (``Ec2Options``): keywords over ``BIGEXEC_EC2_*`` variables
-over the config file's ``[ec2]`` table (``bigexec.config``).
+"""The ``ec2`` system's options: keywords over ``BIGEXEC_EC2_*`` variables (``Ec2Options``).
 """
 
 from __future__ import annotations
@@ -64,14 +63,6 @@ _CONVERSIONS: dict[str, Callable[[str], Any]] = {
     "procs_per_instance": _positive, "tags": _tag_pairs, "endpoint_url": _text,
 }
 
-#: Each option's TOML type in the config file's ``[ec2]`` table.
-_CONFIG_TYPES: dict[str, Any] = {
-    "instance_type": str, "region": str, "market": str, "spot_only": bool,
-    "alternatives": list[str], "subnet": str, "security_groups": list[str],
-    "instance_profile": str, "key_name": str, "root_volume_gib": int, "ami": str,
-    "procs_per_instance": int, "tags": dict[str, str], "endpoint_url": str,
-}
-
 
 @dataclass(frozen=True)
 class Ec2Options:
@@ -131,7 +122,13 @@ class Ec2Options:
         if unknown:
             raise TypeError(f"unknown ec2 option(s): {', '.join(sorted(unknown))}")
         loaded = load_config(config, environ)
-        from_file = loaded.section("ec2", _CONFIG_TYPES)
+        # An option's TOML type follows from how its variable's text is read, so that a new
+        # option cannot be left out of the file.
+        toml_types: dict[Callable[[str], Any], Any] = {
+            _text: str, _words: list[str], _flag: bool, _positive: int,
+            _tag_pairs: dict[str, str]}
+        from_file = loaded.section("ec2", {name: toml_types[conversion]
+                                           for name, conversion in _CONVERSIONS.items()})
         values: dict[str, Any] = {}
         for name in sorted(known):
             variable = ENV_PREFIX + name.upper()
