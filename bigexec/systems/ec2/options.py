@@ -9,6 +9,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from ...config import ConfigSource, load_config
+
 __all__ = ["DEFAULT_AMI_PARAMETER", "ENV_PREFIX", "Ec2Options"]
 
 log = logging.getLogger("bigexec.systems.ec2")
@@ -127,14 +129,26 @@ class Ec2Options:
         object.__setattr__(self, "tags", dict(self.tags))
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None, **options: Any) -> Ec2Options:
-        """The options from keyword arguments over ``BIGEXEC_EC2_<NAME>`` variables; a bad
-        variable raises ValueError naming it."""
+    def from_env(cls, environ: Mapping[str, str] | None = None, config: ConfigSource = None,
+                 **options: Any) -> Ec2Options:
+        """The options from keyword arguments over ``BIGEXEC_EC2_<NAME>`` variables over the
+        config file's ``[ec2]`` table (precedence: see ``bigexec.config``). ``config`` None
+        reads the default file (found through ``environ``); a path reads that file, a mapping
+        is a parsed one. A bad variable raises ValueError naming it; a bad file entry raises
+        ``bigexec.config.ConfigError`` (a ValueError) naming the file, table and key."""
         environ = os.environ if environ is None else environ
         known = {f.name for f in fields(cls)}
         unknown = set(options) - known
         if unknown:
             raise TypeError(f"unknown ec2 option(s): {', '.join(sorted(unknown))}")
+        loaded = load_config(config, environ)
+        # An option's TOML type follows from how its variable's text is read, so that a new
+        # option cannot be left out of the file.
+        toml_types: dict[Callable[[str], Any], Any] = {
+            _text: str, _words: list[str], _flag: bool, _positive: int,
+            _tag_pairs: dict[str, str]}
+        from_file = loaded.section("ec2", {name: toml_types[conversion]
+                                           for name, conversion in _CONVERSIONS.items()})
         values: dict[str, Any] = {}
         for name in sorted(known):
             variable = ENV_PREFIX + name.upper()
@@ -146,6 +160,12 @@ class Ec2Options:
                     cls(**{name: values[name]})  # what the dataclass refuses names it too
                 except ValueError as exc:
                     raise ValueError(f"{variable}={environ[variable]!r}: {exc}") from None
+            elif name in from_file:
+                values[name] = from_file[name]
+                try:
+                    cls(**{name: values[name]})
+                except ValueError as exc:
+                    raise loaded.error("ec2", name, str(exc)) from None
         return cls(**values)
 
     def candidates(self) -> list[tuple[str, str | None]]:
