@@ -4,9 +4,10 @@
     bigexec ec2 sweep [--region R] [--grace SECONDS] [--dry-run]
                                                           terminate lapsed sessions' instances
 
-Options come from ``BIGEXEC_EC2_*`` variables as for the ``ec2`` system (``Ec2Options.from_env``),
-the command line winning; credentials and the default region are boto3's own. boto3 is
-imported only when a command runs, so ``bigexec status`` never needs it.
+Options come from ``BIGEXEC_EC2_*`` variables and the config file's ``[ec2]`` table as for the
+``ec2`` system (``Ec2Options.from_env``), the command line winning; credentials and the
+default region are boto3's own. boto3 is imported only when a command runs, so ``bigexec
+status`` never needs it.
 """
 
 from __future__ import annotations

@@ -29,6 +29,7 @@ from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from .config import load_config
 from .dialer import Dialer
 from .machine import STOPPED, Machine
 from .rpc import codec
@@ -256,7 +257,8 @@ class B(Dialer):
 def start(system: str | System | None = None, **options: Any) -> B:
     """Start a session on ``system``: ``"threads"``, ``"local"`` or a ``System`` instance.
 
-    Without one, ``BIGEXEC_SYSTEM`` names it, else ``"local"``. ``options`` go to the system:
+    Without one, ``BIGEXEC_SYSTEM`` names it, else the config file's top-level ``system``
+    (``bigexec.config``), else ``"local"``. ``options`` go to the system:
     ``keepalive`` (a ``KeepaliveConfig``) or ``keepalive_period``, ``keepalive_lease``,
     ``keepalive_timeout``, ``keepalive_rpc_timeout``, ``boot_timeout``, and the system's own.
 
@@ -271,7 +273,7 @@ def start(system: str | System | None = None, **options: Any) -> B:
         return B(system)
     if system is not None and not isinstance(system, str):
         raise TypeError(f"system must be a name or a System, not {type(system).__name__}")
-    name = system or os.environ.get("BIGEXEC_SYSTEM") or "local"
+    name = system or os.environ.get("BIGEXEC_SYSTEM") or load_config().system or "local"
     debug_addr = os.environ.get("BIGEXEC_DEBUG_ADDR")
     from . import debug  # here: the HTTP server's modules are not every worker's to load
 

@@ -264,3 +264,20 @@ def test_config_is_a_plain_record():
     loaded = Config("somewhere", {"ec2": {"region": "r"}})
     assert loaded.section("ec2", {"region": str}) == {"region": "r"}
     assert loaded.section("local", {}) == {}
+
+
+def test_start_uses_the_files_system_when_nothing_else_names_one(tmp_path, monkeypatch):
+    import bigexec
+
+    monkeypatch.delenv("BIGEXEC_SYSTEM", raising=False)
+    path = write(tmp_path, 'system = "threads"\n')
+    monkeypatch.setenv("BIGEXEC_CONFIG", str(path))
+    with bigexec.start() as b:
+        assert b.system.name == "threads"
+    monkeypatch.setenv("BIGEXEC_SYSTEM", "local")  # the variable beats the file
+    path.write_text('system = "no-such-system"\n')
+    with bigexec.start() as b:
+        assert b.system.name == "local"
+    monkeypatch.delenv("BIGEXEC_SYSTEM")
+    with bigexec.start("threads") as b:  # the argument beats both
+        assert b.system.name == "threads"
