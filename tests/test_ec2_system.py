@@ -16,8 +16,10 @@ import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -163,6 +165,20 @@ def running(m: Any, timeout: float = 60.0) -> None:
         raise m.err
 
 
+def agent_certificate_name(system: Ec2System) -> str | None:
+    """The name in the certificate the agent on 127.0.0.1 serves new connections with."""
+    ctx = ssl.create_default_context(cadata=system.authority.cert_pem.decode())
+    ctx.check_hostname = False
+    creds = system.authority.issue_driver()
+    with tempfile.TemporaryDirectory() as d:
+        Path(d, "c.pem").write_bytes(creds.cert_pem + creds.key_pem)
+        ctx.load_cert_chain(str(Path(d, "c.pem")))
+    with socket.create_connection(("127.0.0.1", system.options.agent_port), timeout=10) as raw:
+        with ctx.wrap_socket(raw) as tls_sock:
+            cert = tls_sock.getpeercert()
+    return next((v for rdn in cert["subject"] for k, v in rdn if k == "commonName"), None)
+
+
 def states(cloud: MotoEc2) -> dict[str, str]:
     found = cloud.client().describe_instances()["Reservations"]
     return {i["InstanceId"]: i["State"]["Name"] for r in found for i in r["Instances"]}
@@ -192,6 +208,8 @@ def test_machines_run_on_an_instance_through_its_agent_and_the_instance_ends_wit
                 Filters=[{"Name": "resource-id", "Values": [iid]}])["Tags"]
             assert {t["Key"]: t["Value"] for t in tags}[SESSION_TAG] == system.session_id
             assert states(cloud)[iid] == "running"
+            # once up, the agent serves with a leaf of its own, not the launch's shared one
+            assert agent_certificate_name(system) == f"agent {iid}"
         # the session is over: the instance is terminated
         assert states(cloud)[iid] == "terminated"
     # the user-data carries the CA's certificate and the agent's leaf, never the CA's key
@@ -293,3 +311,22 @@ def test_the_executor_and_pool_run_on_ec2_machines_unchanged(cloud: MotoEc2,
         finally:
             b.shutdown()
         assert set(states(cloud).values()) == {"terminated"}
+
+
+def test_agents_and_machines_get_new_certificates_before_theirs_expire(
+        cloud: MotoEc2, tmp_path: Path) -> None:
+    with loopback_system(cloud, tmp_path, boot_timeout=30, cert_lifetime=4.0,
+                         keepalive_period=0.5, keepalive_lease=10.0, keepalive_timeout=5.0,
+                         keepalive_rpc_timeout=2.0) as (system, instances):
+        with bigexec.start(system) as b:
+            (m,) = b.start(1, services={"Square": Square()})
+            running(m)
+            time.sleep(6.0)  # past the first certificates' end
+            client = system.agent_client()
+            agent = f"https://127.0.0.1:{system.options.agent_port}"
+            client.reset(agent)  # a new connection: a new handshake, with the current leaf
+            assert client.call(agent, "Agent.identity", timeout=10)["instance_id"] == (
+                m.instance_id)
+            b.client.reset(m.addr)
+            assert m.call("Square.square", 5) == 25
+            assert m.state.name == "RUNNING"

@@ -55,6 +55,10 @@ def main(argv: list[str] | None = None) -> int:
     registry.add("Agent", AgentService(agent))
     server = Server(registry, ssl_context=tls.server_context(doc.credentials), host=args.host,
                     port=doc.port)
+    def serve_with(creds: tls.Credentials) -> None:
+        server.ssl_context = tls.server_context(creds)
+
+    agent.on_credentials = serve_with
     agent.start_watchdog()
     print(f"{ANNOUNCE_PREFIX}{server.start()}", flush=True)
     done = threading.Event()

@@ -18,7 +18,8 @@ from typing import Any
 
 from .. import tls
 
-__all__ = ["DEFAULT_PATH", "DEFAULT_PORT", "DEFAULT_POWEROFF", "AgentDocument"]
+__all__ = ["DEFAULT_PATH", "DEFAULT_PORT", "DEFAULT_POWEROFF", "AgentDocument",
+           "check_agent_credentials"]
 
 #: Where the user-data writes the document.
 DEFAULT_PATH = "/run/bigexec/agent.json"
@@ -61,7 +62,7 @@ class AgentDocument:
             raise ValueError(f"port must be an int in 0..65535, not {self.port!r}")
         if not self.poweroff or not all(isinstance(a, str) for a in self.poweroff):
             raise ValueError(f"poweroff must be a non-empty list of str, not {self.poweroff!r}")
-        _check_credentials(self.credentials)
+        check_agent_credentials(self.credentials)
 
     def to_json(self) -> bytes:
         """The document as the user-data carries it."""
@@ -117,8 +118,9 @@ class AgentDocument:
         return cls.from_json(data)
 
 
-def _check_credentials(creds: tls.Credentials) -> None:
-    """The CA entry holds certificates only, the leaf one certificate and its key."""
+def check_agent_credentials(creds: tls.Credentials) -> None:
+    """The CA entry holds certificates only, the leaf one certificate and its key: an agent
+    never holds the CA's key. ValueError otherwise."""
     def kinds(pem: bytes) -> list[str]:  # the BEGIN line of each PEM block
         return [line.strip().decode("ascii", "replace") for line in pem.splitlines()
                 if line.startswith(b"-----BEGIN ")]

@@ -14,6 +14,10 @@
                                                its last lines
     Agent.output(id) ────────────────────────> a Stream of its output lines
     Agent.status(id) / Agent.kill(id)
+    Agent.renew_credentials(ca, cert, key) ──> the agent serves new connections with them:
+                                               its own leaf, given once it is up (the
+                                               user-data's is shared by a launch), then
+                                               again before each expires
     Agent.keepalive(lease) ──────────────────> extends the agent's lease
     Agent.heartbeat(lease) ──────────────────> the same, and in the answer: every worker's
                                                status and the spot interruption notice, if
@@ -41,9 +45,10 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
-from .. import __version__
+from .. import __version__, tls
 from ..systems.bootstrap import WorkerSpec
 from ..systems.code_bundle import CodeBundle
+from .document import check_agent_credentials
 from .workers import WorkerProcess
 
 __all__ = ["Agent", "AgentService", "LeaseLapsed"]
@@ -85,6 +90,9 @@ class Agent:
         self._notice_period = notice_period
         #: The interruption notice EC2 gave for this instance, once it gave one.
         self.notice: dict[str, Any] | None = None
+        #: Called with new server credentials (``renew_credentials``): the agent's server
+        #: takes them for new connections.
+        self.on_credentials: Callable[[tls.Credentials], None] | None = None
 
     # --- workers ------------------------------------------------------------------------------
 
@@ -296,6 +304,16 @@ class AgentService:
     def keepalive(self, lease: float) -> float:
         """Hold the agent for ``lease`` more seconds; returns the lease granted."""
         return self._agent.keepalive(lease)
+
+    def renew_credentials(self, ca_pem: bytes, cert_pem: bytes, key_pem: bytes) -> bool:
+        """Serve new connections with this leaf (the CA's certificate, the leaf's, its key);
+        connections open now keep theirs."""
+        creds = tls.Credentials(bytes(ca_pem), bytes(cert_pem), bytes(key_pem))
+        check_agent_credentials(creds)
+        if self._agent.on_credentials is None:
+            raise RuntimeError("this agent cannot take new credentials")
+        self._agent.on_credentials(creds)
+        return True
 
     def heartbeat(self, lease: float) -> dict[str, Any]:
         """``keepalive``, answering with what the driver watches: {"lease": granted,

@@ -257,6 +257,7 @@ class _Instance:
         self._ready = False  # the agent answered: workers can be started
         self.terminated = False
         self.lost: BaseException | None = None
+        self.credentials_renew_at = math.inf
 
     # --- placing machines (the system's lock held) -----------------------------------------
 
@@ -285,6 +286,11 @@ class _Instance:
                 f"EC2 instance {self.record.instance_id} failed to boot: {exc}")
             self.system.boot_failed(self, err)
             return
+        try:  # its own leaf: the user-data's is shared by every instance of the launch
+            self.renew_credentials()
+        except Exception as exc:
+            log.warning("ec2: giving the agent on %s its own certificate failed (it keeps the "
+                        "launch's): %s", self.record.instance_id, exc)
         self.start_heartbeat()
         with self.system.lock:
             self._ready = True
@@ -364,6 +370,14 @@ class _Instance:
         log.info("ec2: the agent on %s (%s) answered %.1fs after launch", iid, self.host,
                  time.monotonic() - self.launched_at)
 
+    def renew_credentials(self) -> None:
+        """Give the agent a fresh leaf of its own (renewed by the heartbeat before it
+        expires)."""
+        creds = self.system.agent_credentials(self.record.instance_id)
+        self.call("Agent.renew_credentials", (creds.ca_pem, creds.cert_pem, creds.key_pem),
+                  timeout=30.0)
+        self.credentials_renew_at = time.monotonic() + self.system.renew_after
+
     def start_heartbeat(self) -> None:
         threading.Thread(target=self._heartbeat, daemon=True,
                          name=f"bigexec-ec2-heartbeat-{self.record.instance_id}").start()
@@ -386,6 +400,12 @@ class _Instance:
                         m.worker_exited(int(code))
                 if beat.get("notice"):
                     self.interrupted(beat["notice"])
+                if time.monotonic() >= self.credentials_renew_at:
+                    try:
+                        self.renew_credentials()
+                    except Exception as exc:
+                        log.warning("ec2: renewing the certificate of the agent on %s failed "
+                                    "(retrying): %s", self.record.instance_id, exc)
             self._check.wait(cfg.period)
             self._check.clear()
 
@@ -473,6 +493,11 @@ class Ec2System(System):
                 self._agent_client_until = now + self.renew_after
             return self._agent_client
 
+    def agent_credentials(self, instance_id: str | None) -> tls.Credentials:
+        """A server leaf for an agent: of one instance, or (None) of a whole launch's."""
+        return self.authority.issue(f"agent {instance_id or self.session_id}", self._ttl(),
+                                    dns=[AGENT_NAME], usage="server")
+
     def monitor(self) -> DeadInstanceMonitor:
         with self.lock:
             if self._monitor is None:
@@ -554,8 +579,7 @@ class Ec2System(System):
         deadline = t0 + self.boot_timeout
         try:
             per = self.instances.procs_per_instance()
-            leaf = self.authority.issue(AGENT_NAME, self._ttl(), dns=[AGENT_NAME],
-                                        usage="server")
+            leaf = self.agent_credentials(None)
             document = AgentDocument(session=self.session_id,
                                      lease=self.boot_timeout + self.keepalive.lease,
                                      credentials=leaf, instance_id=None,
