@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import itertools
 import os
-import subprocess
 import sys
 import threading
 from collections import deque
@@ -64,10 +63,6 @@ class WorkerProcess:
         self._who = f"{worker_id} (pid {self.pid})"
         self._boot = MachineOutput(self._who, keep=_BOOT_OUTPUT_LINES)
         self._child.watch(self._buffer, max_line_bytes=MAX_LINE_BYTES)
-
-    @property
-    def proc(self) -> subprocess.Popen[bytes]:
-        return self._child.process
 
     def _buffer(self, lines: Iterator[bytes]) -> None:
         try:

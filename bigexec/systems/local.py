@@ -129,9 +129,6 @@ class _LocalHandle(MachineHandle):
         # the worker leads its own group: this ends what its tasks started too
         self.child.kill()
 
-    def close_lifeline(self) -> None:
-        self.child.close_lifeline()
-
     def wait_stopped(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
         if self.child.wait(timeout) is None:

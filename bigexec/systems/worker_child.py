@@ -97,8 +97,7 @@ class WorkerChild:
         self._announce_fd = read_end  # -1 once closed
         self._announce_data = b""
         self._address: str | None = None
-        self._no_announcement: tuple[bytes, bool] | None = None
-        self._watched = False
+        self._announce_closed = False  # it ended before a whole line
         _lifelines.add(self)
         stdin: IO[bytes] = self.process.stdin  # type: ignore[assignment]
         try:
@@ -117,9 +116,6 @@ class WorkerChild:
         consume it all, or the worker blocks on a full pipe. A line longer than
         ``max_line_bytes`` (if positive) comes in pieces of that size. ``exited`` is told
         the exit status once the worker is reaped and what was left of its group killed."""
-        if self._watched:
-            raise RuntimeError(f"{self.name} is watched already")
-        self._watched = True
         threading.Thread(target=self._pump, args=(output, max_line_bytes), daemon=True,
                          name=f"bigexec-output-{self.name}").start()
         threading.Thread(target=self._reap, args=(exited,), daemon=True,
@@ -177,13 +173,12 @@ class WorkerChild:
             self._read_announcement(deadline)
         finally:
             self._announce_lock.release()
-        if self._address is not None:
-            return self._address
-        assert self._no_announcement is not None
-        raise NoAnnouncement(*self._no_announcement)
+        if self._address is None:
+            raise NoAnnouncement(self._announce_data, self._announce_closed)
+        return self._address
 
     def _read_announcement(self, deadline: float) -> None:
-        # (with _announce_lock held)
+        # (with _announce_lock held) Read on until a whole line, the end or the deadline.
         if self._announce_fd < 0:
             return
         poller = select.poll()  # select() fails on descriptors past 1024
@@ -194,25 +189,20 @@ class WorkerChild:
             if left <= 0:
                 self._announce_data = data
                 raise TimeoutError(f"{self.name} did not announce in time")
-            if not poller.poll(left * 1000):
-                continue
-            try:
-                chunk = os.read(self._announce_fd, 512)
-            except OSError:
-                chunk = b""
-            if not chunk:
-                self._settle(data, closed=True)
-                return
-            data += chunk
-        self._settle(data, closed=False)
-
-    def _settle(self, data: bytes, closed: bool) -> None:
+            if poller.poll(left * 1000):
+                try:
+                    chunk = os.read(self._announce_fd, 512)
+                except OSError:
+                    chunk = b""
+                if not chunk:
+                    self._announce_closed = True
+                    break
+                data += chunk
         os.close(self._announce_fd)
         self._announce_fd = -1
         self._announce_data = data
-        self._address = None if closed else parse_announcement(data.decode("utf-8", "replace"))
-        if self._address is None:
-            self._no_announcement = (data, closed)
+        if not self._announce_closed:
+            self._address = parse_announcement(data.decode("utf-8", "replace"))
 
     # --- ending it -----------------------------------------------------------------------
 
@@ -231,30 +221,26 @@ class WorkerChild:
         except OSError:  # it died with unread data in the pipe
             pass
 
-    def _release_lifeline_after_fork(self, null: int) -> None:
-        # The descriptor is pointed at /dev/null rather than closed: the pipe's file object
-        # still owns it and will close it some day, which must not hit a descriptor reused
-        # meanwhile.
-        stdin = self.process.stdin
-        try:
-            if stdin is not None and not stdin.closed:
-                os.dup2(null, stdin.fileno(), inheritable=False)
-        except (OSError, ValueError):
-            pass
-
 
 _lifelines: weakref.WeakSet[WorkerChild] = weakref.WeakSet()
 
 
 def _release_lifelines_in_child() -> None:
-    # A forked child must not hold its parent's workers alive after the parent is gone.
+    # A forked child must not hold its parent's workers alive after the parent is gone. The
+    # descriptor is pointed at /dev/null rather than closed: the pipe's file object still owns
+    # it and will close it some day, which must not hit a descriptor reused meanwhile.
     try:
         null = os.open(os.devnull, os.O_WRONLY)
     except OSError:
         return
     try:
         for child in list(_lifelines):
-            child._release_lifeline_after_fork(null)
+            try:
+                stdin = child.process.stdin
+                if stdin is not None and not stdin.closed:
+                    os.dup2(null, stdin.fileno(), inheritable=False)
+            except (OSError, ValueError):
+                pass
     finally:
         os.close(null)
 
