@@ -120,9 +120,13 @@ def test_a_worker_announces_its_address_and_its_output_and_status_are_delivered(
         assert child.announcement(0.0) == addr  # known: no second read
         assert child.status() is None
         client = driver_client(ca)
-        assert client.call(addr, "Supervisor.ping", (3,), timeout=10) == 3
-        # (a moment after its reply: with no delay it may exit before the reply is out)
-        client.call(addr, "Supervisor.shutdown", (0.3, "goodbye from the child"), timeout=10)
+        try:
+            assert client.call(addr, "Supervisor.ping", (3,), timeout=10) == 3
+            # (a moment after its reply: with no delay it may exit before the reply is out)
+            client.call(addr, "Supervisor.shutdown", (0.3, "goodbye from the child"),
+                        timeout=10)
+        finally:
+            client.close()
         assert followed.exited.wait(20) and followed.status == 0
         assert child.wait(0) == 0
         assert followed.output_ended.wait(10)
@@ -138,14 +142,15 @@ def test_the_environment_given_is_the_whole_environment_of_the_child(monkeypatch
     with _child(_spec(ca), env=env) as (child, _):
         addr = child.announcement(60.0)
         client = driver_client(ca)
-
-        def getenv(name: str) -> str | None:
-            return client.call(addr, "Supervisor.getenv", (name,), timeout=10)
-
-        assert getenv("BIGEXEC_TEST_GIVEN") == "given"
-        assert getenv("BIGEXEC_TEST_PARENT_ONLY") is None
-        assert getenv("BIGEXEC_SYSTEM") == "local"  # the spec's system, always
-        assert getenv("PYTHONUNBUFFERED") == "1"
+        try:
+            got = {name: client.call(addr, "Supervisor.getenv", (name,), timeout=10)
+                   for name in ("BIGEXEC_TEST_GIVEN", "BIGEXEC_TEST_PARENT_ONLY",
+                                "BIGEXEC_SYSTEM", "PYTHONUNBUFFERED")}
+        finally:
+            client.close()
+        assert got == {"BIGEXEC_TEST_GIVEN": "given", "BIGEXEC_TEST_PARENT_ONLY": None,
+                       "BIGEXEC_SYSTEM": "local",  # the spec's system, always
+                       "PYTHONUNBUFFERED": "1"}
 
 
 def test_a_timeout_leaves_the_announcement_to_a_later_call():
