@@ -197,7 +197,7 @@ class LocalSystem(System):
             spec = WorkerSpec(system=self.name,
                               lease=max(self.keepalive.lease, self.boot_timeout),
                               listen_host=self.host, credentials=creds)
-            child = WorkerChild(spec, python=self.python, env=self._environment(env))
+            child = WorkerChild(spec, python=self.python, env=self._environment(env), name="local")
             # Boot noise is shown when asked for, or when boots keep failing.
             show = self.boot_logs or self.boot_failures >= _SHOW_BOOT_LOGS_AFTER
             handle = _LocalHandle(child, show, self)

@@ -15,16 +15,12 @@
     os.fork() of the parent: the forked child points its copies of every lifeline at
                              /dev/null, so it keeps no worker alive
 
-Why it exists: every system whose workers are its own child processes (``local`` on the
-driver's host, the ec2 agent on an instance) needs exactly this, and the details are easy to
-get wrong (the pipe that outlives the deadline, the group a SIGKILLed worker leaves behind,
-the fork that keeps a lifeline open). They share this one copy; what each makes of the
-output and of an exit (printing, buffering, a ``BootError``'s wording) stays theirs.
-
-The worker leads its own session and process group: ^C in the parent's terminal is the
-parent's to handle, and the group holds whatever the worker's tasks start, so ``kill()`` and
-the sweep after an exit end them too. The announcement comes on a pipe of its own rather
-than in the output, so no line a task prints can pass for it.
+Why: every system whose workers are its own children (``local`` on the driver's host, the
+ec2 agent on an instance) needs exactly this, and its details are easy to get wrong (a pipe
+read past its deadline, the group a SIGKILLed worker leaves, a fork that keeps a lifeline
+open). What each makes of the output and of an exit (printing, buffering, a ``BootError``'s
+words) stays its own. The worker's own session and group keep ^C in the parent's terminal
+the parent's, and hold whatever its tasks start, so ``kill()`` and the sweep end them too.
 """
 
 from __future__ import annotations
@@ -111,15 +107,16 @@ class WorkerChild:
     def watch(self, output: Callable[[Iterator[bytes]], object],
               exited: Callable[[int], object] | None = None, *,
               max_line_bytes: int = -1) -> None:
-        """Start the two threads that follow the worker (call it once). ``output`` is given
+        """Start the two threads that follow the worker (call it once; named after ``name``
+        and the pid). ``output`` is given
         an iterator of the worker's stdout+stderr lines, which ends with its output; it must
         consume it all, or the worker blocks on a full pipe. A line longer than
         ``max_line_bytes`` (if positive) comes in pieces of that size. ``exited`` is told
         the exit status once the worker is reaped and what was left of its group killed."""
         threading.Thread(target=self._pump, args=(output, max_line_bytes), daemon=True,
-                         name=f"bigexec-output-{self.name}").start()
+                         name=f"bigexec-output-{self.name}-{self.pid}").start()
         threading.Thread(target=self._reap, args=(exited,), daemon=True,
-                         name=f"bigexec-wait-{self.name}").start()
+                         name=f"bigexec-wait-{self.name}-{self.pid}").start()
 
     def _pump(self, output: Callable[[Iterator[bytes]], object], max_line_bytes: int) -> None:
         out: IO[bytes] = self.process.stdout  # type: ignore[assignment]
@@ -168,7 +165,7 @@ class WorkerChild:
         """
         deadline = time.monotonic() + timeout
         if not self._announce_lock.acquire(timeout=max(0.0, timeout)):
-            raise TimeoutError(f"{self.name} did not announce within {timeout:g}s")
+            raise TimeoutError(f"{self.name} {self.pid} did not announce within {timeout:g}s")
         try:
             self._read_announcement(deadline)
         finally:
@@ -188,7 +185,7 @@ class WorkerChild:
             left = deadline - time.monotonic()
             if left <= 0:
                 self._announce_data = data
-                raise TimeoutError(f"{self.name} did not announce in time")
+                raise TimeoutError(f"{self.name} {self.pid} did not announce in time")
             if poller.poll(left * 1000):
                 try:
                     chunk = os.read(self._announce_fd, 512)
