@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from agent_harness import HOST, driver_client
+from test_worker_exits import _alive, _gone_within
 
 from bigexec import __version__
 from bigexec.authority import Authority
@@ -68,27 +69,6 @@ def _child(spec: WorkerSpec, python: str = sys.executable, env: dict[str, str] |
         child.wait(20)
         if not watch and child.process.stdout is not None:
             child.process.stdout.close()  # (watch() closes it once the output ends)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:  # a zombie is no process that runs
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
-def _wait_gone(pid: int, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not _alive(pid):
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def _python_with_a_grandchild(tmp_path: Path) -> tuple[str, Path]:
@@ -202,7 +182,7 @@ def test_kill_ends_the_whole_group_and_closes_the_lifeline(tmp_path):
         child.kill()
         assert child.process.stdin is not None and child.process.stdin.closed
         assert child.wait(20) == -9
-        assert _wait_gone(grandchild, 10), "kill() left the worker's grandchild running"
+        assert _gone_within(grandchild, 10), "kill() left the worker's grandchild running"
 
 
 def test_what_a_killed_worker_leaves_of_its_group_is_swept_after_its_exit(tmp_path):
@@ -212,7 +192,7 @@ def test_what_a_killed_worker_leaves_of_its_group_is_swept_after_its_exit(tmp_pa
         child.announcement(60.0)
         os.kill(child.pid, 9)  # the worker alone, not its group: it cannot clean up
         assert followed.exited.wait(20) and followed.status == -9
-        assert _wait_gone(grandchild, 10), "the grandchild outlived the worker"
+        assert _gone_within(grandchild, 10), "the grandchild outlived the worker"
         assert child.process.stdin is not None and child.process.stdin.closed
 
 
