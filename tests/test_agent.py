@@ -7,6 +7,7 @@ anything but loopback.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import threading
 import time
@@ -214,3 +215,24 @@ def test_a_reader_that_falls_behind_the_bounded_buffer_is_told_what_it_missed(mo
         assert "line 6\n" not in out
     finally:
         agent.close()
+
+
+def test_a_worker_gets_the_environment_it_is_given_as_its_whole_environment(monkeypatch):
+    # the ec2 driver sends each machine's environment with its start: it replaces the agent's
+    monkeypatch.setenv("BIGEXEC_TEST_AGENT_ONLY", "agent")
+    env = {k: v for k, v in os.environ.items() if k != "BIGEXEC_TEST_AGENT_ONLY"}
+    env["BIGEXEC_TEST_MACHINE"] = "machine"
+    ca = Authority()
+    worker = workers.WorkerProcess("w1", WorkerSpec.decode(worker_spec(ca)), env=env)
+    client = driver_client(ca)
+    try:
+        addr = worker.address(60.0)
+        got = {name: client.call(addr, "Supervisor.getenv", (name,), timeout=10)
+               for name in ("BIGEXEC_TEST_MACHINE", "BIGEXEC_TEST_AGENT_ONLY",
+                            "BIGEXEC_SYSTEM")}
+        assert got == {"BIGEXEC_TEST_MACHINE": "machine", "BIGEXEC_TEST_AGENT_ONLY": None,
+                       "BIGEXEC_SYSTEM": "ec2"}
+    finally:
+        client.close()
+        worker.kill()
+        assert worker.wait(20) == -9

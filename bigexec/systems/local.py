@@ -2,19 +2,21 @@
 
     driver                                   worker process
     ──────                                   ──────────────
-    Popen(start_new_session) ── stdin ─────> its WorkerSpec (``systems.bootstrap``: settings,
+    WorkerChild (Popen) ─────── stdin ─────> its WorkerSpec (``systems.bootstrap``: settings,
                                              credentials, the driver's versions), then
                                              nothing: stdin stays open as a lifeline
-    os.pipe() read end   <──── announce_fd: "bigexec-worker-listening https://HOST:PORT"
-    log pump thread      <──── stdout+stderr, line by line ──> MachineOutput: the driver's
+    address(): announcement <── announce_fd: "bigexec-worker-listening https://HOST:PORT"
+    output thread        <──── stdout+stderr, line by line ──> MachineOutput: the driver's
                                   stderr, prefixed (through ``logsink``: a stderr nobody
                                   reads never blocks it)
-    waiter thread: process exit ──> mark_dead, then report_lost: machine STOPPED at once,
-                   err says how it died (a lapsed lease, a signal, a status); what is left
-                   of its process group is killed
+    waiter thread: process exit ──> what is left of its process group is killed, then
+                   mark_dead and report_lost: machine STOPPED at once, err says how it
+                   died (a lapsed lease, a signal, a status)
 
 This module is the bootstrap protocol's reference implementation: a new system does what it
-does, its own way, and nothing else in bigexec changes.
+does, its own way, and nothing else in bigexec changes. The child process itself (its start,
+pipes, group, lifeline and exit) is ``systems.worker_child``'s, shared with the ec2 agent;
+what is here is what a machine of the driver makes of it.
 
 The worker binds port 0 and reports the port back, so there is no free-port race. Its stdin
 stays open for as long as the driver holds the machine: when the driver dies, however it
@@ -37,21 +39,19 @@ from __future__ import annotations
 
 import ipaddress
 import os
-import select
-import signal
 import subprocess
 import sys
 import threading
 import time
-import weakref
 from collections.abc import Mapping
-from typing import IO, Any
+from typing import Any
 
 from ..authority import Authority
 from ..errors import BootError, MachineLost
 from ..worker import describe_exit
 from .base import KeepaliveConfig, MachineHandle, System
-from .bootstrap import MachineOutput, WorkerSpec, parse_announcement
+from .bootstrap import MachineOutput, WorkerSpec
+from .worker_child import NoAnnouncement, WorkerChild
 
 __all__ = ["LocalSystem"]
 
@@ -59,32 +59,21 @@ _SHOW_BOOT_LOGS_AFTER = 5  # consecutive boot failures
 _BOOT_OUTPUT_LINES = 20  # of a worker that failed to boot, quoted in its BootError
 
 
-def _kill_group(pgid: int) -> None:
-    """SIGKILL what is left of a worker's process group (the processes its tasks started)."""
-    try:
-        os.killpg(pgid, signal.SIGKILL)
-    except OSError:  # nobody left
-        pass
-
-
 class _LocalHandle(MachineHandle):
-    def __init__(self, proc: subprocess.Popen[bytes], announce_fd: int, boot_logs: bool,
-                 system: LocalSystem) -> None:
+    def __init__(self, child: WorkerChild, boot_logs: bool, system: LocalSystem) -> None:
         super().__init__()
         self._system = system
-        self.proc = proc
+        self.child = child
         self.maxprocs = 1
-        self._announce_fd = announce_fd
         self._addr: str | None = None
-        self.output = MachineOutput(f"pid {proc.pid}", show_boot=boot_logs,
+        self.output = MachineOutput(f"pid {child.pid}", show_boot=boot_logs,
                                     keep=_BOOT_OUTPUT_LINES)
-        self._pump = threading.Thread(target=self._pump_output, name=f"bigexec-log-{proc.pid}",
-                                      daemon=True)
-        self._pump.start()
-        self._waiter = threading.Thread(target=self._wait, name=f"bigexec-wait-{proc.pid}",
-                                        daemon=True)
-        self._waiter.start()
-        _lifelines.add(self)
+        # Always drain, or a chatty worker blocks on a full pipe.
+        child.watch(self.output.pump, self._exited)
+
+    @property
+    def proc(self) -> subprocess.Popen[bytes]:
+        return self.child.process
 
     def log_label(self, label: str) -> None:
         self.output.label = label
@@ -101,37 +90,24 @@ class _LocalHandle(MachineHandle):
         return addr
 
     def _read_announcement(self, timeout: float) -> str:
-        deadline = time.monotonic() + timeout
-        data = b""
         try:
-            while not data.endswith(b"\n"):
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    self.kill()
-                    raise self._boot_error(f"did not listen within {timeout}s")
-                poller = select.poll()  # select() fails on descriptors past 1024
-                poller.register(self._announce_fd, select.POLLIN)
-                if not poller.poll(left * 1000):
-                    continue
-                chunk = os.read(self._announce_fd, 512)
-                if not chunk:
-                    code = self._wait_code(5.0)
-                    self.output.wait_ended(5.0)
-                    raise self._boot_error(f"{describe_exit(code)} before it listened")
-                data += chunk
-        finally:
-            os.close(self._announce_fd)
-            self._announce_fd = -1
-        addr = parse_announcement(data.decode("utf-8", "replace"))
-        if addr is None:
+            addr = self.child.announcement(timeout)
+        except TimeoutError:
             self.kill()
-            raise self._boot_error(f"announced no address but {data[:80]!r}")
+            raise self._boot_error(f"did not listen within {timeout}s") from None
+        except NoAnnouncement as no:
+            if no.closed:
+                code = self.child.wait(5.0)
+                self.output.wait_ended(5.0)
+                raise self._boot_error(f"{describe_exit(code)} before it listened") from None
+            self.kill()
+            raise self._boot_error(f"announced no address but {no.text[:80]!r}") from None
         self._addr = addr
         self.output.mark_listening(addr.split("://", 1)[-1])
         return addr
 
     def _boot_error(self, what: str) -> BootError:
-        return self.output.boot_error(f"pid {self.proc.pid}", what)
+        return self.output.boot_error(f"pid {self.child.pid}", what)
 
     def _exit_reason(self, code: int | None) -> BaseException:
         if not self.output.listening:
@@ -139,26 +115,8 @@ class _LocalHandle(MachineHandle):
         lease = self._system.keepalive.lease
         return MachineLost(f"machine {self.output.label} {describe_exit(code, lease)}")
 
-    def _pump_output(self) -> None:
-        # Always drain, or a chatty worker blocks on a full pipe.
-        out: IO[bytes] = self.proc.stdout  # type: ignore[assignment]
-        try:
-            self.output.pump(iter(out.readline, b""))
-        finally:
-            out.close()
-
-    def _wait_code(self, timeout: float) -> int | None:
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            return None
-
-    def _wait(self) -> None:
-        code = self.proc.wait()
-        # The worker kills its group as it exits, but not when it was killed: sweep. Its pid
-        # cannot name another group meanwhile: a pid is not reused while its group has members.
-        _kill_group(self.proc.pid)
-        self.close_lifeline()
+    def _exited(self, code: int) -> None:
+        # (the child swept its process group and closed the lifeline already)
         if not self.output.listening:
             self.output.wait_ended(1.0)  # its last lines say why
         self.mark_dead(self._exit_reason(code))  # died() knows from now on
@@ -168,50 +126,16 @@ class _LocalHandle(MachineHandle):
         self._system._forget(self)  # gone: nothing is left for the system to end
 
     def kill(self) -> None:
-        if self.proc.poll() is None:
-            # the worker leads its own group (start_new_session): end what its tasks started too
-            _kill_group(self.proc.pid)
-        self.close_lifeline()
-
-    def close_lifeline(self) -> None:
-        try:
-            if self.proc.stdin is not None:
-                self.proc.stdin.close()
-        except OSError:  # it died with unread data in the pipe
-            pass
+        # the worker leads its own group: this ends what its tasks started too
+        self.child.kill()
 
     def wait_stopped(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
-        if self._wait_code(timeout) is None:
+        if self.child.wait(timeout) is None:
             return False
         ended = self.output.wait_ended(max(0.0, deadline - time.monotonic()))
         self.output.flush(max(0.0, min(1.0, deadline - time.monotonic())))
         return ended
-
-
-_lifelines: weakref.WeakSet[_LocalHandle] = weakref.WeakSet()
-
-
-def _close_lifelines_in_child() -> None:
-    # A forked child must not hold its parent's machines alive after the parent is gone. The
-    # descriptor is pointed at /dev/null rather than closed: the pipe's file object still owns
-    # it and will close it some day, which must not hit a descriptor reused meanwhile.
-    try:
-        null = os.open(os.devnull, os.O_WRONLY)
-    except OSError:
-        return
-    try:
-        for h in list(_lifelines):
-            try:
-                if h.proc.stdin is not None and not h.proc.stdin.closed:
-                    os.dup2(null, h.proc.stdin.fileno(), inheritable=False)
-            except (OSError, ValueError):
-                pass
-    finally:
-        os.close(null)
-
-
-os.register_at_fork(after_in_child=_close_lifelines_in_child)
 
 
 class LocalSystem(System):
@@ -259,11 +183,8 @@ class LocalSystem(System):
         path = [os.getcwd() if p == "" else p for p in sys.path]
         if environ.get("PYTHONPATH"):
             path.append(environ["PYTHONPATH"])
-        environ.update(
-            BIGEXEC_SYSTEM=self.name,  # what bigexec.start() picks in a service
-            PYTHONUNBUFFERED="1",
-            PYTHONPATH=os.pathsep.join(dict.fromkeys(p for p in path if p)),
-        )
+        # (WorkerChild adds BIGEXEC_SYSTEM, what bigexec.start() picks in a service)
+        environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(p for p in path if p))
         return environ
 
     def start(self, count: int, env: Mapping[str, str]) -> list[MachineHandle]:
@@ -273,36 +194,13 @@ class LocalSystem(System):
             names = self._cert_names()
             creds = self.machine_credentials(identity, ips=names[0], dns=names[1])
             assert creds is not None
-            r, w = os.pipe()
             spec = WorkerSpec(system=self.name,
                               lease=max(self.keepalive.lease, self.boot_timeout),
-                              listen_host=self.host, credentials=creds, announce_fd=w)
-            try:
-                proc = subprocess.Popen(
-                    [self.python, "-m", "bigexec.worker"],
-                    stdin=subprocess.PIPE,
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.STDOUT,
-                    pass_fds=(w,),
-                    env=self._environment(env),
-                    # its own session and process group: ^C in the driver's terminal is the
-                    # driver's to handle, and the group holds whatever its tasks start
-                    start_new_session=True,
-                )
-            except BaseException:
-                os.close(r)
-                raise
-            finally:
-                os.close(w)
-            assert proc.stdin is not None
-            try:
-                proc.stdin.write(spec.encode())
-                proc.stdin.flush()
-            except OSError:
-                pass  # it died at once; address() reports how
+                              listen_host=self.host, credentials=creds)
+            child = WorkerChild(spec, python=self.python, env=self._environment(env), name="local")
             # Boot noise is shown when asked for, or when boots keep failing.
             show = self.boot_logs or self.boot_failures >= _SHOW_BOOT_LOGS_AFTER
-            handle = _LocalHandle(proc, r, show, self)
+            handle = _LocalHandle(child, show, self)
             handle.identity = identity
             handle.cert_names = names
             handles.append(handle)
