@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import gzip
 import json
+import sys
 import threading
 import time
 
@@ -29,6 +30,7 @@ from bigexec.systems.ec2 import (
     Ec2Throttled,
     PinnedRequirements,
     Wheelhouse,
+    default_ami_parameter,
     render_user_data,
 )
 
@@ -118,7 +120,7 @@ def test_boto3_configuration_is_honoured_when_the_region_is_not_set(cloud, monke
 
 def test_launch_records_every_parameter_in_one_request(cloud):
     ami = some_ami(cloud)
-    cloud.publish_ubuntu_ami(DEFAULT_AMI_PARAMETER, ami)
+    cloud.publish_ubuntu_ami(default_ami_parameter(), ami)
     cloud.client("iam").create_instance_profile(InstanceProfileName="bigexec-role")
     api, client = instances(cloud, tags={"team": "infra"}, security_groups=(
         client_sg := cloud.client().create_security_group(
@@ -480,3 +482,13 @@ def test_the_module_imports_without_boto3():
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "#cloud-config"
     assert ec2.__name__ == "bigexec.systems.ec2"
+
+
+def test_the_default_image_ships_the_drivers_python():
+    assert default_ami_parameter("3.11") == "/aws/service/debian/release/12/latest/amd64"
+    assert "ubuntu/server/24.04" in default_ami_parameter("3.12")
+    assert "ubuntu/server/22.04" in default_ami_parameter("3.10")
+    assert default_ami_parameter("3.13") == "/aws/service/debian/release/13/latest/amd64"
+    assert default_ami_parameter("3.99") == DEFAULT_AMI_PARAMETER
+    assert default_ami_parameter() == default_ami_parameter(
+        f"{sys.version_info[0]}.{sys.version_info[1]}")

@@ -49,7 +49,7 @@ from .instances import (
     InstanceRecord,
 )
 from .monitor import DeadInstanceMonitor
-from .options import DEFAULT_AMI_PARAMETER, ENV_PREFIX, Ec2Options
+from .options import DEFAULT_AMI_PARAMETER, ENV_PREFIX, Ec2Options, default_ami_parameter
 from .system import Ec2Machine, Ec2System
 from .user_data import (
     AGENT_DOCUMENT_PATH,
@@ -64,4 +64,4 @@ __all__ = ["AGENT_DOCUMENT_PATH", "CAPACITY_ERRORS", "DEAD_STATES", "DEFAULT_AMI
            "ENV_PREFIX", "LEASE_TAG", "USER_DATA_LIMIT", "DeadInstanceMonitor",
            "Ec2CapacityError", "Ec2Instances", "Ec2Machine", "Ec2Options", "Ec2System",
            "Ec2Throttled", "InstallPlan", "InstanceRecord", "PinnedRequirements", "Wheelhouse",
-           "render_user_data"]
+           "default_ami_parameter", "render_user_data"]

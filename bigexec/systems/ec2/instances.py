@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from ... import __version__
-from .options import DEFAULT_AMI_PARAMETER, Ec2Options
+from .options import Ec2Options, default_ami_parameter
 
 __all__ = ["BATCH", "CAPACITY_ERRORS", "DEAD_STATES", "LEASE_TAG", "LIVE_STATES", "OWNER_TAG",
            "PROGRAM_TAG", "SESSION_TAG", "THROTTLE_ERRORS", "UNTAGGED_LAPSE", "VERSION_TAG",
@@ -214,10 +214,11 @@ class Ec2Instances:
                 delay = min(delay * 2, self._max_backoff)
 
     def ami(self) -> str:
-        """The AMI: the option, else the stock Ubuntu LTS from its public SSM parameter."""
+        """The AMI: the option, else the stock image whose python3 is the driver's Python
+        (``default_ami_parameter``), from its public SSM parameter."""
         if self._ami is None:
             answer = self.call("get_parameter", client=self._ssm_client(),
-                               Name=DEFAULT_AMI_PARAMETER)
+                               Name=default_ami_parameter())
             self._ami = answer["Parameter"]["Value"]
         return self._ami
 

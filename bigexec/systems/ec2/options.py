@@ -5,20 +5,37 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
 from ...config import ConfigSource, load_config
 
-__all__ = ["DEFAULT_AMI_PARAMETER", "ENV_PREFIX", "Ec2Options"]
+__all__ = ["AMI_PARAMETERS", "DEFAULT_AMI_PARAMETER", "ENV_PREFIX", "Ec2Options",
+           "default_ami_parameter"]
 
 log = logging.getLogger("bigexec.systems.ec2")
 
 ENV_PREFIX = "BIGEXEC_EC2_"
-#: A stock Ubuntu LTS (python3 and cloud-init included), published by Canonical through SSM.
-DEFAULT_AMI_PARAMETER = (
-    "/aws/service/canonical/ubuntu/server/24.04/stable/current/amd64/hvm/ebs-gp3/ami-id")
+#: Stock images (python3 and cloud-init included) by the Python minor version they ship, as
+#: their publishers name them in SSM's public parameters: pickled code needs the driver's
+#: Python on the machines, so the default image is the one that has it.
+AMI_PARAMETERS = {
+    "3.10": "/aws/service/canonical/ubuntu/server/22.04/stable/current/amd64/hvm/ebs-gp2/ami-id",
+    "3.11": "/aws/service/debian/release/12/latest/amd64",
+    "3.12": "/aws/service/canonical/ubuntu/server/24.04/stable/current/amd64/hvm/ebs-gp3/ami-id",
+    "3.13": "/aws/service/debian/release/13/latest/amd64",
+}
+#: Ubuntu 24.04 LTS: the image for a Python none of the others ships.
+DEFAULT_AMI_PARAMETER = AMI_PARAMETERS["3.12"]
+
+
+def default_ami_parameter(python: str | None = None) -> str:
+    """The SSM parameter of the stock image whose python3 is ``python`` (major.minor; default
+    this interpreter's), else of Ubuntu 24.04."""
+    python = python or f"{sys.version_info[0]}.{sys.version_info[1]}"
+    return AMI_PARAMETERS.get(python, DEFAULT_AMI_PARAMETER)
 
 
 def _text(value: str) -> str:
