@@ -35,6 +35,7 @@ from bigexec.errors import BootError, MachineLost
 from bigexec.systems.ec2 import Ec2Instances, Ec2Options, InstanceRecord
 from bigexec.systems.ec2.instances import SESSION_TAG
 from bigexec.systems.ec2.system import AGENT_NAME, Ec2System
+from bigexec.systems.ec2.user_data import AGENT_DOCUMENT_PATH, BOOT_REPORTER_PATH
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -45,15 +46,19 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def document_of(user_data: bytes) -> AgentDocument:
-    """The agent's bootstrap document inside a user-data, read as cloud-init would."""
+def files_of(user_data: bytes) -> dict[str, bytes]:
+    """The files a user-data writes, read as cloud-init would."""
     if user_data[:2] == b"\x1f\x8b":
         user_data = gzip.decompress(user_data)
     text = user_data.decode()
     assert text.startswith("#cloud-config\n")
     config = json.loads(text.split("\n", 1)[1])
-    (entry,) = config["write_files"]
-    return AgentDocument.from_json(base64.b64decode(entry["content"]))
+    return {f["path"]: base64.b64decode(f["content"]) for f in config["write_files"]}
+
+
+def document_of(user_data: bytes) -> AgentDocument:
+    """The agent's bootstrap document inside a user-data."""
+    return AgentDocument.from_json(files_of(user_data)[AGENT_DOCUMENT_PATH])
 
 
 class LoopbackInstances(Ec2Instances):
@@ -65,7 +70,9 @@ class LoopbackInstances(Ec2Instances):
         self.agents: dict[str, subprocess.Popen[str]] = {}
         self.user_data: list[bytes] = []
         self.output: dict[str, list[str]] = {}
-        self.boot = True  # False: instances launch but their agents never start
+        #: False: instances launch but their agents never start; "fail": their install
+        #: fails, and the user-data's boot-failure reporter answers instead of an agent
+        self.boot: bool | str = True
 
     def launch(self, session: str, machines: int, user_data: bytes,
                lease_until: float) -> list[InstanceRecord]:
@@ -73,7 +80,9 @@ class LoopbackInstances(Ec2Instances):
         self.user_data.append(user_data)
         out = []
         for r in records:
-            if self.boot:
+            if self.boot == "fail":
+                self.start_boot_reporter(r.instance_id, user_data)
+            elif self.boot:
                 self.start_agent(r.instance_id, document_of(user_data))
             out.append(r._replace(private_ip="127.0.0.1", public_ip=None))
         return out
@@ -94,6 +103,23 @@ class LoopbackInstances(Ec2Instances):
         self.agents[instance_id] = proc
         lines = self.output.setdefault(instance_id, [])
         threading.Thread(target=lambda: lines.extend(proc.stdout or ()), daemon=True).start()
+
+    def start_boot_reporter(self, instance_id: str, user_data: bytes) -> None:
+        """What the user-data runs when its install fails, on 127.0.0.1."""
+        files = files_of(user_data)
+        doc_path = self.tmp / f"{instance_id}.json"
+        doc_path.write_bytes(files[AGENT_DOCUMENT_PATH])
+        script = self.tmp / f"{instance_id}-reporter.py"
+        script.write_bytes(files[BOOT_REPORTER_PATH])
+        log = self.tmp / f"{instance_id}-boot.log"
+        log.write_text("Collecting numpy==9.9\n"
+                       "ERROR: No matching distribution found for numpy==9.9\n"
+                       "bigexec: bootstrap failed\n")
+        port = json.loads(files[AGENT_DOCUMENT_PATH])["port"]
+        proc = subprocess.Popen([sys.executable, str(script), str(port), str(log),
+                                 str(doc_path)], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, start_new_session=True)
+        self.agents[instance_id] = proc
 
     def terminate(self, ids: Any) -> None:
         super().terminate(ids)
@@ -257,6 +283,20 @@ def test_an_instance_whose_agent_never_answers_fails_its_machines_with_a_boot_er
             while states(cloud)[iid] != "terminated" and time.monotonic() < deadline:
                 time.sleep(0.2)
             assert states(cloud)[iid] == "terminated"
+
+
+def test_a_failed_install_tells_the_driver_why_without_ssh(cloud: MotoEc2,
+                                                           tmp_path: Path) -> None:
+    with loopback_system(cloud, tmp_path, boot_timeout=30) as (system, instances):
+        instances.boot = "fail"
+        with bigexec.start(system) as b:
+            (m,) = b.start(1)
+            with pytest.raises(BootError) as failed:
+                running(m, 30)
+            text = str(failed.value)
+            assert "bootstrap of EC2 instance" in text and "before its agent started" in text
+            assert "No matching distribution found for numpy==9.9" in text
+            assert "Collecting numpy==9.9" in text  # the lines before it, quoted
 
 
 def test_an_agent_of_another_instance_at_the_address_is_refused(

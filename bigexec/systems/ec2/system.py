@@ -46,7 +46,7 @@ from typing import Any, NamedTuple
 from ... import tls
 from ...agent.document import AgentDocument
 from ...authority import Authority
-from ...errors import BootError, MachineLost, NetworkError
+from ...errors import BootError, MachineLost, NetworkError, ProtocolError
 from ...rpc.client import Client
 from ...worker import describe_exit
 from ..base import KeepaliveConfig, MachineHandle, System
@@ -55,7 +55,13 @@ from ..code_bundle import CodeBundle
 from .instances import Ec2Instances, InstanceRecord
 from .monitor import DeadInstanceMonitor
 from .options import Ec2Options
-from .user_data import InstallPlan, PinnedRequirements, Wheelhouse, render_user_data
+from .user_data import (
+    BOOT_FAILED_MARK,
+    InstallPlan,
+    PinnedRequirements,
+    Wheelhouse,
+    render_user_data,
+)
 
 __all__ = ["AGENT_NAME", "Ec2Machine", "Ec2System"]
 
@@ -356,6 +362,16 @@ class _Instance:
             try:
                 ident = self.call("Agent.identity", timeout=min(10.0, max(0.5, left)))
                 break
+            except ProtocolError as exc:  # the boot-failure reporter answers: the boot failed
+                text = str(exc)
+                if BOOT_FAILED_MARK not in text:
+                    raise
+                lines = text.split(BOOT_FAILED_MARK, 1)[1].strip("\n").splitlines()
+                last = next((ln.strip() for ln in reversed(lines) if ln.strip()), "")
+                raise BootError(
+                    f"the bootstrap of EC2 instance {iid} failed before its agent started: "
+                    f"{last}\n  its last output lines:\n"
+                    + "".join(f"    {ln}\n" for ln in lines)).with_traceback(None) from None
             except (NetworkError, OSError, TimeoutError) as exc:
                 last_error = exc
             if time.monotonic() >= next_describe:

@@ -18,8 +18,9 @@ from typing import Protocol
 
 from ... import __version__
 
-__all__ = ["AGENT_DOCUMENT_PATH", "BOOT_LOG", "USER_DATA_LIMIT", "VENV", "InstallPlan",
-           "PinnedRequirements", "Wheelhouse", "render_user_data"]
+__all__ = ["AGENT_DOCUMENT_PATH", "BOOT_FAILED_MARK", "BOOT_LOG", "BOOT_REPORTER_PATH",
+           "USER_DATA_LIMIT", "VENV", "InstallPlan", "PinnedRequirements", "Wheelhouse",
+           "render_user_data"]
 
 log = logging.getLogger("bigexec.systems.ec2")
 
@@ -120,13 +121,66 @@ class Wheelhouse:
         return "\n".join(lines)
 
 
-def _boot_script(install: InstallPlan, poweroff_on_failure: int) -> str:
+#: Where the user-data puts the boot-failure reporter.
+BOOT_REPORTER_PATH = "/run/bigexec/boot-failed.py"
+#: The first line of what the reporter answers, whatever it is asked.
+BOOT_FAILED_MARK = "bigexec-boot-failed"
+
+# A boot that fails before the agent runs (an install that fails) still tells the driver why:
+# this stand-in, standard library only, serves the boot log's last lines on the agent's port,
+# with the agent's certificate, to clients of the session's CA only, until the power-off.
+_BOOT_REPORTER = """\
+import json, os, socket, ssl, sys, tempfile
+port, log, doc = int(sys.argv[1]), sys.argv[2], json.load(open(sys.argv[3]))
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+ctx.verify_mode = ssl.CERT_REQUIRED
+ctx.load_verify_locations(cadata=doc["ca_pem"])
+fd, path = tempfile.mkstemp(dir=os.path.dirname(sys.argv[3]))
+os.write(fd, (doc["cert_pem"] + doc["key_pem"]).encode())
+os.close(fd)
+ctx.load_cert_chain(path)
+os.unlink(path)
+server = socket.create_server(("0.0.0.0", port))
+while True:
+    raw, _ = server.accept()
+    try:
+        raw.settimeout(10)
+        with ctx.wrap_socket(raw, server_side=True) as c:
+            data = b""
+            while b"\\r\\n\\r\\n" not in data and len(data) < 65536:
+                chunk = c.recv(4096)
+                if not chunk:
+                    break
+                data += chunk
+            head, _, body = data.partition(b"\\r\\n\\r\\n")
+            for line in head.split(b"\\r\\n"):
+                if line.lower().startswith(b"content-length:"):
+                    want = int(line.split(b":")[1]) - len(body)
+                    while want > 0:
+                        chunk = c.recv(min(want, 65536))
+                        if not chunk:
+                            break
+                        want -= len(chunk)
+            with open(log, "rb") as f:
+                tail = b"".join(f.readlines()[-40:])
+            text = b"%s\\n" % MARK.encode() + tail
+            c.sendall(b"HTTP/1.1 503 Service Unavailable\\r\\nContent-Type: text/plain\\r\\n"
+                      b"Content-Length: %d\\r\\nConnection: close\\r\\n\\r\\n" % len(text) + text)
+    except Exception:
+        pass
+"""
+
+
+def _boot_script(install: InstallPlan, poweroff_on_failure: int, port: int) -> str:
     agent = [f"{VENV}/bin/python3", "-m", "bigexec.agent", "--bootstrap", AGENT_DOCUMENT_PATH]
+    reporter = ["python3", BOOT_REPORTER_PATH, str(port), BOOT_LOG, AGENT_DOCUMENT_PATH]
+    on_failure = (f"echo bigexec: bootstrap failed; shutdown -h +{poweroff_on_failure}; "
+                  f"setsid {shlex.join(reporter)} </dev/null >/dev/null 2>&1 &")
     return "\n".join([
         "set -e",
         f"exec >>{BOOT_LOG} 2>&1",
-        # a boot that fails leaves no orphan even when the driver is gone
-        f"trap 'echo bigexec: bootstrap failed; shutdown -h +{poweroff_on_failure}' EXIT",
+        # a boot that fails says why, and leaves no orphan even when the driver is gone
+        f"trap {shlex.quote(on_failure)} EXIT",
         install.shell(VENV),
         "trap - EXIT",
         # the agent runs on after cloud-init's final stage ends
@@ -141,11 +195,19 @@ def render_user_data(agent_document: bytes, install: InstallPlan, *,
     ``install`` and starts the agent. JSON is YAML, so the document is written as JSON.
     Gzipped when the plain text exceeds EC2's 16,384-byte limit; ValueError when even that
     does not fit."""
+    try:
+        port = int(json.loads(agent_document)["port"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"not an agent document with a port: {exc}") from None
+    reporter = _BOOT_REPORTER.replace("MARK.encode()", repr(BOOT_FAILED_MARK.encode()))
     config = {
         "write_files": [{"path": AGENT_DOCUMENT_PATH, "permissions": "0600",
                          "owner": "root:root", "encoding": "b64",
-                         "content": base64.b64encode(agent_document).decode("ascii")}],
-        "runcmd": [["sh", "-c", _boot_script(install, poweroff_on_failure_minutes)]],
+                         "content": base64.b64encode(agent_document).decode("ascii")},
+                        {"path": BOOT_REPORTER_PATH, "permissions": "0700",
+                         "owner": "root:root", "encoding": "b64",
+                         "content": base64.b64encode(reporter.encode()).decode("ascii")}],
+        "runcmd": [["sh", "-c", _boot_script(install, poweroff_on_failure_minutes, port)]],
     }
     plain = ("#cloud-config\n" + json.dumps(config, indent=1) + "\n").encode()
     if len(plain) <= USER_DATA_LIMIT:
