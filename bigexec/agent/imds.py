@@ -14,21 +14,32 @@ decides to reclaim the instance, then ``{"action": "terminate"|"stop"|"hibernate
 from __future__ import annotations
 
 import json
+import os
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from typing import Any
 
-__all__ = ["METADATA_HOST", "Metadata", "instance_id"]
+__all__ = ["ENDPOINT_VARIABLE", "METADATA_HOST", "Metadata", "instance_id"]
 
 METADATA_HOST = "169.254.169.254"
 _TOKEN_TTL_SECONDS = 21600
 
 
-class Metadata:
-    """One instance's metadata service, with its IMDSv2 token cached until near its end."""
+#: Names another endpoint for the service, as in AWS's own SDKs (``http://HOST:PORT/``).
+ENDPOINT_VARIABLE = "AWS_EC2_METADATA_SERVICE_ENDPOINT"
 
-    def __init__(self, host: str = METADATA_HOST, timeout: float = 5.0) -> None:
+
+class Metadata:
+    """One instance's metadata service, with its IMDSv2 token cached until near its end.
+    ``host`` (``HOST`` or ``HOST:PORT``) defaults to the endpoint ``ENDPOINT_VARIABLE`` names,
+    else 169.254.169.254."""
+
+    def __init__(self, host: str | None = None, timeout: float = 5.0) -> None:
+        if host is None:
+            endpoint = os.environ.get(ENDPOINT_VARIABLE, "").strip()
+            host = urllib.parse.urlsplit(endpoint).netloc if endpoint else METADATA_HOST
         self.base = f"http://{host}/latest"
         self.timeout = timeout
         self._token = ""
@@ -78,6 +89,6 @@ class Metadata:
         return notice if isinstance(notice, dict) else {"action": "terminate", "time": None}
 
 
-def instance_id(timeout: float = 5.0, host: str = METADATA_HOST) -> str:
+def instance_id(timeout: float = 5.0, host: str | None = None) -> str:
     """This instance's id, asked of the metadata service at ``host`` with an IMDSv2 token."""
     return Metadata(host, timeout).instance_id()
