@@ -299,13 +299,17 @@ def test_user_data_writes_the_document_privately_and_starts_the_agent():
     data = render_user_data(DOCUMENT, PinnedRequirements(("bigexec==1.0", "numpy==2.0")))
     assert data.startswith(b"#cloud-config\n")
     config = json.loads(data.split(b"\n", 1)[1])
-    (written,) = config["write_files"]
+    written, reporter = config["write_files"]
     assert written["path"] == AGENT_DOCUMENT_PATH == "/run/bigexec/agent.json"
     assert written["permissions"] == "0600"
     assert base64.b64decode(written["content"]) == DOCUMENT
+    # a boot that fails says why: a stand-in serves the boot log on the agent's port (443)
+    assert reporter["path"] == "/run/bigexec/boot-failed.py"
+    compile(base64.b64decode(reporter["content"]), "boot-failed.py", "exec")
     script = config["runcmd"][0][2]
     assert "pip install --isolated -q bigexec==1.0 numpy==2.0" in script
     assert "-m bigexec.agent --bootstrap /run/bigexec/agent.json" in script
+    assert "/run/bigexec/boot-failed.py 443 /var/log/bigexec-boot.log" in script
     yaml = pytest.importorskip("yaml")
     assert yaml.safe_load(data) == config  # cloud-init reads YAML: JSON is YAML
 
@@ -321,12 +325,12 @@ def test_user_data_over_the_limit_is_gzipped_and_then_refused():
     import random
 
     compressible = json.dumps({"pad": "a" * 20000}).encode()
-    packed = render_user_data(compressible, Wheelhouse("/w"))
+    packed = render_user_data(compressible, Wheelhouse("/w"), port=443)
     assert len(packed) <= USER_DATA_LIMIT
     assert gzip.decompress(packed).startswith(b"#cloud-config\n")
     noise = random.Random(1).randbytes(20000)  # base64 then gzip: about 20,000 bytes
     with pytest.raises(ValueError, match="16384 bytes"):
-        render_user_data(noise, Wheelhouse("/w"))
+        render_user_data(noise, Wheelhouse("/w"), port=443)
 
 
 def test_a_real_agent_document_fits_plainly_and_carries_no_ca_key(tmp_path):
@@ -476,7 +480,7 @@ def test_the_module_imports_without_boto3():
 
     code = ("import sys; sys.modules['boto3'] = None; sys.modules['botocore'] = None\n"
             "import bigexec, bigexec.systems.ec2 as e\n"
-            "print(e.render_user_data(b'{}', e.Wheelhouse('/w'))[:13].decode())")
+            "print(e.render_user_data(b'{}', e.Wheelhouse('/w'), port=443)[:13].decode())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 0, out.stderr

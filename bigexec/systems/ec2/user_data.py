@@ -189,16 +189,18 @@ def _boot_script(install: InstallPlan, poweroff_on_failure: int, port: int) -> s
 
 
 def render_user_data(agent_document: bytes, install: InstallPlan, *,
-                     poweroff_on_failure_minutes: int = 5) -> bytes:
+                     poweroff_on_failure_minutes: int = 5, port: int | None = None) -> bytes:
     """The user-data for an instance: a ``#cloud-config`` that writes ``agent_document``
     (the agent's bootstrap JSON) to /run/bigexec/agent.json with mode 0600, installs with
     ``install`` and starts the agent. JSON is YAML, so the document is written as JSON.
+    ``port`` (default: the document's) is where a boot that fails reports why.
     Gzipped when the plain text exceeds EC2's 16,384-byte limit; ValueError when even that
     does not fit."""
-    try:
-        port = int(json.loads(agent_document)["port"])
-    except (ValueError, KeyError, TypeError) as exc:
-        raise ValueError(f"not an agent document with a port: {exc}") from None
+    if port is None:
+        try:
+            port = int(json.loads(agent_document)["port"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"not an agent document with a port: {exc}") from None
     reporter = _BOOT_REPORTER.replace("MARK.encode()", repr(BOOT_FAILED_MARK.encode()))
     config = {
         "write_files": [{"path": AGENT_DOCUMENT_PATH, "permissions": "0600",
