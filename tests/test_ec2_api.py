@@ -304,14 +304,30 @@ def test_user_data_writes_the_document_privately_and_starts_the_agent():
     assert written["permissions"] == "0600"
     assert base64.b64decode(written["content"]) == DOCUMENT
     # a boot that fails says why: a stand-in serves the boot log on the agent's port (443)
-    assert reporter["path"] == "/run/bigexec/boot-failed.py"
-    compile(base64.b64decode(reporter["content"]), "boot-failed.py", "exec")
+    assert reporter["path"] == "/run/bigexec/stand-in.py"
+    compile(base64.b64decode(reporter["content"]), "stand-in.py", "exec")
     script = config["runcmd"][0][2]
     assert "pip install --isolated -q bigexec==1.0 numpy==2.0" in script
     assert "-m bigexec.agent --bootstrap /run/bigexec/agent.json" in script
-    assert "/run/bigexec/boot-failed.py 443 /var/log/bigexec-boot.log" in script
+    assert "/run/bigexec/stand-in.py report 443 /var/log/bigexec-boot.log" in script
+    assert "stand-in.py wheel" not in script  # bigexec comes from the index here
     yaml = pytest.importorskip("yaml")
     assert yaml.safe_load(data) == config  # cloud-init reads YAML: JSON is YAML
+
+
+def test_the_default_plan_installs_the_dependencies_and_takes_the_drivers_own_bigexec():
+    plan = PinnedRequirements.from_driver(["numpy"])
+    assert plan.driver_wheel
+    assert not any(r.startswith("bigexec") for r in plan.requirements)
+    assert any(r.startswith("cloudpickle==") for r in plan.requirements)
+    script = json.loads(render_user_data(DOCUMENT, plan).split(b"\n", 1)[1])["runcmd"][0][2]
+    wait, install = (line for line in script.splitlines() if "wheel" in line)
+    assert wait.startswith("python3 /run/bigexec/stand-in.py wheel 443 ")
+    assert "pip install --isolated -q --no-index --no-deps /run/bigexec/wheel/bigexec-*.whl" \
+        in install
+    assert script.index("stand-in.py wheel") < script.index("-m bigexec.agent")
+    pinned = PinnedRequirements.from_driver(driver_wheel=False)
+    assert f"bigexec=={__version__}" in pinned.requirements and not pinned.driver_wheel
 
 
 def test_a_wheelhouse_installs_with_no_index():

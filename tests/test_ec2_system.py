@@ -35,7 +35,8 @@ from bigexec.errors import BootError, MachineLost
 from bigexec.systems.ec2 import Ec2Instances, Ec2Options, InstanceRecord
 from bigexec.systems.ec2.instances import SESSION_TAG
 from bigexec.systems.ec2.system import AGENT_NAME, Ec2System
-from bigexec.systems.ec2.user_data import AGENT_DOCUMENT_PATH, BOOT_REPORTER_PATH
+from bigexec.systems.ec2.user_data import AGENT_DOCUMENT_PATH, STAND_IN_PATH
+from bigexec.systems.own_wheel import OwnWheel
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -82,6 +83,9 @@ class LoopbackInstances(Ec2Instances):
         for r in records:
             if self.boot == "fail":
                 self.start_boot_reporter(r.instance_id, user_data)
+            elif self.boot == "wheel":
+                threading.Thread(target=self.take_wheel_then_boot,
+                                 args=(r.instance_id, user_data), daemon=True).start()
             elif self.boot:
                 self.start_agent(r.instance_id, document_of(user_data))
             out.append(r._replace(private_ip="127.0.0.1", public_ip=None))
@@ -104,22 +108,36 @@ class LoopbackInstances(Ec2Instances):
         lines = self.output.setdefault(instance_id, [])
         threading.Thread(target=lambda: lines.extend(proc.stdout or ()), daemon=True).start()
 
-    def start_boot_reporter(self, instance_id: str, user_data: bytes) -> None:
-        """What the user-data runs when its install fails, on 127.0.0.1."""
+    def stand_in(self, instance_id: str, user_data: bytes, mode: str,
+                 ) -> subprocess.Popen[bytes]:
+        """The user-data's stand-in (what answers while there is no agent), on 127.0.0.1."""
         files = files_of(user_data)
         doc_path = self.tmp / f"{instance_id}.json"
         doc_path.write_bytes(files[AGENT_DOCUMENT_PATH])
-        script = self.tmp / f"{instance_id}-reporter.py"
-        script.write_bytes(files[BOOT_REPORTER_PATH])
+        script = self.tmp / "stand-in.py"
+        script.write_bytes(files[STAND_IN_PATH])
         log = self.tmp / f"{instance_id}-boot.log"
         log.write_text("Collecting numpy==9.9\n"
                        "ERROR: No matching distribution found for numpy==9.9\n"
                        "bigexec: bootstrap failed\n")
         port = json.loads(files[AGENT_DOCUMENT_PATH])["port"]
-        proc = subprocess.Popen([sys.executable, str(script), str(port), str(log),
-                                 str(doc_path)], stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL, start_new_session=True)
-        self.agents[instance_id] = proc
+        args = [sys.executable, str(script), mode, str(port), str(log), str(doc_path)]
+        if mode == "wheel":
+            args.append(str(self.tmp / f"{instance_id}-wheel"))
+        proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True)
+        self.agents[instance_id] = proc  # type: ignore[assignment]
+        return proc
+
+    def start_boot_reporter(self, instance_id: str, user_data: bytes) -> None:
+        """What the user-data runs when its install fails."""
+        self.stand_in(instance_id, user_data, "report")
+
+    def take_wheel_then_boot(self, instance_id: str, user_data: bytes) -> None:
+        """What the user-data does when bigexec is the driver's own: wait for its wheel."""
+        proc = self.stand_in(instance_id, user_data, "wheel")
+        if proc.wait(60) == 0:
+            self.start_agent(instance_id, document_of(user_data))
 
     def terminate(self, ids: Any) -> None:
         super().terminate(ids)
@@ -297,6 +315,21 @@ def test_a_failed_install_tells_the_driver_why_without_ssh(cloud: MotoEc2,
             assert "bootstrap of EC2 instance" in text and "before its agent started" in text
             assert "No matching distribution found for numpy==9.9" in text
             assert "Collecting numpy==9.9" in text  # the lines before it, quoted
+
+
+def test_the_driver_sends_its_own_bigexec_to_an_instance_that_waits_for_it(
+        cloud: MotoEc2, tmp_path: Path) -> None:
+    with loopback_system(cloud, tmp_path, boot_timeout=60) as (system, instances):
+        instances.boot = "wheel"
+        with bigexec.start(system) as b:
+            (m,) = b.start(1, services={"Square": Square()})
+            running(m)
+            assert m.call("Square.square", 4) == 16
+            (iid,) = {m.instance_id}
+        (received,) = (tmp_path / f"{iid}-wheel").iterdir()
+        wheel = OwnWheel.build()
+        assert received.name == wheel.filename
+        assert received.read_bytes() == wheel.data
 
 
 def test_an_agent_of_another_instance_at_the_address_is_refused(

@@ -33,6 +33,7 @@ protocol of ``systems.base`` and ``systems.bootstrap`` with the pieces of this p
 from __future__ import annotations
 
 import atexit
+import http.client
 import importlib.util
 import inspect
 import logging
@@ -52,11 +53,14 @@ from ...worker import describe_exit
 from ..base import KeepaliveConfig, MachineHandle, System
 from ..bootstrap import MachineOutput, WorkerSpec, format_address
 from ..code_bundle import CodeBundle
+from ..own_wheel import OwnWheel
 from .instances import Ec2Instances, InstanceRecord
 from .monitor import DeadInstanceMonitor
 from .options import Ec2Options
 from .user_data import (
     BOOT_FAILED_MARK,
+    WANTS_WHEEL_MARK,
+    WHEEL_PATH,
     InstallPlan,
     PinnedRequirements,
     Wheelhouse,
@@ -362,8 +366,11 @@ class _Instance:
             try:
                 ident = self.call("Agent.identity", timeout=min(10.0, max(0.5, left)))
                 break
-            except ProtocolError as exc:  # the boot-failure reporter answers: the boot failed
+            except ProtocolError as exc:  # the user-data's stand-in answers (user_data)
                 text = str(exc)
+                if WANTS_WHEEL_MARK in text:
+                    self.send_own_wheel(deadline)
+                    continue
                 if BOOT_FAILED_MARK not in text:
                     raise
                 lines = text.split(BOOT_FAILED_MARK, 1)[1].strip("\n").splitlines()
@@ -385,6 +392,26 @@ class _Instance:
                             f"address; the machine is not used")
         log.info("ec2: the agent on %s (%s) answered %.1fs after launch", iid, self.host,
                  time.monotonic() - self.launched_at)
+
+    def send_own_wheel(self, deadline: float) -> None:
+        """Send the driver's own bigexec (``OwnWheel``) to the stand-in that waits for it."""
+        wheel = OwnWheel.build()
+        ctx = self.system.agent_client().ssl_context
+        conn = http.client.HTTPSConnection(
+            self.host, self.system.options.agent_port, context=ctx,
+            timeout=max(5.0, min(120.0, deadline - time.monotonic())))
+        try:
+            conn.request("PUT", f"{WHEEL_PATH}{wheel.filename}", body=wheel.data,
+                         headers={"Content-Type": "application/octet-stream"})
+            answer = conn.getresponse()
+            text = answer.read(4096).decode("utf-8", "replace")
+        finally:
+            conn.close()
+        if answer.status != 200:
+            raise BootError(f"EC2 instance {self.record.instance_id} refused the driver's "
+                            f"bigexec wheel: HTTP {answer.status}: {text.strip()}")
+        log.info("ec2: sent the driver's bigexec (%s, %d KiB) to %s", wheel.filename,
+                 len(wheel.data) >> 10, self.record.instance_id)
 
     def renew_credentials(self) -> None:
         """Give the agent a fresh leaf of its own (renewed by the heartbeat before it
