@@ -60,8 +60,11 @@ from moto_ec2 import (
     throttled_app,
 )
 
-__all__ = ["BuiltWheelhouse", "Ec2World", "Instance", "build_wheelhouse", "ec2_world",
-           "in_namespace", "parse_user_data", "unavailable_reason", "wheelhouse"]
+# the fixtures are "ec2_world" and "wheelhouse": import ec2_world_fixture and
+# wheelhouse_fixture into a test module to use them
+__all__ = ["BuiltWheelhouse", "Ec2World", "Instance", "build_wheelhouse", "ec2_world_fixture",
+           "in_namespace", "parse_user_data", "running_world", "unavailable_reason",
+           "wheelhouse_fixture"]
 
 ROOT = Path(__file__).resolve().parent.parent
 BRIDGE_IP = "10.200.0.1"
@@ -266,8 +269,8 @@ def build_wheelhouse(target: Path) -> BuiltWheelhouse:
     return BuiltWheelhouse(target, time.monotonic() - started, wheels)
 
 
-@pytest.fixture(scope="session")
-def wheelhouse(tmp_path_factory: pytest.TempPathFactory) -> BuiltWheelhouse:
+@pytest.fixture(scope="session", name="wheelhouse")
+def wheelhouse_fixture(tmp_path_factory: pytest.TempPathFactory) -> BuiltWheelhouse:
     """The session's wheelhouse (built once, about 4-6 s)."""
     reason = unavailable_reason()
     if reason:
@@ -770,8 +773,8 @@ def running_world(workdir: Path | None = None, **options: Any) -> Iterator[Ec2Wo
             shutil.rmtree(root, ignore_errors=True)
 
 
-@pytest.fixture
-def ec2_world(tmp_path: Path) -> Iterator[Ec2World]:
+@pytest.fixture(name="ec2_world")
+def ec2_world_fixture(tmp_path: Path) -> Iterator[Ec2World]:
     """A fresh world per test (its instance dirs under the test's tmp_path)."""
     with running_world(tmp_path / "world") as world:
         yield world

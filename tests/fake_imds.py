@@ -21,6 +21,7 @@ import threading
 import time
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from socketserver import TCPServer
 from typing import Any
 
 __all__ = ["FakeImds", "InstanceMetadata"]
@@ -52,6 +53,16 @@ class InstanceMetadata:
                 "accountId": self.account_id, "architecture": "x86_64"}
 
 
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def server_bind(self) -> None:
+        # HTTPServer's own asks DNS for the host's name (getfqdn): inside an instance's
+        # namespace that is a query to nowhere, seconds of timeouts; the name is not needed
+        TCPServer.server_bind(self)
+        self.server_name, self.server_port = self.server_address[:2]
+
+
 class FakeImds:
     """The server, bound (listening) when constructed: construct it in a thread that entered
     the instance's namespace, then ``start()`` it from anywhere. ``close()`` when done."""
@@ -64,8 +75,7 @@ class FakeImds:
         self._spot_action: dict[str, str] | None = None
         #: (method, path, status) of every request answered, for tests.
         self.requests: list[tuple[str, str, int]] = []
-        self._server = ThreadingHTTPServer((host, port), self._handler_class())
-        self._server.daemon_threads = True
+        self._server = _Server((host, port), self._handler_class())
         self._thread: threading.Thread | None = None
 
     @property
