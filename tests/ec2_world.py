@@ -296,6 +296,7 @@ class Instance:
     ended: str | None = None
     reason: str | None = None
     listening_at: dict[int, float] = field(default_factory=dict)
+    _ending: bool = False
     _shutdown_seen: int = 0
     _poweroff_at: float | None = None
     gone: threading.Event = field(default_factory=threading.Event, repr=False)
@@ -631,23 +632,36 @@ class Ec2World:
         """As EC2 does when the OS powers off: by the shutdown behaviour, terminated or
         stopped, reason Client.InstanceInitiatedShutdown."""
         vm = self._backend().get_instance(instance.id)
-        from moto.ec2.models.instances import StateReason
-
+        state = ("terminated" if vm.instance_initiated_shutdown_behavior == "terminate"
+                 else "stopped")
         reason = "Client.InstanceInitiatedShutdown"
-        if vm.instance_initiated_shutdown_behavior == "terminate":
-            vm.terminate()
-            state = "terminated"
-        else:
-            vm.stop()
-            state = "stopped"
-        vm.state_reason = StateReason(f"{reason}: Instance initiated shutdown", reason)
-        self._end(instance, state, reason)
 
-    def _end(self, instance: Instance, state: str, reason: str | None) -> None:
+        def mark() -> None:
+            from moto.ec2.models.instances import StateReason
+
+            if state == "terminated":
+                vm.terminate()
+            else:
+                vm.stop()
+            vm.state_reason = StateReason(f"{reason}: Instance initiated shutdown", reason)
+
+        self._end(instance, state, reason, mark)
+
+    def _end(self, instance: Instance, state: str, reason: str | None,
+             mark: Callable[[], None] | None = None) -> None:
+        """Kill the instance's processes, then ``mark`` it in moto (so that a driver that
+        sees it ended finds it gone), then delete its namespace. Once per instance: the
+        hypervisor and a test may race to end it."""
+        with self._lock:
+            if instance._ending:
+                return
+            instance._ending = True
         _kill_namespace_processes(instance.namespace)
         if instance.boot is not None:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 instance.boot.wait(5)
+        if mark is not None:
+            mark()
         instance.imds.close()
         _delete_namespace(instance.namespace)
         with self._changed:
@@ -701,9 +715,8 @@ class Ec2World:
                       reason: str = "Server.SpotInstanceTermination") -> None:
         """End the instance as EC2 itself would: its processes gone, terminated in moto with
         ``reason``, its namespace deleted."""
-        instance = self.instances[instance_id]
-        self.cloud.kill(instance_id, reason)
-        self._end(instance, "terminated", reason)
+        self._end(self.instances[instance_id], "terminated", reason,
+                  lambda: self.cloud.kill(instance_id, reason))
 
     def processes(self, instance_id: str) -> list[ProcessInfo]:
         """What runs on the instance (empty once it is gone)."""

@@ -142,6 +142,8 @@ def test_the_hub_has_no_way_out_and_the_driver_runs_in_it(ec2_world: Ec2World):
                             text=True, check=True).stdout
     assert "default" not in routes and "10.200.0.0/24 dev br0" in routes
     assert ec2_world.in_hub(_stray_connect, "10.9.9.9") == errno.ENETUNREACH
+    # nor does the hub route instances' packets anywhere
+    assert ec2_world.in_hub(Path("/proc/sys/net/ipv4/ip_forward").read_text).strip() == "0"
     # the driver, as a subprocess in the hub, reaches moto by its environment alone and
     # cannot leave either
     script = (
@@ -196,6 +198,11 @@ def test_two_instances_boot_the_real_agent_and_end_as_ec2_ends_them(
             assert not instance.host_path(AGENT_DOCUMENT_PATH).exists()
             assert instance.host_path("/opt/bigexec/venv/bin/python3").exists()
             assert "bigexec-agent-listening" in instance.boot_log
+            # ... which the agent sees mounted there, and the host does not see at all
+            [agent] = [p for p in world.processes(iid) if "bigexec.agent" in " ".join(p.argv)]
+            inside = _mount_points(f"/proc/{agent.pid}/mountinfo", instance.dir)
+            assert inside == {"/run", "/opt", "/var/log"}
+            assert _mount_points("/proc/self/mountinfo", instance.dir) == set()
             print(f"{iid} boot timings (s): {instance.timings()}")
         # the user-data carries the leaf's key and no other (never the CA's)
         stored = world.in_hub(lambda: world.client().describe_instance_attribute(
@@ -241,6 +248,17 @@ def test_two_instances_boot_the_real_agent_and_end_as_ec2_ends_them(
     assert prefix not in leftover
     print(f"wheelhouse {wheelhouse.seconds:.1f}s ({len(wheelhouse.wheels)} wheels); world up "
           f"{world_up:.1f}s; test {time.monotonic() - started:.1f}s")
+
+
+def _mount_points(mountinfo: str, under: Path) -> set[str]:
+    """The mount points in ``mountinfo`` whose source lies under ``under`` (matched by its
+    unique last name: the source's path is relative to its own file system's root)."""
+    points = set()
+    for line in Path(mountinfo).read_text().splitlines():
+        root, point = line.split()[3:5]
+        if f"/{under.name}/" in root:
+            points.add(point)
+    return points
 
 
 def _is_zombie_or_other(pid: int) -> bool:
