@@ -105,6 +105,21 @@ def test_metadata_server_speaks_imdsv2_to_the_agents_own_client(metadata_server)
     assert 100 <= ahead <= 125  # EC2 gives two minutes' notice
 
 
+def test_metadata_server_binds_without_asking_dns(monkeypatch):
+    """http.server's own bind asks DNS for the host's name: in an instance's namespace,
+    with no resolver behind it, that cost seconds per instance (the boot then outran
+    short leases)."""
+    def no_dns(*args):
+        raise AssertionError(f"a DNS lookup for {args}")
+
+    monkeypatch.setattr(socket, "getfqdn", no_dns)
+    server = FakeImds(InstanceMetadata("i-0abc"), "127.0.0.1", 0).start()
+    try:
+        assert imds.instance_id(host=server.address) == "i-0abc"
+    finally:
+        server.close()
+
+
 # ── the user-data the world interprets ───────────────────────────────────────────────────
 
 def test_user_data_is_read_plain_or_gzipped_and_unknown_directives_are_refused():
