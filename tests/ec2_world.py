@@ -553,14 +553,15 @@ class Ec2World:
             raise
         instance = Instance(id=vm.id, ip=vm.private_ip_address, namespace=namespace,
                             dir=home, imds=imds, booted_at=time.time())
-        with self._changed:
-            self.instances[vm.id] = instance
-            self._changed.notify_all()
         try:
             self._run_user_data(instance, self._user_data(vm))
-        except Exception as exc:
+        except Exception as exc:  # the instance is up, as EC2 leaves one whose boot failed
             (home / "cloud-init-output.log").write_text(f"world: user-data not run: {exc}\n")
             raise
+        finally:  # booted once its files are written and its runcmd runs
+            with self._changed:
+                self.instances[vm.id] = instance
+                self._changed.notify_all()
 
     def _wire(self, namespace: str, veth: str, ip: str) -> None:
         _ip("-n", namespace, "link", "set", "lo", "up")

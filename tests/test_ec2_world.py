@@ -256,7 +256,7 @@ def test_two_instances_boot_the_real_agent_and_end_as_ec2_ends_them(
         assert found == {spot.id: ("terminated", "Server.SpotInstanceTermination"),
                          lapsing.id: ("terminated", "Client.InstanceInitiatedShutdown")}
         for pid in spot_pids + lapsing_pids:
-            assert not Path(f"/proc/{pid}").exists() or _is_zombie_or_other(pid)
+            assert not _alive(pid)
         assert world.errors == []
         prefix = world.prefix
     leftover = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
@@ -276,17 +276,6 @@ def _mount_points(mountinfo: str, under: Path) -> set[str]:
     return points
 
 
-def _is_zombie_or_other(pid: int) -> bool:
-    """A pid still in /proc is a zombie awaiting its parent, or a new process that reused
-    the number (not in the instance's namespace, which is gone)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return True
-    return stat.rsplit(")", 1)[1].split()[0] == "Z" or "bigexec" not in Path(
-        f"/proc/{pid}/cmdline").read_text(errors="replace")
-
-
 def test_a_failed_boot_powers_off_after_its_delay(wheelhouse: BuiltWheelhouse,
                                                    ec2_world: Ec2World):
     """The boot script's trap runs `shutdown -h +5` when the install fails: the world keeps
@@ -303,3 +292,50 @@ def test_a_failed_boot_powers_off_after_its_delay(wheelhouse: BuiltWheelhouse,
     assert "bigexec: bootstrap failed" in instance.boot_log
     assert (instance.ended, instance.reason) == ("stopped", "Client.InstanceInitiatedShutdown")
     assert os.path.isdir(instance.dir)  # its disk stays for the test to read
+
+
+def test_the_world_ends_everything_even_when_the_test_fails():
+    """A termination through the API ends the instance; a test that fails takes the rest
+    with it: processes, namespaces, the world's directory."""
+    user_data = (b'#cloud-config\n{"write_files": [{"path": "/opt/note", "content": "hi"}],'
+                 b' "runcmd": [["sleep", "300"]]}\n')
+
+    def sleeper(world: Ec2World, iid: str) -> int:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            found = [p.pid for p in world.processes(iid) if p.argv[:1] == ("sleep",)]
+            if found:
+                return found[0]
+            time.sleep(0.05)
+        raise AssertionError(f"{iid} runs no sleep: {world.processes(iid)}")
+
+    with pytest.raises(RuntimeError, match="the test failed"), running_world() as world:
+        world.in_hub(lambda: world.client().run_instances(
+            ImageId=world.ami, MinCount=2, MaxCount=2, SubnetId=world.subnet_id,
+            UserData=user_data.decode()))
+        ended, left = world.wait_booted(2)
+        assert left.host_path("/opt/note").read_text() == "hi"
+        ended_pid, left_pid = sleeper(world, ended.id), sleeper(world, left.id)
+        world.in_hub(lambda: world.client().terminate_instances(InstanceIds=[ended.id]))
+        world.wait_gone(ended.id, timeout=10)
+        [vm] = world.in_hub(lambda: world.client().describe_instances(
+            InstanceIds=[ended.id]))["Reservations"][0]["Instances"]
+        assert (ended.ended, ended.reason) == ("terminated", vm["StateReason"]["Code"])
+        assert not _alive(ended_pid) and _alive(left_pid)
+        assert world.namespaces() == [world.hub, left.namespace]
+        workdir, prefix = world.workdir, world.prefix
+        raise RuntimeError("the test failed")
+    assert not _alive(left_pid)
+    assert prefix not in subprocess.run(["ip", "netns", "list"], capture_output=True,
+                                        text=True).stdout
+    assert not workdir.exists()
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie awaiting its parent's wait does not; Linux does not
+    reuse a pid within a test's seconds)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
