@@ -303,6 +303,7 @@ class Instance:
 
     def host_path(self, path: str) -> Path:
         """Where the instance's ``path`` (under /run, /opt or /var/log) is on the host."""
+        path = os.path.normpath(path)  # no ../ out of the instance's directories
         for private in PRIVATE_DIRS:
             if path == private or path.startswith(private + "/"):
                 return self.dir / private.strip("/").replace("/", "-") / path[
@@ -615,7 +616,10 @@ class Ec2World:
                 start_new_session=True, cwd="/")
 
     def _check_shutdown(self, instance: Instance) -> None:
-        requests = instance.shutdown_requests
+        try:  # complete lines only: the fake shutdown may be writing one
+            requests = (instance.dir / "shutdown-requests").read_text().split("\n")[:-1]
+        except FileNotFoundError:
+            return
         for line in requests[instance._shutdown_seen:]:
             args = line.split()
             if "-c" in args:

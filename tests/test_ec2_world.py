@@ -24,6 +24,7 @@ import pytest
 from ec2_world import (
     BuiltWheelhouse,
     Ec2World,
+    Instance,
     ec2_world_fixture,  # noqa: F401 (the ec2_world fixture)
     in_namespace,
     parse_user_data,
@@ -139,6 +140,16 @@ def test_user_data_is_read_plain_or_gzipped_and_unknown_directives_are_refused()
         parse_user_data(b"#!/bin/sh\ntrue\n")
     assert parse_user_data(b"#cloud-config\nruncmd:\n - [echo, 'a b']\n").runcmd == (
         "echo 'a b'",)
+
+
+def test_an_instance_path_never_leads_out_of_its_own_directories(tmp_path):
+    """write_files lands in the instance's /run, /opt or /var/log, never on the host's."""
+    instance = Instance("i-1", "10.200.0.4", "ns", tmp_path / "i-1", imds=None, booted_at=0)
+    assert instance.host_path("/run/bigexec/agent.json") == tmp_path / "i-1/run/bigexec/agent.json"
+    assert instance.host_path("/var/log/x.log") == tmp_path / "i-1/var-log/x.log"
+    for outside in ("/etc/x", "/optional", "/opt/../../../../etc/passwd", "/run/../etc"):
+        with pytest.raises(ValueError, match="own directories"):
+            instance.host_path(outside)
 
 
 # ── the world ────────────────────────────────────────────────────────────────────────────
