@@ -402,6 +402,8 @@ class Ec2World:
         self.port = 0
         self.cloud: MotoEc2
         self.subnet_id = ""
+        #: An AMI of moto's, also published as the default Ubuntu AMI's SSM parameter.
+        self.ami = ""
 
     # --- the hub and moto -----------------------------------------------------------------
 
@@ -737,10 +739,10 @@ class Ec2World:
         return found
 
     def namespaces(self) -> list[str]:
-        """The world's namespaces that exist now."""
+        """The world's namespaces that exist now, sorted (the hub first)."""
         listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
-        return [line.split()[0] for line in listed.splitlines()
-                if line.split() and line.split()[0].startswith(self.prefix)]
+        return sorted(line.split()[0] for line in listed.splitlines()
+                      if line.split() and line.split()[0].startswith(self.prefix))
 
     # --- teardown -------------------------------------------------------------------------
 

@@ -37,6 +37,7 @@ from bigexec import tls
 from bigexec.agent import AgentDocument, imds
 from bigexec.authority import Authority
 from bigexec.rpc.client import Client
+from bigexec.systems.ec2.options import DEFAULT_AMI_PARAMETER
 from bigexec.systems.ec2.user_data import AGENT_DOCUMENT_PATH, Wheelhouse, render_user_data
 
 AGENT_PORT = 7100
@@ -178,12 +179,15 @@ def test_the_hub_has_no_way_out_and_the_driver_runs_in_it(ec2_world: Ec2World):
         " region_name=os.environ['BIGEXEC_EC2_REGION'])\n"
         "[s] = ec2.describe_subnets(SubnetIds=[os.environ['BIGEXEC_EC2_SUBNET']])['Subnets']\n"
         "print(s['CidrBlock'])\n"
+        "ssm = boto3.client('ssm', endpoint_url=os.environ['BIGEXEC_EC2_ENDPOINT_URL'],"
+        " region_name=os.environ['BIGEXEC_EC2_REGION'])\n"
+        f"print(ssm.get_parameter(Name={DEFAULT_AMI_PARAMETER!r})['Parameter']['Value'])\n"
         "print(socket.socket().connect_ex(('10.9.9.9', 443)))\n")
     driver = ec2_world.run_driver([sys.executable, "-c", script], stdout=subprocess.PIPE,
                                   stderr=subprocess.PIPE, text=True)
     out, err = driver.communicate(timeout=60)
     assert driver.returncode == 0, err
-    assert out.split() == ["10.200.0.0/24", str(errno.ENETUNREACH)]
+    assert out.split() == ["10.200.0.0/24", ec2_world.ami, str(errno.ENETUNREACH)]
     # an instance moto puts outside the world's subnet gets no address, and no namespace
     launched = ec2_world.in_hub(lambda: ec2_world.client().run_instances(
         ImageId=ec2_world.ami, MinCount=1, MaxCount=1))["Instances"][0]["InstanceId"]
@@ -307,7 +311,7 @@ def test_a_failed_boot_powers_off_after_its_delay(wheelhouse: BuiltWheelhouse,
 
 def test_the_world_ends_everything_even_when_the_test_fails():
     """A termination through the API ends the instance; a test that fails takes the rest
-    with it: processes, namespaces, the world's directory."""
+    with it: instances' processes, drivers, namespaces, the world's directory."""
     user_data = (b'#cloud-config\n{"write_files": [{"path": "/opt/note", "content": "hi"}],'
                  b' "runcmd": [["sleep", "300"]]}\n')
 
@@ -334,9 +338,10 @@ def test_the_world_ends_everything_even_when_the_test_fails():
         assert (ended.ended, ended.reason) == ("terminated", vm["StateReason"]["Code"])
         assert not _alive(ended_pid) and _alive(left_pid)
         assert world.namespaces() == [world.hub, left.namespace]
+        driver = world.run_driver(["sleep", "300"])
         workdir, prefix = world.workdir, world.prefix
         raise RuntimeError("the test failed")
-    assert not _alive(left_pid)
+    assert not _alive(left_pid) and driver.poll() is not None
     assert prefix not in subprocess.run(["ip", "netns", "list"], capture_output=True,
                                         text=True).stdout
     assert not workdir.exists()
