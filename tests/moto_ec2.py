@@ -190,9 +190,8 @@ def moto_cloud(monkeypatch: pytest.MonkeyPatch) -> Iterator[MotoEc2]:
     # a stray call to the instance metadata service would leave loopback: forbid it
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
     refuse_non_loopback(monkeypatch)
-    throttle = Throttle(moto_app.DomainDispatcherApplication(moto_app.create_backend_app))
-    server = make_server("127.0.0.1", 0, throttle, threaded=True,
-                         request_handler=moto_app.MotoRequestHandler)
+    throttle = throttled_app()
+    server = bind_server(throttle)
     # a short poll: shutting the server down waits for one, and every test does it
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
                               name="moto", daemon=True)
@@ -201,14 +200,39 @@ def moto_cloud(monkeypatch: pytest.MonkeyPatch) -> Iterator[MotoEc2]:
         url = f"http://127.0.0.1:{server.server_port}"
         ec2 = boto3.session.Session(region_name=REGION, **CREDENTIALS).client(
             "ec2", endpoint_url=url)
-        vpc = ec2.create_vpc(CidrBlock="10.200.0.0/16")["Vpc"]["VpcId"]
-        subnet = ec2.create_subnet(VpcId=vpc, CidrBlock="10.200.0.0/24")["Subnet"]["SubnetId"]
+        vpc, subnet = create_network(ec2)
         yield MotoEc2(endpoint_url=url, subnet_id=subnet, vpc_id=vpc, throttle=throttle)
     finally:
         server.shutdown()
         server.server_close()
         thread.join(10)
-        # moto's backends live in this process: the next test starts from an empty cloud
-        from moto.core.base_backend import BackendDict
+        reset_backends()
 
-        BackendDict.reset()
+
+def throttled_app() -> Throttle:
+    """moto's WSGI app (every service it has) behind a Throttle."""
+    return Throttle(moto_app.DomainDispatcherApplication(moto_app.create_backend_app))
+
+
+def bind_server(app: Any, host: str = "127.0.0.1") -> Any:
+    """A threaded werkzeug server for ``app``, listening on a free port of ``host`` in the
+    calling thread's network namespace (serve it with ``serve_forever`` from any thread)."""
+    return make_server(host, 0, app, threaded=True, request_handler=moto_app.MotoRequestHandler)
+
+
+#: The subnet every test instance gets its private address from (no public address).
+SUBNET_CIDR = "10.200.0.0/24"
+
+
+def create_network(ec2: Any) -> tuple[str, str]:
+    """A VPC and the SUBNET_CIDR subnet in it, through the API: (vpc id, subnet id)."""
+    vpc = ec2.create_vpc(CidrBlock="10.200.0.0/16")["Vpc"]["VpcId"]
+    subnet = ec2.create_subnet(VpcId=vpc, CidrBlock=SUBNET_CIDR)["Subnet"]["SubnetId"]
+    return vpc, subnet
+
+
+def reset_backends() -> None:
+    """Empty moto's in-process backends: the next test starts from an empty cloud."""
+    from moto.core.base_backend import BackendDict
+
+    BackendDict.reset()
