@@ -71,6 +71,7 @@ class LoopbackInstances(Ec2Instances):
         self.agents: dict[str, subprocess.Popen[str]] = {}
         self.user_data: list[bytes] = []
         self.output: dict[str, list[str]] = {}
+        self.readers: list[threading.Thread] = []
         #: False: instances launch but their agents never start; "fail": their install
         #: fails, and the user-data's boot-failure reporter answers instead of an agent
         self.boot: bool | str = True
@@ -106,7 +107,9 @@ class LoopbackInstances(Ec2Instances):
             start_new_session=True)
         self.agents[instance_id] = proc
         lines = self.output.setdefault(instance_id, [])
-        threading.Thread(target=lambda: lines.extend(proc.stdout or ()), daemon=True).start()
+        reader = threading.Thread(target=lambda: lines.extend(proc.stdout or ()), daemon=True)
+        reader.start()
+        self.readers.append(reader)
 
     def stand_in(self, instance_id: str, user_data: bytes, mode: str,
                  ) -> subprocess.Popen[bytes]:
@@ -165,6 +168,11 @@ class LoopbackInstances(Ec2Instances):
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(10)
+        for t in self.readers:
+            t.join(10)
+        for proc in self.agents.values():
+            if proc.stdout is not None:
+                proc.stdout.close()
 
 
 @pytest.fixture

@@ -716,8 +716,11 @@ class Ec2System(System):
         self._terminate(live, "the session ended")
         with self.lock:
             monitor, self._monitor = self._monitor, None
+            client = self._agent_client
         if monitor is not None:
             monitor.close()
+        if client is not None:
+            client.close()
 
     def instance_ids(self) -> list[str]:
         """The instances this system launched that it has not terminated."""
