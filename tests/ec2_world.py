@@ -424,11 +424,12 @@ class Ec2World:
         vpc, subnet = self.in_hub(lambda: create_network(self.client()))
         self.cloud = MotoEc2(endpoint_url=url, subnet_id=subnet, vpc_id=vpc, throttle=throttle)
         self.subnet_id = subnet
-        from bigexec.systems.ec2.options import DEFAULT_AMI_PARAMETER
+        from bigexec.systems.ec2.options import AMI_PARAMETERS
 
         self.ami = self.in_hub(lambda: self.client().describe_images(
             Owners=["amazon"])["Images"][0]["ImageId"])
-        self.cloud.publish_ubuntu_ami(DEFAULT_AMI_PARAMETER, self.ami)
+        for parameter in sorted(set(AMI_PARAMETERS.values())):  # the stock images EC2 has
+            self.cloud.publish_ubuntu_ami(parameter, self.ami)
         self._hypervisor = threading.Thread(target=self._watch, name="hypervisor",
                                             daemon=True)
         self._hypervisor.start()

@@ -61,6 +61,15 @@ def test_the_bundle_holds_the_drivers_own_imported_modules_and_nothing_installed
     assert changed is not None and changed.digest != bundle.digest
 
 
+def test_a_module_is_bundled_from_the_path_entry_its_name_comes_from(
+        own_code: Path) -> None:
+    # src/ and its parent are both on the path: the modules were imported from src/
+    bundle = CodeBundle.of_modules(sys.modules, [str(own_code.parent), str(own_code)])
+    assert bundle is not None and {"mypkg", "helper_mod"} <= set(bundle.names)
+    files = zipfile.ZipFile(io.BytesIO(bundle.data)).namelist()
+    assert "helper_mod.py" in files and "src/helper_mod.py" not in files
+
+
 def test_nothing_to_bundle_gives_none() -> None:
     assert CodeBundle.of_modules({"json": sys.modules["json"]}, sys.path) is None
 

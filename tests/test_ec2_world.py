@@ -129,7 +129,8 @@ def test_user_data_is_read_plain_or_gzipped_and_unknown_directives_are_refused()
     user_data, leaf = agent_user_data(ca, Path("/wheels"), lease=30)
     for raw in (user_data, gzip.compress(user_data)):
         config = parse_user_data(raw)
-        [written] = config.write_files
+        written, stand_in = config.write_files
+        assert stand_in.path == "/run/bigexec/stand-in.py" and stand_in.permissions == 0o700
         assert written.path == AGENT_DOCUMENT_PATH
         assert written.permissions == 0o600 and written.owner == "root:root"
         assert json.loads(written.content)["key_pem"] == leaf.key_pem.decode()

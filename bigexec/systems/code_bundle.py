@@ -112,11 +112,12 @@ class CodeBundle:
             if not file or not file.endswith(".py"):
                 continue  # built in, compiled, or a namespace package without a file
             path = Path(file).resolve()
-            for root in roots:
-                if root in path.parents and not _inside(path, installed):
-                    rel = path.relative_to(root)
-                    top = root / rel.parts[0]
-                    tops[top_name] = (root, top)
+            for root in roots:  # the entry the module was imported from: its name fits
+                if root not in path.parents or _inside(path, installed):
+                    continue
+                first = path.relative_to(root).parts[0]
+                if first in (top_name, f"{top_name}.py"):
+                    tops[top_name] = (root, root / first)
                     break
         if not tops:
             return None
