@@ -31,7 +31,7 @@ from moto_ec2 import MotoEc2, moto_cloud
 
 import bigexec
 from bigexec.agent import AgentDocument
-from bigexec.errors import BootError, MachineLost
+from bigexec.errors import BootError, MachineLost, NetworkError
 from bigexec.systems.ec2 import Ec2Instances, Ec2Options, InstanceRecord
 from bigexec.systems.ec2.instances import SESSION_TAG
 from bigexec.systems.ec2.system import AGENT_NAME, Ec2System
@@ -338,6 +338,37 @@ def test_the_driver_sends_its_own_bigexec_to_an_instance_that_waits_for_it(
         wheel = OwnWheel.build()
         assert received.name == wheel.filename
         assert received.read_bytes() == wheel.data
+
+
+def test_a_session_that_ends_while_its_instance_boots_terminates_it_and_starts_nothing(
+        cloud: MotoEc2, tmp_path: Path) -> None:
+    with loopback_system(cloud, tmp_path, boot_timeout=60) as (system, instances):
+        instances.boot = False
+        b = bigexec.start(system)
+        machines = b.start(2)
+        while not instances.user_data:
+            time.sleep(0.05)
+        started = time.monotonic()
+        b.shutdown()
+        assert time.monotonic() - started < 20
+        (iid,) = states(cloud)
+        assert states(cloud)[iid] == "terminated"
+        for m in machines:
+            assert m.state.name == "STOPPED"
+        # the agent comes up late: nobody asks it for a worker
+        instances.start_agent(iid, document_of(instances.user_data[0]))
+        client = system.agent_client()
+        agent = f"https://127.0.0.1:{system.options.agent_port}"
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                client.call(agent, "Agent.identity", timeout=5)
+                break
+            except NetworkError:
+                assert time.monotonic() < deadline, "the late agent never listened"
+                time.sleep(0.2)
+        time.sleep(2.0)  # (a boot thread still polling would have found it by now)
+        assert client.call(agent, "Agent.workers", timeout=10) == []
 
 
 def test_an_agent_of_another_instance_at_the_address_is_refused(

@@ -230,6 +230,9 @@ class Ec2Machine(MachineHandle):
         self._gone(reason)
 
     def _gone(self, reason: BaseException) -> None:
+        if not self._placed.is_set():  # it never got a worker: its boot fails with this
+            self._failure = reason
+            self._placed.set()
         self.mark_dead(reason)
         self._ended.set()
         self.output.flush(1.0)
@@ -315,6 +318,8 @@ class _Instance:
                 if not self._pending:
                     return
                 p = self._pending.pop(0)
+            if p.machine.ended:  # killed (or its session ended) before its worker started
+                continue
             try:
                 if p.bundle is not None and p.bundle.digest not in sent:
                     self._ensure_bundle(p.bundle, deadline)
@@ -363,6 +368,8 @@ class _Instance:
                                 f"last error: {last_error}")
             if self.lost is not None:
                 raise BootError(f"EC2 instance {iid} ended while it booted: {self.lost}")
+            if self._stop.is_set():
+                raise BootError(f"EC2 instance {iid} was terminated while it booted")
             try:
                 ident = self.call("Agent.identity", timeout=min(10.0, max(0.5, left)))
                 break
@@ -678,8 +685,9 @@ class Ec2System(System):
         instance.fail_pending(err)
         instance.stop()
         with self.lock:
-            instance.terminated = True
-        self._terminate([instance.record.instance_id], "its boot failed")
+            already, instance.terminated = instance.terminated, True
+        if not already:  # (the session's end may have terminated it already)
+            self._terminate([instance.record.instance_id], "its boot failed")
 
     # --- leases and the end ---------------------------------------------------------------
 
