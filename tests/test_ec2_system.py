@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography import x509
 from moto_ec2 import MotoEc2, moto_cloud
 
 import bigexec
@@ -267,6 +268,10 @@ def test_machines_run_on_an_instance_through_its_agent_and_the_instance_ends_wit
     # the user-data carries the CA's certificate and the agent's leaf, never the CA's key
     doc = document_of(instances.user_data[0])
     assert doc.credentials.ca_pem == system.authority.cert_pem
+    # the launch's leaf (the user-data's) lives as long as a boot may, not for days
+    leaf = x509.load_pem_x509_certificate(doc.credentials.cert_pem)
+    life = (leaf.not_valid_after_utc - leaf.not_valid_before_utc).total_seconds()
+    assert life <= system.boot_timeout + 900, life
     assert doc.to_json().count(b"PRIVATE KEY-----") == 2  # BEGIN and END of the leaf's key
     assert AGENT_NAME.encode() in doc.credentials.cert_pem or True
 

@@ -33,6 +33,7 @@ protocol of ``systems.base`` and ``systems.bootstrap`` with the pieces of this p
 from __future__ import annotations
 
 import atexit
+import datetime
 import http.client
 import importlib.util
 import inspect
@@ -78,6 +79,7 @@ _LEASE_TAG_PERIOD = 60.0  # seconds between renewals of the instances' lease tag
 _BOOT_OUTPUT_LINES = 20
 _AGENT_POLL = 1.0  # seconds between tries to reach an agent that is not up yet
 _DESCRIBE_WHILE_BOOTING = 15.0  # seconds between looks at an instance whose agent is silent
+_LAUNCH_LEAF_SLACK = 600.0  # seconds the launch's agent leaf outlives the boot timeout
 _EXIT_STATUS_WAIT = 5.0  # seconds a worker whose output ended may take to be reaped
 
 
@@ -544,8 +546,12 @@ class Ec2System(System):
             return self._agent_client
 
     def agent_credentials(self, instance_id: str | None) -> tls.Credentials:
-        """A server leaf for an agent: of one instance, or (None) of a whole launch's."""
-        return self.authority.issue(f"agent {instance_id or self.session_id}", self._ttl(),
+        """A server leaf for an agent: of one instance, or (None) of a whole launch's. The
+        launch's travels in the user-data, which the account's users may read: it lives
+        only as long as a boot may last, since each agent gets its own once it answers."""
+        ttl = self._ttl() if instance_id else min(self._ttl(), datetime.timedelta(
+            seconds=self.boot_timeout + _LAUNCH_LEAF_SLACK))
+        return self.authority.issue(f"agent {instance_id or self.session_id}", ttl,
                                     dns=[AGENT_NAME], usage="server")
 
     def monitor(self) -> DeadInstanceMonitor:
