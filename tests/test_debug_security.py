@@ -16,6 +16,7 @@ from concurrent.futures import CancelledError
 import netns_helpers
 import pytest
 from test_observe import Work  # a service that spins, for profiles to see
+from waiting import wait_until
 
 import bigexec
 from bigexec import cli, debug, observe
@@ -67,14 +68,6 @@ def _send_and_leave(port: int, path: str, token: str | None = None, reset: bool 
     if reset:  # close with a RST rather than a FIN, as a killed client's kernel may
         s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     return s
-
-
-def _wait(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout} s: {what}")
-        time.sleep(0.05)
 
 
 @pytest.fixture
@@ -232,14 +225,15 @@ def test_an_abandoned_profile_stops_on_every_machine(two_machines, caplog):
     caplog.set_level(logging.INFO, logger="bigexec.debug")
     client = _send_and_leave(server.port, "/debug/bigexec/profile?seconds=120&format=text")
     try:
-        _wait(lambda: all(_profiling(m) for m in ms), 30, "both machines profiling")
+        wait_until("both machines profiling", lambda: all(_profiling(m) for m in ms), 30)
         # While it runs, a second profile waits its turn with a clear answer, not a 500.
         status, resp, body = _get(server, "/debug/bigexec/profile?seconds=1&format=text")
         assert status == 409 and b"another profile is running" in body, (status, body)
         assert 60 <= int(resp.getheader("Retry-After")) <= 120
     finally:
         client.close()  # the client goes away without reading
-    _wait(lambda: not any(_profiling(m) for m in ms), 5, "the machines' profilers stopped")
+    wait_until("the machines' profilers stopped",
+               lambda: not any(_profiling(m) for m in ms), 5)
     assert any("stopped early" in r.getMessage() for r in caplog.records)
     status, _, body = _get(server, "/debug/bigexec/profile?seconds=0.5&format=text")
     assert status == 200 and b"spin" in body, body
@@ -261,14 +255,14 @@ def test_a_profile_running_outside_the_server_answers_409(session):
     elsewhere = threading.Thread(target=profile_elsewhere)
     elsewhere.start()
     try:
-        _wait(lambda: _profiling(m), 30, "the machine profiling")
+        wait_until("the machine profiling", lambda: _profiling(m), 30)
         status, _, body = _get(server, "/debug/bigexec/profile?seconds=1&format=text")
         assert status == 409 and b"already running" in body, (status, body)
     finally:
         stop.set()
         elsewhere.join(30)
     assert not elsewhere.is_alive() and isinstance(outcome[0], CancelledError)
-    _wait(lambda: not _profiling(m), 5, "the machine's profiler stopped")
+    wait_until("the machine's profiler stopped", lambda: not _profiling(m), 5)
 
 
 # --- abandoned and half-sent requests --------------------------------------------------------
@@ -309,7 +303,8 @@ def test_a_flood_of_idle_connections_holds_no_more_than_the_cap_of_threads(sessi
         for s in flood:
             s.close()
     try:
-        _wait(lambda: _get(server, STATUS, timeout=5)[0] == 200, 20, "served after the flood")
+        wait_until("served after the flood",
+                   lambda: _get(server, STATUS, timeout=5)[0] == 200, 20)
     finally:
         server.close()
 
@@ -334,7 +329,7 @@ def test_a_client_that_goes_away_leaves_no_traceback(session, capfd, caplog):
         return "Traceback" in err or sum("went away" in r.getMessage() or "stopped early" in
                                          r.getMessage() for r in caplog.records) >= 2
 
-    _wait(seen_leaving, 10, "both clients seen leaving")
+    wait_until("both clients seen leaving", seen_leaving, 10)
     time.sleep(1.5)  # past the profile's own end, when an answer would have been written
     assert _get(server, STATUS)[0] == 200
     err += capfd.readouterr().err

@@ -19,7 +19,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -31,6 +31,7 @@ from ec2_world import (
     running_world,
     wheelhouse_fixture,  # noqa: F401 (the wheelhouse fixture)
 )
+from waiting import wait_until
 
 from bigexec.authority import Authority
 
@@ -99,15 +100,6 @@ def states(world: Ec2World) -> dict[str, tuple[str, str]]:
     found = world.in_hub(lambda: world.client().describe_instances())["Reservations"]
     return {i["InstanceId"]: (i["State"]["Name"], i.get("StateReason", {}).get("Code", ""))
             for r in found for i in r["Instances"]}
-
-
-def wait_until(what: str, check: Callable[[], bool], timeout: float,
-               explain: Callable[[], str] = lambda: "") -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}: {explain()}")
-        time.sleep(0.2)
 
 
 @pytest.fixture

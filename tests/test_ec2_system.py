@@ -29,6 +29,7 @@ from typing import Any
 import pytest
 from cryptography import x509
 from moto_ec2 import MotoEc2, moto_cloud
+from waiting import wait_until
 
 import bigexec
 from bigexec.agent import AgentDocument
@@ -286,18 +287,15 @@ def test_a_killed_worker_is_reported_with_its_status_and_its_instance_ends_with_
             (iid,) = {m.instance_id for m in machines}
             pid = machines[0].call("Supervisor.info")["pid"]
             os.kill(pid, signal.SIGKILL)
-            deadline = time.monotonic() + 30
-            while machines[0].state.name != "STOPPED" and time.monotonic() < deadline:
-                time.sleep(0.1)
+            wait_until("the killed machine to stop",
+                       lambda: machines[0].state.name == "STOPPED", 30)
             err = machines[0].err
             assert isinstance(err, MachineLost), err
             assert "SIGKILL" in str(err) and iid in str(err), err
             assert machines[1].call("Square.square", 3) == 9
             assert states(cloud)[iid] == "running"  # one machine still lives there
             os.kill(machines[1].call("Supervisor.info")["pid"], signal.SIGKILL)
-            deadline = time.monotonic() + 30
-            while states(cloud)[iid] != "terminated" and time.monotonic() < deadline:
-                time.sleep(0.2)
+            wait_until("the instance's end", lambda: states(cloud)[iid] == "terminated", 30)
             assert states(cloud)[iid] == "terminated"
 
 
@@ -310,9 +308,7 @@ def test_an_instance_whose_agent_never_answers_fails_its_machines_with_a_boot_er
             with pytest.raises(BootError, match="did not answer within the boot timeout"):
                 running(m, 30)
             (iid,) = states(cloud)
-            deadline = time.monotonic() + 10
-            while states(cloud)[iid] != "terminated" and time.monotonic() < deadline:
-                time.sleep(0.2)
+            wait_until("the instance's end", lambda: states(cloud)[iid] == "terminated", 10)
             assert states(cloud)[iid] == "terminated"
 
 
@@ -403,9 +399,7 @@ def test_a_dead_instance_is_noticed_through_the_ec2_api(
             try:
                 instances.agents[iid].send_signal(signal.SIGKILL)
                 cloud.kill(iid, "Server.SpotInstanceTermination")
-                deadline = time.monotonic() + 30
-                while m.state.name != "STOPPED" and time.monotonic() < deadline:
-                    time.sleep(0.1)
+                wait_until("the machine to stop", lambda: m.state.name == "STOPPED", 30)
                 assert "Server.SpotInstanceTermination" in str(m.err), m.err
                 assert iid in str(m.err)
             finally:
