@@ -2,7 +2,8 @@
 (options, launching, tags, leases, user-data, sweeping, noticing dead instances) goes through
 boto3, imported only when an API is first used, so ``import bigexec`` never needs it
 (``pip install bigexec[ec2]``). One module per job: ``options``, ``instances``,
-``user_data``, ``monitor``, and ``system``, which joins them with the instances' agents
+``user_data``, ``monitor``, ``instance`` (an instance's agent and the machines on it, as the
+driver sees them) and ``system``, which joins them with the instances' agents
 (``bigexec.agent``); its docstring has the picture of a boot.
 
 What runs where::
