@@ -30,6 +30,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import requests
 
+from . import __version__
 from .ec2_cli import add_ec2_commands
 
 __all__ = ["main"]
@@ -146,6 +147,8 @@ def _top(args: argparse.Namespace) -> int:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bigexec", description=_DESCRIPTION, epilog=_EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version",
+                        version=f"bigexec {__version__} (Python {sys.version.split()[0]})")
     sub = parser.add_subparsers(dest="command", required=True)
 
     about = "List the machines of a running driver, one row each."

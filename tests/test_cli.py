@@ -93,3 +93,15 @@ def test_help_is_plain_text(command):
         assert re.search(r"^\S.*\.$", proc.stdout.split("\n\n")[1], re.M), proc.stdout
         assert "url  " in proc.stdout and "debug server" in proc.stdout
         assert "(default: " in proc.stdout, proc.stdout
+
+
+def test_the_command_and_python_dash_m_say_their_version():
+    import subprocess
+    import sys
+
+    import bigexec
+
+    out = subprocess.run([sys.executable, "-m", "bigexec", "--version"], capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith(f"bigexec {bigexec.__version__} (Python ")
