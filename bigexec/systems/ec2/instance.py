@@ -308,7 +308,8 @@ class InstanceAgent:
 
     def start_workers(self, deadline: float | None = None) -> None:
         """Ask the agent for a worker for every placement not yet started."""
-        deadline = deadline or time.monotonic() + self.system.boot_timeout
+        if deadline is None:
+            deadline = time.monotonic() + self.system.boot_timeout
         sent: set[str] = set()
         while True:
             with self.system.lock:
@@ -336,12 +337,11 @@ class InstanceAgent:
         log.info("ec2: sent the driver's modules (%s: %d KiB) to %s", ", ".join(bundle.names),
                  len(bundle.data) >> 10, self.record.instance_id)
 
-    def fail_pending(self, err: BaseException) -> list[Ec2Machine]:
+    def fail_pending(self, err: BaseException) -> None:
         with self.system.lock:
             pending, self._pending = self._pending, []
         for p in pending:
             p.machine.fail(err)
-        return [p.machine for p in pending]
 
     def call(self, method: str, args: tuple = (), *, timeout: float | None) -> Any:
         return self.system.agent_client().call(self.agent_addr, method, args, timeout=timeout)
@@ -382,7 +382,7 @@ class InstanceAgent:
                 raise BootError(
                     f"the bootstrap of EC2 instance {iid} failed before its agent started: "
                     f"{last}\n  its last output lines:\n"
-                    + "".join(f"    {ln}\n" for ln in lines)).with_traceback(None) from None
+                    + "".join(f"    {ln}\n" for ln in lines)) from None
             except (NetworkError, OSError, TimeoutError) as exc:
                 last_error = exc
             if time.monotonic() >= next_describe:
