@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
-__all__ = ["MAX_BUNDLE_BYTES", "CodeBundle"]
+__all__ = ["MAX_BUNDLE_BYTES", "CodeBundle", "stable_zip"]
 
 log = logging.getLogger("bigexec.systems")
 
@@ -45,6 +45,19 @@ log = logging.getLogger("bigexec.systems")
 MAX_BUNDLE_BYTES = 256 << 20
 _ALWAYS_LEFT_OUT = frozenset({"__main__", "bigexec"})
 _FIXED_TIME = (1980, 1, 1, 0, 0, 0)  # zip's epoch: timestamps do not change the digest
+
+
+def stable_zip(files: Iterable[tuple[str, bytes]]) -> bytes:
+    """A zip of ``files`` (name, bytes), in their order, with fixed timestamps and modes:
+    the same files give the same bytes, so a digest names the content."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, data in files:
+            info = zipfile.ZipInfo(name, _FIXED_TIME)
+            info.compress_type = zipfile.ZIP_DEFLATED
+            info.external_attr = 0o644 << 16
+            zf.writestr(info, data)
+    return buffer.getvalue()
 
 
 def _installed_roots() -> list[Path]:
@@ -121,16 +134,9 @@ class CodeBundle:
                     break
         if not tops:
             return None
-        buffer = io.BytesIO()
-        with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as zf:
-            for name in sorted(tops):
-                root, top = tops[name]
-                for source in _sources(top):
-                    info = zipfile.ZipInfo(source.relative_to(root).as_posix(), _FIXED_TIME)
-                    info.compress_type = zipfile.ZIP_DEFLATED
-                    info.external_attr = 0o644 << 16
-                    zf.writestr(info, source.read_bytes())
-        data = buffer.getvalue()
+        data = stable_zip(
+            (source.relative_to(root).as_posix(), source.read_bytes())
+            for root, top in (tops[name] for name in sorted(tops)) for source in _sources(top))
         if len(data) > MAX_BUNDLE_BYTES:
             raise ValueError(
                 f"the driver's own modules ({', '.join(sorted(tops))}) make a "

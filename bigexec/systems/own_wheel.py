@@ -15,17 +15,15 @@ import base64
 import functools
 import hashlib
 import importlib.metadata
-import io
 import os
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from .. import __version__
+from .code_bundle import stable_zip
 
 __all__ = ["OwnWheel"]
 
-_FIXED_TIME = (1980, 1, 1, 0, 0, 0)
 _PACKAGE = Path(__file__).resolve().parent.parent  # bigexec/
 
 
@@ -75,13 +73,6 @@ class OwnWheel:
         ]
         record = "".join(f"{name},{_record_hash(data)},{len(data)}\n" for name, data in files)
         files.append((f"{dist_info}/RECORD", (record + f"{dist_info}/RECORD,,\n").encode()))
-        buffer = io.BytesIO()
-        with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as zf:
-            for name, data in files:
-                info = zipfile.ZipInfo(name, _FIXED_TIME)
-                info.compress_type = zipfile.ZIP_DEFLATED
-                info.external_attr = 0o644 << 16
-                zf.writestr(info, data)
-        data = buffer.getvalue()
+        data = stable_zip(files)
         return cls(f"bigexec-{version}-py3-none-any.whl", data,
                    hashlib.sha256(data).hexdigest())
