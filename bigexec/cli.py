@@ -23,12 +23,13 @@ their options from ``BIGEXEC_EC2_*`` variables as the ``ec2`` system does.
 from __future__ import annotations
 
 import argparse
+import http.client
+import json
 import os
 import sys
+import time
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
-
-import requests
+from urllib.parse import parse_qs, urlencode, urlsplit
 
 from . import __version__
 from .ec2_cli import add_ec2_commands
@@ -82,15 +83,60 @@ def _token(args: argparse.Namespace) -> str | None:
     return os.environ.get(_TOKEN_ENV) or None
 
 
-def _get(url: str, timeout: float, token: str | None, **params: Any) -> requests.Response:
+class _Reply:
+    """A debug server's answer: its body, whole."""
+
+    def __init__(self, content: bytes) -> None:
+        self.content = content
+
+    @property
+    def text(self) -> str:
+        return self.content.decode("utf-8", "replace")
+
+    def json(self) -> Any:
+        return json.loads(self.content)
+
+
+_READ_SIZE = 1 << 16
+
+
+def _get(url: str, timeout: float, token: str | None, **params: Any) -> _Reply:
+    """GET ``url`` with ``params``; the whole body, within ``timeout`` seconds in all.
+
+    The standard library's HTTP client, so that the command needs no HTTP package: the
+    deadline covers connecting, the reply's head and every read of its body.
+    """
+    deadline = time.monotonic() + timeout
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise SystemExit(f"bigexec: {url}: not an http:// or https:// URL")
+    conn_class = (http.client.HTTPSConnection if parts.scheme == "https"
+                  else http.client.HTTPConnection)
+    conn = conn_class(parts.hostname, parts.port, timeout=timeout)
     headers = {"Authorization": f"Bearer {token}"} if token else {}
+    target = (parts.path or "/") + ("?" + urlencode(params) if params else "")
     try:
-        resp = requests.get(url, params=params, headers=headers, timeout=timeout)
-    except requests.RequestException as exc:
+        conn.request("GET", target, headers=headers)
+        resp = conn.getresponse()
+        chunks = []
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"no whole reply within {timeout:g} s")
+            if conn.sock is not None:
+                conn.sock.settimeout(left)
+            chunk = resp.read1(_READ_SIZE)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    except (OSError, http.client.HTTPException) as exc:
         raise SystemExit(f"bigexec: cannot reach {url}: {exc}") from None
-    if resp.status_code != 200:
-        raise SystemExit(f"bigexec: {url}: HTTP {resp.status_code}: {resp.text.strip()}")
-    return resp
+    finally:
+        conn.close()
+    reply = _Reply(b"".join(chunks))
+    if resp.status != 200:
+        raise SystemExit(f"bigexec: {url}: HTTP {resp.status}: {reply.text.strip()}")
+    return reply
 
 
 def _age(s: Any) -> str:

@@ -105,3 +105,41 @@ def test_the_command_and_python_dash_m_say_their_version():
                          text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith(f"bigexec {bigexec.__version__} (Python ")
+
+
+class _Trickle(BaseHTTPRequestHandler):
+    """Sends a reply's head at once, then its body a byte at a time, slower than any reader
+    would wait for in all, but each byte well inside a per-read timeout."""
+
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Length", "1000")
+        self.end_headers()
+        try:
+            for _ in range(1000):
+                self.wfile.write(b"x")
+                self.wfile.flush()
+                threading.Event().wait(0.05)
+        except OSError:
+            pass  # the reader gave up, as it should
+
+    def log_message(self, format, *args) -> None:
+        pass
+
+
+def test_a_trickling_server_meets_the_commands_whole_deadline():
+    from bigexec import cli
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Trickle)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        # every byte comes 0.05 s after the one before, so no single read waits 1 s: only a
+        # deadline over the whole reply ends this before the 50 s the body takes
+        with pytest.raises(SystemExit, match="no whole reply within 1 s"):
+            cli.main(["status", f"127.0.0.1:{server.server_address[1]}", "--timeout", "1"])
+    finally:
+        server.shutdown()
+        server.server_close()
+
