@@ -33,6 +33,7 @@ from urllib.parse import parse_qs, urlencode, urlsplit
 
 from . import __version__
 from .ec2_cli import add_ec2_commands
+from .human import duration
 
 __all__ = ["main"]
 
@@ -140,9 +141,7 @@ def _get(url: str, timeout: float, token: str | None, **params: Any) -> _Reply:
 
 
 def _age(s: Any) -> str:
-    if not isinstance(s, (int, float)):
-        return "-"
-    return f"{s:.0f}s" if s < 120 else f"{s / 60:.0f}m" if s < 7200 else f"{s / 3600:.1f}h"
+    return duration(s, compact=True) if isinstance(s, (int, float)) else "-"
 
 
 def _status(args: argparse.Namespace) -> int:

@@ -18,7 +18,9 @@ import sys
 import time
 from typing import Any
 
-__all__ = ["EXIT_AWS_ERROR", "EXIT_USAGE", "add_ec2_commands", "duration"]
+from .human import duration as _duration
+
+__all__ = ["EXIT_AWS_ERROR", "EXIT_USAGE", "add_ec2_commands"]
 
 EXIT_AWS_ERROR = 1  # AWS refused or could not be asked (credentials, access, throttling)
 EXIT_USAGE = 2      # boto3 missing, or a bad BIGEXEC_EC2_* variable: as argparse's own status
@@ -29,22 +31,12 @@ _ENDPOINT_HELP = ("the EC2 API's URL (default: $BIGEXEC_EC2_ENDPOINT_URL, else A
 _COLUMNS = ("INSTANCE", "SESSION", "STATE", "TYPE", "MARKET", "PRIVATE-IP", "AGE", "LEASE")
 
 
-def duration(seconds: float) -> str:
-    """``seconds`` (not negative) as a short human duration: 42s, 17m, 3.5h, 2.0d."""
-    if seconds < 120:
-        return f"{seconds:.0f}s"
-    if seconds < 7200:
-        return f"{seconds / 60:.0f}m"
-    if seconds < 172800:
-        return f"{seconds / 3600:.1f}h"
-    return f"{seconds / 86400:.1f}d"
-
-
 def _lease_left(lease_until: float | None, now: float) -> str:
     if lease_until is None:
         return "-"  # no readable lease tag: sweep counts it lapsed once it is an hour old
     left = lease_until - now
-    return duration(left) if left >= 0 else f"lapsed {duration(-left)} ago"
+    return (_duration(left, compact=True) if left >= 0
+            else f"lapsed {_duration(-left, compact=True)} ago")
 
 
 def _fail(message: str, code: int) -> int:
@@ -97,7 +89,8 @@ def _ls(api: Any, args: argparse.Namespace) -> int:
     rows = [_COLUMNS] + [(
         r.instance_id, r.session or "-", r.state, r.instance_type, r.market,
         r.private_ip or "-",
-        duration(max(0.0, now - r.launch_time)) if r.launch_time is not None else "-",
+        (_duration(max(0.0, now - r.launch_time), compact=True)
+         if r.launch_time is not None else "-"),
         _lease_left(r.lease_until, now)) for r in records]
     widths = [max(len(row[i]) for row in rows) for i in range(len(_COLUMNS))]
     for row in rows:
