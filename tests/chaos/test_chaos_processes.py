@@ -2,7 +2,7 @@
 
 The short version runs in CI; ``BIGEXEC_SOAK=1`` makes every count ten times larger, to run
 by hand. Each test prints one ``chaos:`` line with its figures (``pytest -s`` shows them);
-the README's reliability table quotes them.
+the reliability table of docs/design.md quotes them.
 """
 
 from __future__ import annotations
