@@ -341,3 +341,24 @@ def test_bigpi_lock_lesson_shows_in_the_merged_profile(monkeypatch):
     assert locked_share > 0.10, (locked, locked_share)
     assert "CirclePI.sample" in fixed[0], fixed
     assert fixed_share < 0.03, (fixed, fixed_share)  # no lock to speak of
+
+
+class Blob:
+    def make(self, n: int) -> bytes:
+        return b"x" * n
+
+
+def test_driver_counts_the_bytes_of_replies():
+    with bigexec.start("threads") as b:
+        (m,) = b.start(1, services={"Blob": Blob()})
+        assert m.wait(bigexec.RUNNING, 10)
+        assert len(m.call("Blob.make", 1 << 20)) == 1 << 20
+        assert len(m.call("Blob.make", 10)) == 10
+        mt = b.metrics()
+        made = mt["driver"]["rpc"]["made"]["Blob.make"]
+        served = mt["machines"][m.addr]["rpc"]["served"]["Blob.make"]
+        assert made["count"] == 2
+        assert made["reply_bytes"] >= (1 << 20) + 10
+        # both ends count the reply's body, so they agree
+        assert made["reply_bytes"] == served["reply_bytes"]
+        assert mt["driver"]["rpc"]["made_total"]["reply_bytes"] >= made["reply_bytes"]
