@@ -552,3 +552,65 @@ def test_lock_contention_is_visible():
     assert at_lock > 0.5 * sum(locked_leaves.values())
     in_sample = sum(n for leaf, n in fixed_leaves.items() if leaf.startswith("sample ("))
     assert in_sample > 0.8 * sum(fixed_leaves.values())
+
+
+# --- functions of the driver's __main__, profiled on a machine --------------------------------
+
+_MAIN_SCRIPT = '''\
+import json
+import sys
+import time
+
+import bigexec
+
+
+def busy(seconds):
+    end = time.perf_counter() + seconds
+    n = 0
+    while time.perf_counter() < end:
+        n += 1
+    return n
+
+
+class Spinner:
+    def spin(self, seconds):
+        return busy(seconds)
+
+
+if __name__ == "__main__":
+    with bigexec.start("local") as b:
+        (m,) = b.start(1, services={"Spinner": Spinner()})
+        assert m.wait(bigexec.RUNNING, 60), m.err
+        call = m.submit("Spinner.spin", 120.0)
+        deadline = time.monotonic() + 60
+        while "Spinner.spin" not in m.call("Supervisor.metrics")["running_calls"]:
+            assert time.monotonic() < deadline, "the spin never started"
+            time.sleep(0.02)
+        stats = b.profile(seconds=0.5)
+        call.cancel()
+    json.dump({"keys": [list(k) for k in stats.stats]}, sys.stdout)
+'''
+
+
+def test_main_functions_keep_their_file_and_line_on_machines(tmp_path):
+    """Functions of the driver's __main__ travel by value (cloudpickle); a machine's profile
+    names them by the script's path and their def lines, not cloudpickle's "<dynamic-code>"."""
+    import json
+    import subprocess
+
+    script = tmp_path / "driver_main.py"
+    script.write_text(_MAIN_SCRIPT)
+    lines = _MAIN_SCRIPT.splitlines()
+    busy_line = lines.index("def busy(seconds):") + 1
+    spin_line = lines.index("    def spin(self, seconds):") + 1
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [root, *filter(None, [os.environ.get("PYTHONPATH")])])}
+    env.pop("BIGEXEC_SYSTEM", None)
+    run = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=240)
+    assert run.returncode == 0, run.stderr[-3000:]
+    keys = {tuple(k) for k in json.loads(run.stdout)["keys"]}
+    assert (str(script), busy_line, "busy") in keys, sorted(keys)
+    assert (str(script), spin_line, "Spinner.spin") in keys, sorted(keys)
+    assert not any("dynamic-code" in k[0] for k in keys), sorted(keys)
