@@ -555,6 +555,11 @@ class _Handler(BaseHTTPRequestHandler):
         except ProfileBusy as exc:  # someone profiles the machines other than through here
             self._busy(f"{exc}; try again once it ends", None)
             return
+        except observe.NothingToProfile as exc:
+            # The session's state, not a failure of the server: a named machine that is not
+            # running conflicts with the request (409); no machine at all may come (503).
+            self._send(409 if machines is not None else 503, f"{exc}\n".encode())
+            return
         finally:
             done.set()
             watcher.join()

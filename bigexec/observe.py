@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from .systems.base import System
 
 __all__ = ["status", "metrics", "profile", "sample", "thread_dumps", "PROFILE_FORMATS",
-           "ClusterViews", "ObservedSession"]
+           "ClusterViews", "ObservedSession", "NothingToProfile"]
 
 
 class ObservedSession(Protocol):
@@ -53,6 +53,11 @@ _METRICS_TIMEOUT = 30.0
 _PROFILE_SLACK = 60.0  # beyond the profile's own seconds: boot of yappi, transfer
 _STOP_POLL = 0.1  # how often a profile in flight looks at its stop event
 PROFILE_FORMATS = ("pstats", "callgrind", "collapsed", "text")
+
+
+class NothingToProfile(RuntimeError):
+    """A profile was asked of no running machine (none started yet, every one stopped, or the
+    ones named not running) without the driver: there is nothing to profile."""
 
 
 def _gather(machines: list[Machine], method: str, args: tuple, timeout: float
@@ -185,6 +190,8 @@ def _collect(b: ObservedSession, method: str, local: Any, seconds: float,
     from . import profiling
 
     targets = _targets(b, machines)
+    if not targets and not include_driver:
+        raise NothingToProfile(_nothing_running(b, machines))
     halt = threading.Event()  # ends the driver's own profile early
     driver: Future = Future()
     thread = None
@@ -237,8 +244,22 @@ def _collect(b: ObservedSession, method: str, local: Any, seconds: float,
         else:
             raise RuntimeError(f"profiling {name} failed: {r}") from r
     if not out:
-        raise RuntimeError("no running machine to profile")
+        raise NothingToProfile(_nothing_running(b, machines))
     return out
+
+
+def _nothing_running(b: ObservedSession, machines: list[Machine] | None) -> str:
+    """Why there is no machine to profile, for a person."""
+    if machines is not None:
+        states = ", ".join(f"{m.addr or '(booting)'} is {m.state.name}"
+                           + ("" if m.err is None else f" ({type(m.err).__name__}: {m.err})")
+                           for m in machines)
+        return f"no running machine to profile: {states or 'no machine was named'}"
+    known = _all_machines(b)
+    if not known:
+        return "no running machine to profile: the session has started none (b.start(n))"
+    return (f"no running machine to profile: all {len(known)} of the session's machines "
+            f"are stopped or still starting")
 
 
 def profile(b: ObservedSession, seconds: float = 30.0, machines: list[Machine] | None = None,

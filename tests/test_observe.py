@@ -362,3 +362,36 @@ def test_driver_counts_the_bytes_of_replies():
         # both ends count the reply's body, so they agree
         assert made["reply_bytes"] == served["reply_bytes"]
         assert mt["driver"]["rpc"]["made_total"]["reply_bytes"] >= made["reply_bytes"]
+
+
+def test_profile_without_running_machines_answers_503_or_409():
+    with bigexec.start("threads") as b:
+        server = b.serve_debug(port=0)
+        # before b.start: nothing to profile yet, which may change (503)
+        status, ctype, body = _fetch(server.url + "profile?seconds=0.2&format=text")
+        assert status == 503 and ctype.startswith("text/plain"), (status, body)
+        assert b"no running machine" in body and b"started none" in body
+        with pytest.raises(RuntimeError, match="no running machine"):
+            b.profile(seconds=0.1)
+        ms = _start_two(b, "Work", Work())
+        ms[0].shutdown()
+        assert ms[0].wait(bigexec.STOPPED, 30)
+        # a named machine that is not running conflicts with the request (409)
+        label = ms[0].addr.split("://", 1)[1]
+        status, ctype, body = _fetch(server.url + f"profile?seconds=0.2&machine={label}")
+        assert status == 409 and ctype.startswith("text/plain"), (status, body)
+        assert label.encode() in body and b"STOPPED" in body
+        # an address the session never had is still a bad request (400)
+        assert _fetch(server.url + "profile?seconds=0.2&machine=127.0.0.1:1")[0] == 400
+        # the other machine still answers
+        status, _, body = _fetch(server.url + "profile?seconds=0.2&format=text")
+        assert status == 200 and body.startswith(b"total "), (status, body)
+        ms[1].shutdown()
+        assert ms[1].wait(bigexec.STOPPED, 30)
+        # every machine stopped: 503 again, saying so
+        status, ctype, body = _fetch(server.url + "profile?seconds=0.2")
+        assert status == 503 and ctype.startswith("text/plain"), (status, body)
+        assert b"all 2 of the session's machines are stopped" in body
+        # the driver alone can still be profiled
+        status, _, body = _fetch(server.url + "profile?seconds=0.2&format=text&driver=1")
+        assert status == 200 and body.startswith(b"total "), (status, body)
