@@ -2,7 +2,8 @@
 
     browser / `bigexec` command ── HTTP ──> DebugServer (a thread in the driver)
         /debug/bigexec/status   ──> observe.status(b)    ──> HTML, or JSON with ?format=json
-        /debug/bigexec/profile  ──> observe.render_profile ──> pstats, callgrind, collapsed, text
+        /debug/bigexec/profile  ──> observe.render_profile ──> pstats, callgrind, collapsed, text,
+                                                               flamegraph (HTML), speedscope
         /debug/bigexec/vars     ──> observe.metrics(b)   ──> JSON
         /debug/bigexec/threads  ──> observe.thread_dumps ──> text
 
@@ -71,7 +72,11 @@ _CONTENT_TYPES = {
     "callgrind": "text/plain; charset=utf-8",
     "collapsed": "text/plain; charset=utf-8",
     "text": "text/plain; charset=utf-8",
+    "flamegraph": "text/html; charset=utf-8",
+    "speedscope": "application/json",
 }
+# Formats saved as files rather than shown: the browser offers to save them under this name.
+_ATTACHMENTS = {"pstats": "bigexec.prof", "speedscope": "bigexec.speedscope.json"}
 # Every machine runs many times slower under the profiler (32x for code that calls functions
 # a lot): a profile is a short look, and several short ones are as good as a long one.
 MAX_PROFILE_SECONDS = 120.0
@@ -502,6 +507,9 @@ class _Handler(BaseHTTPRequestHandler):
                  ("vars", "metrics of the driver and every machine (JSON)"),
                  ("threads", "stacks of every thread on every machine"),
                  ("profile?seconds=10&format=text", "a merged CPU profile, top functions"),
+                 ("profile?seconds=10&format=flamegraph", "a flame graph of every machine"),
+                 ("profile?seconds=10&format=speedscope",
+                  "the same samples for speedscope (JSON)"),
                  ("profile?seconds=10", "a merged CPU profile for pstats and snakeviz")]
         items = "".join(f'<li><a href="{PREFIX}/{html.escape(h)}">{html.escape(h)}</a>: '
                         f"{html.escape(d)}</li>" for h, d in links)
@@ -565,8 +573,8 @@ class _Handler(BaseHTTPRequestHandler):
             watcher.join()
             self.debug.end_profile()
         extra = {}
-        if fmt == "pstats":
-            extra["Content-Disposition"] = 'attachment; filename="bigexec.prof"'
+        if fmt in _ATTACHMENTS:
+            extra["Content-Disposition"] = f'attachment; filename="{_ATTACHMENTS[fmt]}"'
         self._send(200, body, _CONTENT_TYPES[fmt], extra)
 
     def _busy(self, message: str, seconds_left: float | None) -> None:
