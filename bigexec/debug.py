@@ -22,6 +22,8 @@ page cannot reach it instead (DNS rebinding, a cross-site image), it
   browser) could read the driver's memory anyway, so a token would keep nobody out.
 
 One profile runs at a time (yappi has one session per process): a second request gets 409.
+A profile of no running machine gets 503 (none started yet, or every one stopped), or 409 when
+``machine=`` names one that is not running; each says why in plain text.
 A profile ends early, on every machine at once, when its client goes away. Requests are
 served by the standard library's threading HTTP server: this is a page for people, not a hot
 path.
