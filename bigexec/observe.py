@@ -30,8 +30,7 @@ if TYPE_CHECKING:
     from .systems.base import System
 
 __all__ = ["status", "metrics", "profile", "sample", "sample_by_machine", "thread_dumps",
-           "PROFILE_FORMATS",
-           "ClusterViews", "ObservedSession", "NothingToProfile"]
+           "PROFILE_FORMATS", "ClusterViews", "ObservedSession", "NothingToProfile"]
 
 
 class ObservedSession(Protocol):
