@@ -2,7 +2,8 @@
 bigexec's EC2 instances.
 
     bigexec status URL                                  the machines, as a table
-    bigexec profile URL --seconds 10 -o out.prof [--format pstats|callgrind|collapsed|text]
+    bigexec profile URL --seconds 10 -o out.prof [--format pstats|callgrind|collapsed|text|
+                                                           flamegraph|speedscope]
     bigexec top URL --seconds 10                        the merged profile's top functions
     bigexec ec2 ls [--session S] [--region R] [--json]  bigexec's EC2 instances
     bigexec ec2 sweep [--region R] [--grace S] [--dry-run]
@@ -39,6 +40,8 @@ __all__ = ["main"]
 
 _PREFIX = "/debug/bigexec"
 _TOKEN_ENV = "BIGEXEC_DEBUG_TOKEN"  # as bigexec.debug.TOKEN_ENV, without importing the library
+# As bigexec.observe.PROFILE_FORMATS, without importing the library.
+_PROFILE_FORMATS = ("pstats", "callgrind", "collapsed", "text", "flamegraph", "speedscope")
 _BROKEN_PIPE_STATUS = 141  # what a shell reports for a command killed by SIGPIPE: 128 + 13
 
 # The help is plain text: argparse prints it as is, so it cannot reuse the reST docstring.
@@ -48,6 +51,8 @@ _EPILOG = """\
 examples:
   bigexec status http://127.0.0.1:3333
   bigexec profile http://127.0.0.1:3333 --seconds 10 -o out.prof
+  bigexec profile http://127.0.0.1:3333 --seconds 10 --format flamegraph -o flame.html
+  bigexec profile http://127.0.0.1:3333 --format speedscope -o out.speedscope.json
   bigexec top http://127.0.0.1:3333 --seconds 10
   bigexec ec2 ls --region us-west-2
   bigexec ec2 sweep --dry-run
@@ -213,8 +218,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--token", help=_TOKEN_HELP)
     p.add_argument("--seconds", type=float, default=30.0,
                    help="how long to profile (default: 30)")
-    p.add_argument("--format", choices=("pstats", "callgrind", "collapsed", "text"),
-                   default="pstats", help="the profile's format (default: pstats)")
+    p.add_argument("--format", choices=_PROFILE_FORMATS, default="pstats",
+                   help="the profile's format (default: pstats): yappi's profile as pstats "
+                        "(for pstats, snakeviz), callgrind (KCachegrind) or text; stack "
+                        "samples as collapsed stacks (flamegraph.pl), flamegraph (an HTML "
+                        "page) or speedscope (JSON for speedscope)")
     p.add_argument("-o", "--output", help="file to write (default: stdout for text formats)")
     p.add_argument("--machine", help="profile this machine only (its address)")
     p.add_argument("--driver", action="store_true", help="include the driver process")

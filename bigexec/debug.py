@@ -2,7 +2,8 @@
 
     browser / `bigexec` command ── HTTP ──> DebugServer (a thread in the driver)
         /debug/bigexec/status   ──> observe.status(b)    ──> HTML, or JSON with ?format=json
-        /debug/bigexec/profile  ──> observe.render_profile ──> pstats, callgrind, collapsed, text
+        /debug/bigexec/profile  ──> observe.render_profile ──> pstats, callgrind, collapsed, text,
+                                                               flamegraph (HTML), speedscope
         /debug/bigexec/vars     ──> observe.metrics(b)   ──> JSON
         /debug/bigexec/threads  ──> observe.thread_dumps ──> text
 
@@ -21,6 +22,8 @@ page cannot reach it instead (DNS rebinding, a cross-site image), it
   browser) could read the driver's memory anyway, so a token would keep nobody out.
 
 One profile runs at a time (yappi has one session per process): a second request gets 409.
+A profile of no running machine gets 503 (none started yet, or every one stopped), or 409 when
+``machine=`` names one that is not running; each says why in plain text.
 A profile ends early, on every machine at once, when its client goes away. Requests are
 served by the standard library's threading HTTP server: this is a page for people, not a hot
 path.
@@ -71,7 +74,11 @@ _CONTENT_TYPES = {
     "callgrind": "text/plain; charset=utf-8",
     "collapsed": "text/plain; charset=utf-8",
     "text": "text/plain; charset=utf-8",
+    "flamegraph": "text/html; charset=utf-8",
+    "speedscope": "application/json",
 }
+# Formats saved as files rather than shown: the browser offers to save them under this name.
+_ATTACHMENTS = {"pstats": "bigexec.prof", "speedscope": "bigexec.speedscope.json"}
 # Every machine runs many times slower under the profiler (32x for code that calls functions
 # a lot): a profile is a short look, and several short ones are as good as a long one.
 MAX_PROFILE_SECONDS = 120.0
@@ -502,6 +509,9 @@ class _Handler(BaseHTTPRequestHandler):
                  ("vars", "metrics of the driver and every machine (JSON)"),
                  ("threads", "stacks of every thread on every machine"),
                  ("profile?seconds=10&format=text", "a merged CPU profile, top functions"),
+                 ("profile?seconds=10&format=flamegraph", "a flame graph of every machine"),
+                 ("profile?seconds=10&format=speedscope",
+                  "the same samples for speedscope (JSON)"),
                  ("profile?seconds=10", "a merged CPU profile for pstats and snakeviz")]
         items = "".join(f'<li><a href="{PREFIX}/{html.escape(h)}">{html.escape(h)}</a>: '
                         f"{html.escape(d)}</li>" for h, d in links)
@@ -555,13 +565,18 @@ class _Handler(BaseHTTPRequestHandler):
         except ProfileBusy as exc:  # someone profiles the machines other than through here
             self._busy(f"{exc}; try again once it ends", None)
             return
+        except observe.NothingToProfile as exc:
+            # The session's state, not a failure of the server: a named machine that is not
+            # running conflicts with the request (409); no machine at all may come (503).
+            self._send(409 if machines is not None else 503, f"{exc}\n".encode())
+            return
         finally:
             done.set()
             watcher.join()
             self.debug.end_profile()
         extra = {}
-        if fmt == "pstats":
-            extra["Content-Disposition"] = 'attachment; filename="bigexec.prof"'
+        if fmt in _ATTACHMENTS:
+            extra["Content-Disposition"] = f'attachment; filename="{_ATTACHMENTS[fmt]}"'
         self._send(200, body, _CONTENT_TYPES[fmt], extra)
 
     def _busy(self, message: str, seconds_left: float | None) -> None:

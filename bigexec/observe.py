@@ -4,6 +4,8 @@
     B.metrics() ── Supervisor.metrics on every machine ──> {driver, machines, total}
     B.profile() ── Supervisor.profile (yappi) on one machine per process, in parallel
                    (+ the driver) ──> profiling.merge_pstats ──> one pstats.Stats
+    sample()    ── Supervisor.sample (stack sampler) likewise ──> collapsed stacks per
+                   machine ──> merged, a flame graph page, or speedscope's JSON
 
 Machines of the ``threads`` system share the driver's process, and yappi profiles a whole
 process, so a process is profiled once however many machines live in it.
@@ -27,8 +29,8 @@ if TYPE_CHECKING:
     from .rpc.client import Client
     from .systems.base import System
 
-__all__ = ["status", "metrics", "profile", "sample", "thread_dumps", "PROFILE_FORMATS",
-           "ClusterViews", "ObservedSession"]
+__all__ = ["status", "metrics", "profile", "sample", "sample_by_machine", "thread_dumps",
+           "PROFILE_FORMATS", "ClusterViews", "ObservedSession", "NothingToProfile"]
 
 
 class ObservedSession(Protocol):
@@ -52,7 +54,14 @@ _STATUS_TIMEOUT = 10.0
 _METRICS_TIMEOUT = 30.0
 _PROFILE_SLACK = 60.0  # beyond the profile's own seconds: boot of yappi, transfer
 _STOP_POLL = 0.1  # how often a profile in flight looks at its stop event
-PROFILE_FORMATS = ("pstats", "callgrind", "collapsed", "text")
+#: What ``render_profile`` writes: yappi's profile as pstats, callgrind or a text table; stack
+#: samples as collapsed stacks, a flame graph (an HTML page) or speedscope's JSON.
+PROFILE_FORMATS = ("pstats", "callgrind", "collapsed", "text", "flamegraph", "speedscope")
+
+
+class NothingToProfile(RuntimeError):
+    """A profile was asked of no running machine (none started yet, every one stopped, or the
+    ones named not running) without the driver: there is nothing to profile."""
 
 
 def _gather(machines: list[Machine], method: str, args: tuple, timeout: float
@@ -185,6 +194,8 @@ def _collect(b: ObservedSession, method: str, local: Any, seconds: float,
     from . import profiling
 
     targets = _targets(b, machines)
+    if not targets and not include_driver:
+        raise NothingToProfile(_nothing_running(b, machines))
     halt = threading.Event()  # ends the driver's own profile early
     driver: Future = Future()
     thread = None
@@ -237,8 +248,22 @@ def _collect(b: ObservedSession, method: str, local: Any, seconds: float,
         else:
             raise RuntimeError(f"profiling {name} failed: {r}") from r
     if not out:
-        raise RuntimeError("no running machine to profile")
+        raise NothingToProfile(_nothing_running(b, machines))
     return out
+
+
+def _nothing_running(b: ObservedSession, machines: list[Machine] | None) -> str:
+    """Why there is no machine to profile, for a person."""
+    if machines is not None:
+        states = ", ".join(f"{m.addr or '(booting)'} is {m.state.name}"
+                           + ("" if m.err is None else f" ({type(m.err).__name__}: {m.err})")
+                           for m in machines)
+        return f"no running machine to profile: {states or 'no machine was named'}"
+    known = _all_machines(b)
+    if not known:
+        return "no running machine to profile: the session has started none (b.start(n))"
+    return (f"no running machine to profile: all {len(known)} of the session's machines "
+            f"are stopped or still starting")
 
 
 def profile(b: ObservedSession, seconds: float = 30.0, machines: list[Machine] | None = None,
@@ -255,6 +280,20 @@ def profile(b: ObservedSession, seconds: float = 30.0, machines: list[Machine] |
     return profiling.merge_pstats([blob for _, blob in parts])
 
 
+def sample_by_machine(b: ObservedSession, seconds: float = 30.0,
+                      machines: list[Machine] | None = None, include_driver: bool = False,
+                      stop: threading.Event | None = None) -> dict[str, dict[str, int]]:
+    """On-CPU stack samples of each machine (one per process): its address (``"driver"`` for
+    the driver) -> collapsed stack -> count, each count ``stacks.SAMPLE_INTERVAL`` seconds of
+    CPU. ``stop`` as for ``profile``."""
+    from . import profiling
+
+    parts = _collect(b, "Supervisor.sample",
+                     lambda s, halt: profiling.sample_stacks(s, stop=halt),
+                     seconds, machines, include_driver, stop)
+    return dict(parts)
+
+
 def sample(b: ObservedSession, seconds: float = 30.0, machines: list[Machine] | None = None,
            include_driver: bool = False, stop: threading.Event | None = None
            ) -> dict[str, int]:
@@ -262,10 +301,8 @@ def sample(b: ObservedSession, seconds: float = 30.0, machines: list[Machine] | 
     for ``profile``."""
     from . import profiling
 
-    parts = _collect(b, "Supervisor.sample",
-                     lambda s, halt: profiling.sample_stacks(s, stop=halt),
-                     seconds, machines, include_driver, stop)
-    return profiling.merge_collapsed([counts for _, counts in parts])
+    parts = sample_by_machine(b, seconds, machines, include_driver, stop)
+    return profiling.merge_collapsed(list(parts.values()))
 
 
 def thread_dumps(b: ObservedSession) -> str:
@@ -291,19 +328,32 @@ def render_profile(b: ObservedSession, fmt: str, seconds: float,
                    stop: threading.Event | None = None) -> bytes:
     """A merged profile in one of ``PROFILE_FORMATS``, as bytes ready to save or serve.
     ``stop`` ends it early everywhere (CancelledError), as for ``profile``."""
-    from . import profiling
+    from . import flamegraph, profile_formats, profiling, stacks
 
     if fmt not in PROFILE_FORMATS:
         raise ValueError(f"unknown profile format {fmt!r}; formats: {', '.join(PROFILE_FORMATS)}")
-    if fmt == "collapsed":
-        counts = sample(b, seconds, machines, include_driver, stop)
-        return profiling.collapsed_text(counts).encode()
+    if fmt in ("collapsed", "flamegraph", "speedscope"):
+        parts = sample_by_machine(b, seconds, machines, include_driver, stop)
+        if fmt == "speedscope":
+            return profile_formats.to_speedscope(
+                parts, stacks.SAMPLE_INTERVAL, name=_profile_name(parts, seconds)).encode()
+        counts = profiling.merge_collapsed(list(parts.values()))
+        if fmt == "collapsed":
+            return profiling.collapsed_text(counts).encode()
+        return flamegraph.flamegraph_html(counts, stacks.SAMPLE_INTERVAL,
+                                          note=_profile_name(parts, seconds)).encode()
     stats = profile(b, seconds, machines, include_driver, stop)
     if fmt == "pstats":
         return profiling.pstats_bytes(stats)
     if fmt == "callgrind":
         return profiling.to_callgrind(stats).encode()
     return profiling.to_text(stats, limit=limit).encode()
+
+
+def _profile_name(parts: dict[str, dict[str, int]], seconds: float) -> str:
+    """What a sampled profile covers, for a person: how long, and which processes."""
+    who = ", ".join(parts) if len(parts) <= 4 else f"{len(parts)} machines"
+    return f"bigexec: on-CPU stacks of {who}, sampled for {seconds:g} s"
 
 
 class ClusterViews:

@@ -8,28 +8,35 @@ Pure functions over finished profiles; nothing here runs a profiler.
   :func:`to_callgrind` the format KCachegrind opens.
 - Stack samples travel as ``{"outer;...;inner": count}`` (what
   :func:`bigexec.stacks.sample_stacks` returns): :func:`merge_collapsed` adds them and
-  :func:`collapsed_text` writes the collapsed format of ``flamegraph.pl`` and speedscope.
+  :func:`collapsed_text` writes the collapsed format of ``flamegraph.pl`` and speedscope,
+  :func:`to_speedscope` speedscope's own file format (and :mod:`bigexec.flamegraph` draws
+  them as a page).
 """
 
 from __future__ import annotations
 
+import json
 import marshal
 import pstats
+import re
 from collections import Counter
-from collections.abc import Sequence
-from typing import NamedTuple
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
 
 __all__ = [
     "CallerStats",
     "FuncKey",
     "FunctionStats",
+    "SPEEDSCOPE_SCHEMA",
     "collapsed_text",
+    "frame_parts",
     "is_builtin",
     "merge_collapsed",
     "merge_pstats",
     "pstats_bytes",
     "stats_table",
     "to_callgrind",
+    "to_speedscope",
     "to_text",
 ]
 
@@ -258,3 +265,68 @@ def collapsed_text(counts: dict[str, int]) -> str:
     """Stack counts as ``stack count`` lines sorted by stack: flamegraph.pl and speedscope input.
     """
     return "".join(f"{stack} {n}\n" for stack, n in sorted(counts.items()) if n > 0)
+
+
+# --- speedscope ------------------------------------------------------------------------------
+
+#: The schema a speedscope file names (speedscope's file format).
+SPEEDSCOPE_SCHEMA = "https://www.speedscope.app/file-format-schema.json"
+
+# A sampled frame's label, as bigexec.stacks writes it: "function (file.py:12)".
+_FRAME_LABEL = re.compile(r"(?P<name>.*) \((?P<file>[^()]*):(?P<line>\d+)\)")
+
+
+def frame_parts(label: str) -> tuple[str, str | None, int | None]:
+    """A sampled frame's label ``"function (file.py:12)"`` as (function, file, line); a label
+    of another shape is all name: ``(label, None, None)``."""
+    m = _FRAME_LABEL.fullmatch(label)
+    if m is None:
+        return label, None, None
+    return m["name"], m["file"], int(m["line"])
+
+
+def to_speedscope(profiles: Mapping[str, dict[str, int]], seconds_per_sample: float,
+                  name: str = "bigexec profile", exporter: str = "bigexec") -> str:
+    """Stack samples in speedscope's file format (JSON), one profile per entry of
+    ``profiles`` (its name -> collapsed stack -> count), frames shared among them.
+
+    Each profile is of type ``"sampled"``: the samples are counts of whole stacks with no
+    order in time, which is what a sampled profile holds (an ``"evented"`` one needs the time
+    of every call and return). Each distinct stack is one sample, weighed in seconds
+    (``count * seconds_per_sample``), so a profile's weights add up to its CPU time and
+    speedscope's views show seconds. Raises ValueError for a ``seconds_per_sample`` that is
+    not positive.
+    """
+    if not seconds_per_sample > 0:
+        raise ValueError(f"seconds_per_sample must be > 0, not {seconds_per_sample!r}")
+    frames: list[dict[str, Any]] = []
+    index: dict[str, int] = {}
+
+    def frame(label: str) -> int:
+        i = index.get(label)
+        if i is None:
+            fn, file, line = frame_parts(label)
+            entry: dict[str, Any] = {"name": fn}
+            if file is not None:
+                entry["file"] = file
+                entry["line"] = line
+            i = index[label] = len(frames)
+            frames.append(entry)
+        return i
+
+    out = []
+    for profile_name, counts in profiles.items():
+        samples, weights = [], []
+        for stack, n in sorted(counts.items()):
+            if n <= 0:
+                continue
+            samples.append([frame(f) for f in stack.split(";")] if stack else [])
+            weights.append(n * seconds_per_sample)
+        out.append({"type": "sampled", "name": profile_name, "unit": "seconds",
+                    "startValue": 0, "endValue": sum(weights),
+                    "samples": samples, "weights": weights})
+    document: dict[str, Any] = {"$schema": SPEEDSCOPE_SCHEMA, "shared": {"frames": frames},
+                                "profiles": out, "name": name, "exporter": exporter}
+    if out:
+        document["activeProfileIndex"] = 0
+    return json.dumps(document)

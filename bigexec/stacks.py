@@ -28,7 +28,11 @@ from types import CodeType, FrameType
 
 from .thread_clocks import thread_cpu_times
 
-__all__ = ["sample_stacks", "thread_stacks"]
+__all__ = ["SAMPLE_INTERVAL", "sample_stacks", "thread_stacks"]
+
+#: Seconds of CPU time one sample of :func:`sample_stacks` stands for, unless told otherwise:
+#: what turns a stack's count into seconds (a flame graph's widths, speedscope's weights).
+SAMPLE_INTERVAL = 0.005
 
 
 # --- the GIL switch interval, shared by overlapping samplers ---------------------------------
@@ -68,7 +72,7 @@ def _frame_label(code: CodeType, line: int | None) -> str:
 def sample_stacks(
     seconds: float,
     *,
-    interval: float = 0.005,
+    interval: float = SAMPLE_INTERVAL,
     stop: threading.Event | None = None,
 ) -> dict[str, int]:
     """Sample the stacks of this process's threads for a flame graph.

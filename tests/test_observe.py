@@ -341,3 +341,157 @@ def test_bigpi_lock_lesson_shows_in_the_merged_profile(monkeypatch):
     assert locked_share > 0.10, (locked, locked_share)
     assert "CirclePI.sample" in fixed[0], fixed
     assert fixed_share < 0.03, (fixed, fixed_share)  # no lock to speak of
+
+
+class Blob:
+    def make(self, n: int) -> bytes:
+        return b"x" * n
+
+
+def test_driver_counts_the_bytes_of_replies():
+    with bigexec.start("threads") as b:
+        (m,) = b.start(1, services={"Blob": Blob()})
+        assert m.wait(bigexec.RUNNING, 10)
+        assert len(m.call("Blob.make", 1 << 20)) == 1 << 20
+        assert len(m.call("Blob.make", 10)) == 10
+        mt = b.metrics()
+        made = mt["driver"]["rpc"]["made"]["Blob.make"]
+        served = mt["machines"][m.addr]["rpc"]["served"]["Blob.make"]
+        assert made["count"] == 2
+        assert made["reply_bytes"] >= (1 << 20) + 10
+        # both ends count the reply's body, so they agree
+        assert made["reply_bytes"] == served["reply_bytes"]
+        assert mt["driver"]["rpc"]["made_total"]["reply_bytes"] >= made["reply_bytes"]
+
+
+def test_profile_without_running_machines_answers_503_or_409():
+    with bigexec.start("threads") as b:
+        server = b.serve_debug(port=0)
+        # before b.start: nothing to profile yet, which may change (503)
+        status, ctype, body = _fetch(server.url + "profile?seconds=0.2&format=text")
+        assert status == 503 and ctype.startswith("text/plain"), (status, body)
+        assert b"no running machine" in body and b"started none" in body
+        with pytest.raises(RuntimeError, match="no running machine"):
+            b.profile(seconds=0.1)
+        ms = _start_two(b, "Work", Work())
+        ms[0].shutdown()
+        assert ms[0].wait(bigexec.STOPPED, 30)
+        # a named machine that is not running conflicts with the request (409)
+        label = ms[0].addr.split("://", 1)[1]
+        status, ctype, body = _fetch(server.url + f"profile?seconds=0.2&machine={label}")
+        assert status == 409 and ctype.startswith("text/plain"), (status, body)
+        assert label.encode() in body and b"STOPPED" in body
+        # an address the session never had is still a bad request (400)
+        assert _fetch(server.url + "profile?seconds=0.2&machine=127.0.0.1:1")[0] == 400
+        # the other machine still answers
+        status, _, body = _fetch(server.url + "profile?seconds=0.2&format=text")
+        assert status == 200 and body.startswith(b"total "), (status, body)
+        ms[1].shutdown()
+        assert ms[1].wait(bigexec.STOPPED, 30)
+        # every machine stopped: 503 again, saying so
+        status, ctype, body = _fetch(server.url + "profile?seconds=0.2")
+        assert status == 503 and ctype.startswith("text/plain"), (status, body)
+        assert b"all 2 of the session's machines are stopped" in body
+        for fmt in ("flamegraph", "speedscope", "collapsed"):
+            status, ctype, body = _fetch(server.url + f"profile?seconds=0.2&format={fmt}")
+            assert status == 503 and ctype.startswith("text/plain"), (fmt, status, body)
+        # the driver alone can still be profiled
+        status, _, body = _fetch(server.url + "profile?seconds=0.2&format=text&driver=1")
+        assert status == 200 and body.startswith(b"total "), (status, body)
+
+
+def _flame_boxes(page: bytes) -> list[tuple[str, float, float]]:
+    """(label, width, seconds in its tooltip) for every box of a flame graph page."""
+    import re
+    import xml.etree.ElementTree as ET
+
+    text = page.decode()
+    svg = ET.fromstring(text[text.index("<svg"):text.index("</svg>") + len("</svg>")])
+    ns = "{http://www.w3.org/2000/svg}"
+    boxes = []
+    for g in svg.iter(ns + "g"):
+        title = g.find(ns + "title").text
+        seconds = float(re.search(r"\u2014 ([0-9.]+) s, ", title).group(1))
+        boxes.append((g.get("data-n"), float(g.find(ns + "rect").get("width")), seconds))
+    return boxes
+
+
+def test_flamegraph_and_speedscope_over_http():
+    from urllib.parse import quote
+
+    with bigexec.start("local") as b:
+        ms = _start_two(b, "Tagged", Tagged())
+        futs = [m.submit("Tagged.spin", 60.0) for m in ms]  # cancelled at the end
+        for m in ms:
+            _wait_running(m, "Tagged.spin")
+        server = b.serve_debug(port=0)
+        names = {m.addr: f"spin_pid{m.info['pid']}" for m in ms}
+
+        status, ctype, page = _fetch(server.url + "profile?seconds=1&format=flamegraph")
+        assert status == 200 and ctype == "text/html; charset=utf-8", (status, page[:500])
+        boxes = _flame_boxes(page)
+        (root,) = [box for box in boxes if box[0] == "all"]
+        assert root[1] == pytest.approx(1200.0) and root[2] > 0
+        for label, width, seconds in boxes:  # every box as wide as its share of the time
+            assert width == pytest.approx(1200.0 * seconds / root[2], abs=1.5), label
+        for name in names.values():  # both machines' spins, labelled function (file:line)
+            spins = [box for box in boxes if box[0].startswith(f"{name} (test_observe.py:")]
+            assert spins, (name, sorted({box[0] for box in boxes}))
+            # the machines spin all through the window: most of their CPU is in the spins
+            assert sum(box[2] for box in spins) >= 0.2 * root[2], (name, spins, root)
+
+        # the status page's link: one machine, by its address
+        m0 = ms[0]
+        status, _, page = _fetch(server.url + f"profile?machine={quote(m0.addr, safe='')}"
+                                              f"&seconds=0.5&format=flamegraph")
+        assert status == 200, page[:500]
+        labels = {box[0].split(" (")[0] for box in _flame_boxes(page)}
+        assert names[m0.addr] in labels and names[ms[1].addr] not in labels, labels
+
+        status, ctype, body = _fetch(server.url + "profile?seconds=0.5&format=speedscope")
+        assert status == 200 and ctype == "application/json"
+        doc = json.loads(body)
+        assert doc["$schema"] == "https://www.speedscope.app/file-format-schema.json"
+        frames = doc["shared"]["frames"]
+        assert {p["name"] for p in doc["profiles"]} == set(names)  # one profile per machine
+        for p in doc["profiles"]:
+            assert p["type"] == "sampled" and p["unit"] == "seconds"
+            assert all(0 <= i < len(frames) for s in p["samples"] for i in s)
+            assert sum(p["weights"]) == pytest.approx(p["endValue"]) and p["endValue"] > 0
+            spin = [w for s, w in zip(p["samples"], p["weights"], strict=True)
+                    if frames[s[-1]]["name"] == names[p["name"]]]
+            assert sum(spin) >= 0.2 * p["endValue"], (p["name"], spin, p["endValue"])
+            assert any(f["name"] == names[p["name"]] and f["file"] == "test_observe.py"
+                       for f in frames)
+        for f in futs:
+            f.cancel()
+
+
+def test_bigexec_command_writes_flamegraph_and_speedscope(tmp_path, capsys):
+    from bigexec import observe
+
+    # local: the spin ends with its worker process (on threads it would go on spinning in
+    # this process, under the tests that follow)
+    with bigexec.start("local") as b:
+        (m,) = b.start(1, services={"Work": Work()})
+        assert m.wait(bigexec.RUNNING, 30)
+        fut = m.submit("Work.spin", 60.0)
+        _wait_running(m, "Work.spin")
+        server = b.serve_debug(port=0)
+        url = f"127.0.0.1:{server.port}"
+        flame, scope = tmp_path / "flame.html", tmp_path / "p.speedscope.json"
+        assert cli.main(["profile", url, "--seconds", "0.5", "--format", "flamegraph",
+                         "-o", str(flame)]) == 0
+        assert cli.main(["profile", url, "--seconds", "0.5", "--format", "speedscope",
+                         "-o", str(scope)]) == 0
+        fut.cancel()
+    assert any(label.startswith("spin (test_observe.py:")
+               for label, _, _ in _flame_boxes(flame.read_bytes()))
+    doc = json.loads(scope.read_text())
+    assert any(f["name"] == "spin" for f in doc["shared"]["frames"])
+    # the command offers every format the server has
+    with pytest.raises(SystemExit):
+        cli.main(["profile", "--help"])
+    usage = capsys.readouterr().out
+    for fmt in observe.PROFILE_FORMATS:
+        assert fmt in usage

@@ -552,3 +552,165 @@ def test_lock_contention_is_visible():
     assert at_lock > 0.5 * sum(locked_leaves.values())
     in_sample = sum(n for leaf, n in fixed_leaves.items() if leaf.startswith("sample ("))
     assert in_sample > 0.8 * sum(fixed_leaves.values())
+
+
+# --- functions of the driver's __main__, profiled on a machine --------------------------------
+
+_MAIN_SCRIPT = '''\
+import json
+import sys
+import time
+
+import bigexec
+
+
+def busy(seconds):
+    end = time.perf_counter() + seconds
+    n = 0
+    while time.perf_counter() < end:
+        n += 1
+    return n
+
+
+class Spinner:
+    def spin(self, seconds):
+        return busy(seconds)
+
+
+if __name__ == "__main__":
+    with bigexec.start("local") as b:
+        (m,) = b.start(1, services={"Spinner": Spinner()})
+        assert m.wait(bigexec.RUNNING, 60), m.err
+        call = m.submit("Spinner.spin", 120.0)
+        deadline = time.monotonic() + 60
+        while "Spinner.spin" not in m.call("Supervisor.metrics")["running_calls"]:
+            assert time.monotonic() < deadline, "the spin never started"
+            time.sleep(0.02)
+        stats = b.profile(seconds=0.5)
+        call.cancel()
+    json.dump({"keys": [list(k) for k in stats.stats]}, sys.stdout)
+'''
+
+
+def test_main_functions_keep_their_file_and_line_on_machines(tmp_path):
+    """Functions of the driver's __main__ travel by value (cloudpickle); a machine's profile
+    names them by the script's path and their def lines, not cloudpickle's "<dynamic-code>"."""
+    import json
+    import subprocess
+
+    script = tmp_path / "driver_main.py"
+    script.write_text(_MAIN_SCRIPT)
+    lines = _MAIN_SCRIPT.splitlines()
+    busy_line = lines.index("def busy(seconds):") + 1
+    spin_line = lines.index("    def spin(self, seconds):") + 1
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [root, *filter(None, [os.environ.get("PYTHONPATH")])])}
+    env.pop("BIGEXEC_SYSTEM", None)
+    run = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=240)
+    assert run.returncode == 0, run.stderr[-3000:]
+    keys = {tuple(k) for k in json.loads(run.stdout)["keys"]}
+    assert (str(script), busy_line, "busy") in keys, sorted(keys)
+    assert (str(script), spin_line, "Spinner.spin") in keys, sorted(keys)
+    assert not any("dynamic-code" in k[0] for k in keys), sorted(keys)
+
+
+# --- flame graph and speedscope, from collapsed stacks -----------------------------------------
+
+_SVG = "{http://www.w3.org/2000/svg}"
+
+
+def _flame_frames(page: str) -> dict[str, list[tuple[float, float, str, int]]]:
+    """The boxes of a flame graph page: label -> [(x, width, tooltip, depth)]."""
+    import xml.etree.ElementTree as ET
+
+    svg = ET.fromstring(page[page.index("<svg"):page.index("</svg>") + len("</svg>")])
+    frames: dict[str, list[tuple[float, float, str, int]]] = {}
+    for g in svg.iter(_SVG + "g"):
+        rect = g.find(_SVG + "rect")
+        title = g.find(_SVG + "title")
+        assert rect is not None and title is not None and title.text
+        frames.setdefault(g.get("data-n", ""), []).append(
+            (float(rect.get("x", "nan")), float(rect.get("width", "nan")), title.text,
+             int(g.get("data-d", "-1"))))
+    return frames
+
+
+def test_flamegraph_page_draws_each_frame_as_wide_as_its_time():
+    from bigexec.flamegraph import WIDTH, flamegraph_html
+
+    counts = {"main (a.py:1);work (a.py:5);crunch (a.py:9)": 60,
+              "main (a.py:1);work (a.py:5)": 20,
+              "main (a.py:1);<lambda> & <x> (b.py:7)": 15,
+              "main (a.py:1)": 5}
+    page = flamegraph_html(counts, 0.01, title="t <&>")
+    assert page.startswith("<!DOCTYPE html>") and "<title>t &lt;&amp;&gt;</title>" in page
+    # self-contained: no address but the SVG namespace, nothing loaded from anywhere
+    assert re.findall(r"https?://[^\"'\s<>]+", page) == ["http://www.w3.org/2000/svg"]
+    assert " src=" not in page and " href=" not in page and "@import" not in page
+    frames = _flame_frames(page)
+    assert set(frames) == {"all", "main (a.py:1)", "work (a.py:5)", "crunch (a.py:9)",
+                           "<lambda> & <x> (b.py:7)"}
+    expected = {"all": (100, 0), "main (a.py:1)": (100, 1), "work (a.py:5)": (80, 2),
+                "crunch (a.py:9)": (60, 3), "<lambda> & <x> (b.py:7)": (15, 2)}
+    for label, (samples, depth) in expected.items():
+        ((x, width, tooltip, d),) = frames[label]
+        assert d == depth
+        assert width == pytest.approx(WIDTH * samples / 100, abs=0.01), label
+        assert tooltip == f"{label} \u2014 {samples * 0.01:.3f} s, {samples:.2f}%"
+    # callees sit on their caller, side by side, in the order of their names
+    lam, work = frames["<lambda> & <x> (b.py:7)"][0], frames["work (a.py:5)"][0]
+    assert lam[0] == pytest.approx(0) and work[0] == pytest.approx(lam[1], abs=0.01)
+    assert frames["crunch (a.py:9)"][0][0] == pytest.approx(work[0], abs=0.01)
+    assert "1.000 s of CPU time in 100 samples" in page
+
+
+def test_flamegraph_page_without_samples_says_so():
+    from bigexec.flamegraph import flamegraph_html
+
+    page = flamegraph_html({}, 0.005)
+    assert "No samples" in page and _flame_frames(page) == {}
+    with pytest.raises(ValueError, match="seconds_per_sample"):
+        flamegraph_html({"a (a.py:1)": 1}, 0)
+
+
+def test_flamegraph_leaves_out_frames_too_narrow_to_see():
+    from bigexec.flamegraph import flamegraph_html
+
+    frames = _flame_frames(flamegraph_html({"big (a.py:1)": 10**6, "tiny (a.py:2)": 1}, 1.0))
+    assert "big (a.py:1)" in frames and "tiny (a.py:2)" not in frames
+    assert frames["all"][0][2].startswith("all \u2014 1000001.000 s")  # its time is still there
+
+
+def test_speedscope_file_has_shared_frames_and_sampled_profiles_in_seconds():
+    import json
+
+    from bigexec.profile_formats import SPEEDSCOPE_SCHEMA, frame_parts, to_speedscope
+
+    one = {"main (a.py:1);f (a.py:5)": 30, "main (a.py:1)": 10}
+    two = {"main (a.py:1);g <x> (b.py:7)": 4, "odd frame;f (a.py:5)": 6, "zero (z.py:1)": 0}
+    doc = json.loads(to_speedscope({"m1": one, "m2": two}, 0.005, name="n"))
+    assert doc["$schema"] == SPEEDSCOPE_SCHEMA and doc["name"] == "n"
+    frames = doc["shared"]["frames"]
+    assert {"name": "main", "file": "a.py", "line": 1} in frames
+    assert {"name": "g <x>", "file": "b.py", "line": 7} in frames
+    assert {"name": "odd frame"} in frames
+    assert len(frames) == len({json.dumps(f, sort_keys=True) for f in frames}) == 4
+    assert [p["name"] for p in doc["profiles"]] == ["m1", "m2"]
+    for p, counts in zip(doc["profiles"], (one, two), strict=True):
+        assert p["type"] == "sampled" and p["unit"] == "seconds" and p["startValue"] == 0
+        assert len(p["samples"]) == len(p["weights"])
+        total = sum(n for n in counts.values()) * 0.005
+        assert sum(p["weights"]) == pytest.approx(total) == pytest.approx(p["endValue"])
+        # each sample is a stack of indexes into the shared frames, outermost first
+        stacks = {";".join(_label(frames[i]) for i in s): w
+                  for s, w in zip(p["samples"], p["weights"], strict=True)}
+        assert stacks == pytest.approx({k: n * 0.005 for k, n in counts.items() if n})
+    assert 0 <= doc["activeProfileIndex"] < len(doc["profiles"])
+    assert frame_parts("f (x (y).py:3)") == ("f (x (y).py:3)", None, None)
+
+
+def _label(frame: dict) -> str:
+    return f"{frame['name']} ({frame['file']}:{frame['line']})" if "file" in frame \
+        else frame["name"]

@@ -221,3 +221,19 @@ def test_drop_connections_ends_them_and_the_server_goes_on():
             time.sleep(0.01)
         assert client.call(server.addr, "Echo.echo", (3,)) == 3  # still accepting
         assert server.drop_connections() == 1  # the client's new connection
+
+
+def test_code_by_value_keeps_its_file_name_and_lines():
+    """cloudpickle names the file of every code object it copies "<dynamic-code>"; the codec
+    keeps the real one, for nested code too, so profiles and tracebacks point at the source."""
+    namespace: dict = {"__name__": "bigexec_test_not_importable"}
+    source = "\n\ndef outer(x):\n    def inner(y):\n        return y + 1\n    return inner(x)\n"
+    exec(compile(source, "/somewhere/driver_script.py", "exec"), namespace)
+    outer = namespace["outer"]
+    assert not codec.named(outer)  # pickled by value
+    copy = codec.loads(codec.dumps_bytes(outer))
+    assert copy is not outer and copy(1) == 2
+    assert copy.__code__.co_filename == "/somewhere/driver_script.py"
+    assert copy.__code__.co_firstlineno == 3
+    inner = next(c for c in copy.__code__.co_consts if hasattr(c, "co_filename"))
+    assert inner.co_filename == "/somewhere/driver_script.py" and inner.co_firstlineno == 4

@@ -237,7 +237,8 @@ class Client:
             failed = False
             return result
         finally:
-            self.stats.record(p.method, time.perf_counter() - p.t0, failed, p.length)
+            self.stats.record(p.method, time.perf_counter() - p.t0, failed, p.length,
+                              p.reply_length)
 
     def _send(self, p: PendingCall) -> None:
         ep, addr, method, handle = p.ep, p.addr, p.method, p.handle
@@ -302,6 +303,7 @@ class Client:
                 if reply is None:
                     raise ConnectionResetError("connection closed before the reply")
                 got_reply = True
+                p.reply_length = _reply_length(reply.headers)
                 # a reply that arrives after the deadline is a timeout all the same: the
                 # method saw its ctx expire at about the moment the caller gave up
                 late = p.deadline is not None and time.monotonic() > p.deadline
@@ -403,7 +405,8 @@ class PendingCall:
     """A call whose request is sent and whose reply is yet to be read (``Client.begin``)."""
 
     __slots__ = ("addr", "method", "prepared", "length", "timeout", "deadline", "call_id",
-                 "handle", "ep", "conn", "fresh", "source_error", "t0", "idempotent")
+                 "handle", "ep", "conn", "fresh", "source_error", "t0", "idempotent",
+                 "reply_length")
 
     def __init__(self, ep: Endpoint, addr: str, method: str,
                  prepared: PreparedCall, timeout: float | None, call_id: str,
@@ -424,6 +427,17 @@ class PendingCall:
         self.fresh = False
         self.source_error: BaseException | None = None
         self.idempotent = False
+        #: The body length of the reply that came (0 until one did, and for a stream).
+        self.reply_length = 0
+
+
+def _reply_length(headers: dict[str, str]) -> int:
+    """A reply's body length as its head declares it; 0 for a stream or a malformed head
+    (which ``_finish`` refuses)."""
+    try:
+        return max(0, int(headers.get("content-length", "0")))
+    except ValueError:
+        return 0
 
 
 def _abandon(conn: Connection, handle: CallHandle | None, detach: bool) -> None:

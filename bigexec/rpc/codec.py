@@ -20,8 +20,9 @@ sender does not copy them into the pickle stream. The pickler never asks ``reduc
 about exact ``bytes`` and ``bytearray`` (its fast path), so large ones found in the message's
 top levels (the value itself and the items of tuples, lists and dicts in it, two levels down)
 are swapped for a stand-in that reduces to an out-of-band buffer. Code (functions, classes
-from ``__main__``, closures) is pickled by value with cloudpickle; functions from one module
-share one namespace on the receiving machine (see ``bigexec.namespaces``).
+from ``__main__``, closures) is pickled by value with cloudpickle, keeping the file names of
+its code objects (which cloudpickle replaces); functions from one module share one namespace
+on the receiving machine (see ``bigexec.namespaces``).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import pickle
 import struct
 import sys
 import types
+from collections import ChainMap
 from collections.abc import Callable, Iterator
 from typing import Any, cast
 
@@ -135,7 +137,29 @@ def _swap_large(obj: Any, depth: int, memo: dict[int, Any]) -> Any:
     return new
 
 
+# cloudpickle (from 3.1) writes every code object it copies with the file name
+# "<dynamic-code>", so that a function's pickle does not depend on where it was defined. A
+# machine would then profile, sample and trace back the driver's __main__ functions under that
+# name. The pickle of a code object here carries its real file name too, put back once
+# cloudpickle's own reduction has rebuilt it.
+_cloudpickle_code_reduce = cloudpickle.Pickler.dispatch_table[types.CodeType]
+
+
+def _code_in_file(make: Callable[..., types.CodeType], args: tuple, filename: str
+                  ) -> types.CodeType:
+    """A code object rebuilt by cloudpickle's ``make(*args)``, with the file it came from."""
+    code = make(*args)
+    return code if code.co_filename == filename else code.replace(co_filename=filename)
+
+
+def _reduce_code(code: types.CodeType) -> Any:
+    make, args = _cloudpickle_code_reduce(code)
+    return _code_in_file, (make, args, code.co_filename)
+
+
 class _Pickler(cloudpickle.Pickler):
+    dispatch_table = ChainMap({types.CodeType: _reduce_code}, cloudpickle.Pickler.dispatch_table)
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.to_bytes: list[pickle.PickleBuffer] = []  # the buffers _bytes_from_buffer takes
@@ -162,7 +186,7 @@ class _Pickler(cloudpickle.Pickler):
                 return _bytes_from_buffer, (obj.tobytes(),)
             return NotImplemented
         if t is types.FunctionType:
-            if obj in namespaces.PICKLED_BY_NAME:
+            if obj in namespaces.PICKLED_BY_NAME or obj is _code_in_file:
                 return NotImplemented
             # by value: into the module's namespace on the machine
             return namespaces.share_globals(obj, super().reducer_override(obj),
