@@ -25,6 +25,7 @@ from typing import Any
 
 from .batching import Task
 from .machine import Machine
+from .map_tracking import TrackedIterator
 from .observe import ClusterViews
 from .scheduler import Scheduler
 from .session import B
@@ -158,6 +159,7 @@ class Executor(ClusterViews, _StdExecutor):
             raise RuntimeError("cannot schedule new futures after shutdown")
         if buffersize is None:
             tasks = [make(c) for c in calls]
+            items = len(tasks) if chunksize == 1 else sum(len(t.args[1]) for t in tasks)
             self._scheduler.submit_many(tasks)
             fs: deque[Future] = deque(t.future for t in tasks)
             del tasks
@@ -165,10 +167,13 @@ class Executor(ClusterViews, _StdExecutor):
         else:
             fs = deque(self.submit_task(make(c)) for c in itertools.islice(calls, buffersize))
             more = (weakref.ref(self), calls, make)
+            items = 0
         results = self._results(fs, end_time, more)
-        if chunksize == 1:
-            return results
-        return _items_of_chunks(results)
+        # items, as the status page counts them: known now unless the input is read lazily
+        total = None if more is not None else (len(fs) if chunksize == 1 else items)
+        progress = self._scheduler.maps.track("Executor.map", total)
+        return TrackedIterator(results if chunksize == 1 else _items_of_chunks(results),
+                               progress)
 
     @staticmethod
     def _results(fs: deque[Future], end_time: float | None,

@@ -25,6 +25,7 @@ import queue
 import threading
 import time
 import warnings
+import weakref
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future
 
@@ -36,6 +37,7 @@ from typing import Any
 from .batching import Task
 from .errors import RemoteTraceback
 from .machine import Machine
+from .map_tracking import MapProgress
 from .observe import ClusterViews
 from .scheduler import Scheduler
 from .session import B
@@ -129,8 +131,10 @@ class MapResult(ApplyResult):
 
     def __init__(self, pool: Pool, chunksize: int, length: int,
                  callback: Callable[[Any], Any] | None,
-                 error_callback: Callable[[BaseException], Any] | None) -> None:
+                 error_callback: Callable[[BaseException], Any] | None,
+                 progress: MapProgress) -> None:
         super().__init__(pool, callback, error_callback)
+        self._progress = progress
         self._chunksize = chunksize
         self._values: list[Any] = [None] * length
         self._left = 0 if chunksize == 0 else -(-length // chunksize)
@@ -138,6 +142,7 @@ class MapResult(ApplyResult):
         if self._left == 0:  # nothing to do: ready at once, and (as the stdlib) no callback
             self._success, self._value = True, self._values
             self._event.set()
+            progress.finish()
 
     def _chunk_done(self, index: int, fut: Future) -> None:
         exc = _error_of(fut)
@@ -147,7 +152,10 @@ class MapResult(ApplyResult):
         elif exc is not None and self._error is None:
             self._error = exc
         self._left -= 1
+        self._progress.advance(min(self._chunksize, len(self._values) - index * self._chunksize)
+                               if self._values else self._chunksize)
         if self._left == 0:
+            self._progress.finish()
             if self._error is None:
                 self._finish(True, self._values)
             else:
@@ -161,8 +169,10 @@ class IMapIterator:
     ``next(timeout)`` raises ``multiprocessing.TimeoutError`` when no result comes in time.
     """
 
-    def __init__(self, pool: Pool, ordered: bool) -> None:
+    def __init__(self, pool: Pool, ordered: bool, progress: MapProgress) -> None:
         self._pool = pool
+        self._progress = progress
+        weakref.finalize(self, progress.finish)
         self._ordered = ordered
         self._cond = threading.Condition()
         self._done: dict[int, tuple[bool, Any]] = {}
@@ -171,12 +181,33 @@ class IMapIterator:
         self._length: int | None = None
         self._items: collections.deque[Any] = collections.deque()
         self._consumed = 0
+        self._read = 0  # input items the feeder has read
         self._feed = _WINDOW  # how the feeder reads the input: see _wait_for_room
 
     def __iter__(self) -> IMapIterator:
         return self
 
     def next(self, timeout: float | None = None) -> Any:
+        try:
+            value = self._next(timeout)
+        except StopIteration:
+            self._progress.finish()
+            raise
+        except multiprocessing.TimeoutError:
+            raise  # no item yet
+        except BaseException:
+            self._progress.advance()  # the item's error is its result
+            raise
+        self._progress.advance()
+        return value
+
+    def __length_hint__(self) -> int:
+        """The items still to come, once the whole input has been read; else those read and
+        not yet consumed."""
+        total = self._progress.total
+        return max(0, (total if total is not None else self._read) - self._progress.done)
+
+    def _next(self, timeout: float | None = None) -> Any:
         if self._items:
             return self._items.popleft()
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -205,7 +236,7 @@ class IMapIterator:
             self._items.extend(value.items)
             if not self._items:
                 left = None if deadline is None else max(0.0, deadline - time.monotonic())
-                return self.next(left)
+                return self._next(left)
             return self._items.popleft()
         return value
 
@@ -217,10 +248,14 @@ class IMapIterator:
             self._arrivals.append(index)
             self._cond.notify_all()
 
-    def _set_length(self, length: int) -> None:
+    def _set_length(self, length: int, items: int) -> None:
         with self._cond:
             self._length = length
+            self._progress.set_total(items)
             self._cond.notify_all()
+
+    def _count_read(self, items: int) -> None:
+        self._read += items
 
     def _wait_for_room(self, submitted: int, window: int) -> bool:
         """Wait until the consumer has made room for one more task; False: stop feeding (the
@@ -371,7 +406,9 @@ class Pool(ClusterViews):
                 chunksize += 1
         if len(items) == 0:
             chunksize = 0
-        result = MapResult(self, chunksize, len(items), callback, error_callback)
+        progress = self._scheduler.maps.track(
+            "Pool.starmap" if runner is run_chunk else "Pool.map", len(items))
+        result = MapResult(self, chunksize, len(items), callback, error_callback, progress)
         if chunksize:
             tasks = []
             for i in range(0, len(items), chunksize):
@@ -410,7 +447,8 @@ class Pool(ClusterViews):
         self._check_running()
         if chunksize < 1:
             raise ValueError(f"Chunksize must be 1+, not {chunksize:n}")
-        it = IMapIterator(self, ordered)
+        it = IMapIterator(self, ordered, self._scheduler.maps.track(
+            "Pool.imap" if ordered else "Pool.imap_unordered"))
         window = max(2, self._processes * _IMAP_WINDOW_PER_PROCESS)
 
         def done(index: int, fut: Future) -> None:
@@ -424,7 +462,7 @@ class Pool(ClusterViews):
 
         def feed() -> None:
             source = iter(iterable)
-            index = 0
+            index = read = 0
             try:
                 while True:
                     if not it._wait_for_room(index, window):  # terminated: say so, and end
@@ -434,11 +472,15 @@ class Pool(ClusterViews):
                     try:
                         if chunksize == 1:
                             task = Task(func, (next(source),), {})
+                            read += 1
+                            it._count_read(1)
                         else:
                             chunk = list(itertools.islice(source, chunksize))
                             if not chunk:
                                 break
                             task = Task(run_star_chunk, (func, chunk), {})
+                            read += len(chunk)
+                            it._count_read(len(chunk))
                     except StopIteration:
                         break
                     except BaseException as exc:  # the input failed: that is the result here
@@ -454,7 +496,7 @@ class Pool(ClusterViews):
                         break
                     del task
                     index += 1
-                it._set_length(index)
+                it._set_length(index, read)
             finally:
                 with self._feeders_lock:
                     self._feeders.pop(it, None)

@@ -49,6 +49,7 @@ from .direct import DirectCall, prepare_small
 from .errors import BrokenCluster, MachineStopped, NetworkError
 from .fleet import Fleet, MachineSlots
 from .machine import RUNNING, STOPPED, Machine
+from .map_tracking import MapBoard
 from .rpc import codec, wire
 from .session import B
 from .tasks import OK, UNPICKLABLE_RESULT, FunctionCache, TaskRunner
@@ -113,6 +114,8 @@ class Scheduler:
         self.crashes = 0
         self._fleet = Fleet(b, self, self._lock, service=self._service,
                             runner=TaskRunner(initializer, initargs), backoff=BOOT_RETRY_BACKOFF)
+        #: The maps in flight over this scheduler (see map_tracking.py); its metrics list them.
+        self.maps = MapBoard()
         b.add_metrics_source(f"scheduler:{self._service}", self._metrics)
         if machines:
             for m in machines:
@@ -134,7 +137,8 @@ class Scheduler:
                     "completed": self.tasks_completed, "crashes": self.crashes,
                     "replacements": self._fleet.replacements,
                     "machines": sum(1 for s in self._fleet.machines if not s.dead),
-                    "mean_task_seconds": self._task_time.mean or 0.0}
+                    "mean_task_seconds": self._task_time.mean or 0.0,
+                    "maps": self.maps.snapshot()["maps"]}
 
     # --- the fleet's owner (see fleet.py) ----------------------------------------------
 
