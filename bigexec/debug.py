@@ -51,7 +51,9 @@ from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import parse_qs, urlsplit
 
 from . import observe, status_page
+from .machine import RUNNING
 from .profiling import ProfileBusy
+from .status_history import SAMPLE_SECONDS, StatusHistory
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -323,12 +325,34 @@ class DebugServer:
         self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True,
                                         name="bigexec-debug")
         self._thread.start()
+        #: The last minutes of the cluster, read every ``SAMPLE_SECONDS`` for the page's plots.
+        self.history = StatusHistory()
+        self._closed = threading.Event()
+        self._sampler = threading.Thread(target=self._sample_until_closed, daemon=True,
+                                         name="bigexec-debug-sampler")
+        self._sampler.start()
+
+    def sample(self) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        """Read the cluster's status now, add it to ``history``, and return the machines'
+        rows and the driver's view with their newest rates."""
+        rows, driver = observe.status(self.b), observe.driver(self.b)
+        self.history.record(rows, driver)
+        self.history.annotate(rows, driver)
+        return rows, driver
+
+    def _sample_until_closed(self) -> None:
+        while not self._closed.wait(SAMPLE_SECONDS):
+            try:
+                self.sample()
+            except Exception as exc:  # a session shutting down; the next reading may work
+                log.debug("status sample failed: %s", exc)
 
     @property
     def port(self) -> int:
         return int(self._httpd.server_address[1])
 
     def close(self) -> None:
+        self._closed.set()
         self._httpd.shutdown()
         self._httpd.server_close()
 
@@ -519,12 +543,16 @@ class _Handler(BaseHTTPRequestHandler):
                    "text/html; charset=utf-8")
 
     def _status(self, q: dict[str, str]) -> None:
-        rows = observe.status(self.debug.b)
+        rows, driver = self.debug.sample()
+        history = self.debug.history.series()
         if q.get("format") == "json":
-            body = json.dumps({"time": time.time(), "machines": rows}, indent=1, default=str)
+            body = json.dumps({"time": time.time(), "system": self.debug.b.system.name,
+                               "machines": rows, "driver": driver, "history": history},
+                              indent=1, default=str)
             self._send(200, body.encode(), "application/json")
             return
-        self._send(200, status_page.render(self.debug.b.system.name, rows, PREFIX),
+        self._send(200, status_page.render(self.debug.b.system.name, rows, PREFIX,
+                                           driver=driver, history=history),
                    "text/html; charset=utf-8")
 
     def _profile(self, q: dict[str, str]) -> None:
@@ -537,13 +565,7 @@ class _Handler(BaseHTTPRequestHandler):
         if fmt not in observe.PROFILE_FORMATS:
             raise ValueError(f"unknown format {fmt!r}; formats: "
                              f"{', '.join(observe.PROFILE_FORMATS)}")
-        machines = None
-        if "machine" in q:
-            wanted = q["machine"]
-            machines = [m for m in self.debug.b.known_machines()
-                        if m.addr == wanted or m.addr.split("://", 1)[-1] == wanted]
-            if not machines:
-                raise ValueError(f"no machine {wanted!r} in this session")
+        machines = self._named_machines(q)
         include_driver = q.get("driver", "0") in ("1", "true", "yes")
         limit = int(q.get("limit", "40"))
         if not self.debug.start_profile(seconds):
@@ -588,4 +610,20 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(200, body.encode(), "application/json")
 
     def _threads(self, q: dict[str, str]) -> None:
-        self._send(200, observe.thread_dumps(self.debug.b).encode())
+        machines = self._named_machines(q)
+        if machines is not None and not any(m.state == RUNNING for m in machines):
+            self._send(409, f"machine {q['machine']} is not running: it has no threads to "
+                            f"show\n".encode())
+            return
+        self._send(200, observe.thread_dumps(self.debug.b, machines).encode())
+
+    def _named_machines(self, q: dict[str, str]) -> list[Any] | None:
+        """The machines ``machine=`` names (None: no such parameter); ValueError if none."""
+        if "machine" not in q:
+            return None
+        wanted = q["machine"]
+        machines = [m for m in self.debug.b.known_machines()
+                    if m.addr == wanted or (m.addr or "").split("://", 1)[-1] == wanted]
+        if not machines:
+            raise ValueError(f"no machine {wanted!r} in this session")
+        return machines

@@ -29,8 +29,8 @@ if TYPE_CHECKING:
     from .rpc.client import Client
     from .systems.base import System
 
-__all__ = ["status", "metrics", "profile", "sample", "sample_by_machine", "thread_dumps",
-           "PROFILE_FORMATS", "ClusterViews", "ObservedSession", "NothingToProfile"]
+__all__ = ["status", "driver", "metrics", "profile", "sample", "sample_by_machine",
+           "thread_dumps", "PROFILE_FORMATS", "ClusterViews", "ObservedSession", "NothingToProfile"]
 
 
 class ObservedSession(Protocol):
@@ -98,6 +98,7 @@ def status(b: ObservedSession) -> list[dict[str, Any]]:
     for m in machines:
         row: dict[str, Any] = {
             "addr": m.addr,
+            "key": m.addr or f"booting-{id(m):x}",
             "state": m.state.name,
             "owned": m.owned,
             "hostname": m.hostname,
@@ -108,12 +109,20 @@ def status(b: ObservedSession) -> list[dict[str, Any]]:
                                   else max(0.0, m.next_keepalive - now)),
         }
         booted = m.info.get("booted")
+        row["booted"] = booted
         if booted is not None and m.state != STOPPED:
             row["uptime"] = now - booted
+        handle = m.handle
+        if handle is not None and m.state != RUNNING and m.state != STOPPED:
+            row["boot_phase"] = handle.boot_phase()
         report = reports.get(m)
         if isinstance(report, dict):
             row.update(memory=report.get("memory"), disk=report.get("disk"),
-                       load=report.get("load"))
+                       load=report.get("load"), process=report.get("process"))
+            pid = (report.get("process") or {}).get("pid")
+            # a threads machine lives in the driver's process: its process figures are the
+            # driver's, shared by every machine of that system
+            row["in_driver_process"] = pid == os.getpid() and m.hostname == socket.gethostname()
             mt = report.get("metrics", {})
             tasks = aggregate(s for s in mt.get("services", {}).values()
                               if isinstance(s, dict))
@@ -122,11 +131,48 @@ def status(b: ObservedSession) -> list[dict[str, Any]]:
             total = mt.get("rpc", {}).get("served_total", {})
             row["rpc_calls"] = total.get("count", 0)
             row["rpc_errors"] = total.get("errors", 0)
+            # the calls made of the machine's services: its work, without the keepalives,
+            # status and other Supervisor calls the driver makes
+            work = [v for k, v in mt.get("rpc", {}).get("served", {}).items()
+                    if not k.startswith("Supervisor.") and isinstance(v, dict)]
+            row["calls"] = sum(v.get("count", 0) for v in work)
+            row["call_errors"] = sum(v.get("errors", 0) for v in work)
             row["pid"] = report.get("info", {}).get("pid")
         elif isinstance(report, BaseException):
             row["status_error"] = f"{type(report).__name__}: {report}"
         rows.append(row)
     return rows
+
+
+def driver(b: ObservedSession) -> dict[str, Any]:
+    """The driver's side of the status page: its process, the work its executors and pools
+    hold (queued and running tasks, each map in flight) and the machines still booting."""
+    import psutil
+
+    proc = psutil.Process()
+    with proc.oneshot():
+        cpu = proc.cpu_times()
+        process = {"pid": proc.pid, "cpu_seconds": cpu.user + cpu.system,
+                   "rss": proc.memory_info().rss, "threads": proc.num_threads()}
+    out: dict[str, Any] = {"process": process, "queued": 0, "running": 0, "completed": 0,
+                           "crashes": 0, "replacements": 0, "maps": [], "schedulers": 0}
+    for name, source in b.metrics_sources().items():
+        if not name.startswith("scheduler:"):
+            continue
+        try:
+            report = source()
+        except Exception:  # a scheduler shutting down; the page must still render
+            continue
+        out["schedulers"] += 1
+        for key in ("queued", "running", "completed", "crashes", "replacements"):
+            out[key] += int(report.get(key, 0))
+        out["maps"].extend(report.get("maps", ()))
+    made = b.client.stats.totals()
+    out["rpc_calls_made"], out["rpc_errors"] = made.get("count", 0), made.get("errors", 0)
+    machines = _all_machines(b)
+    out["booting"] = sum(1 for m in machines if m.state != RUNNING and m.state != STOPPED)
+    out["running_machines"] = sum(1 for m in machines if m.state == RUNNING)
+    return out
 
 
 def metrics(b: ObservedSession) -> dict[str, Any]:
@@ -305,14 +351,15 @@ def sample(b: ObservedSession, seconds: float = 30.0, machines: list[Machine] | 
     return profiling.merge_collapsed(list(parts.values()))
 
 
-def thread_dumps(b: ObservedSession) -> str:
-    """The stacks of every thread of every running machine (and of the driver)."""
+def thread_dumps(b: ObservedSession, machines: list[Machine] | None = None) -> str:
+    """The stacks of every thread of every running machine (default) or of ``machines``,
+    and of the driver when no machine is named."""
     from . import profiling
 
-    targets = _targets(b, None)
+    targets = _targets(b, machines)
     dumps = _gather(targets, "Supervisor.threads", (), _STATUS_TIMEOUT)
     parts = []
-    if not _driver_in(targets):
+    if machines is None and not _driver_in(targets):
         parts.append(f"=== driver (pid {os.getpid()}) ===\n{profiling.thread_stacks()}")
     for m in targets:
         text = dumps.get(m)

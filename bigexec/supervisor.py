@@ -59,6 +59,7 @@ class Supervisor:
     def __init__(self, runtime: SupervisedMachine) -> None:
         self._runtime = runtime
         self._booted = time.time()
+        self._process: Any = None  # psutil.Process of this machine's process, made once
 
     # --- boot ---------------------------------------------------------------------------
 
@@ -155,6 +156,19 @@ class Supervisor:
         return {"path": path or tempfile.gettempdir(), "total": du.total, "used": du.used,
                 "free": du.free, "percent": du.percent}
 
+    def process(self) -> dict[str, Any]:
+        """This machine's own process: CPU seconds used so far (user + system, all threads),
+        resident memory, threads. The driver turns successive readings into CPU %."""
+        import psutil
+
+        if self._process is None:
+            self._process = psutil.Process()
+        with self._process.oneshot():
+            cpu = self._process.cpu_times()
+            return {"pid": self._process.pid, "cpu_seconds": cpu.user + cpu.system,
+                    "rss": self._process.memory_info().rss,
+                    "threads": self._process.num_threads(), "time": time.time()}
+
     def load(self) -> dict[str, float]:
         one, five, fifteen = os.getloadavg()
         return {"load1": one, "load5": five, "load15": fifteen}
@@ -186,7 +200,7 @@ class Supervisor:
     def status(self) -> dict[str, Any]:
         """Everything the driver's status page shows of this machine, in one call."""
         out: dict[str, Any] = {"info": self.info(), "metrics": self.metrics()}
-        for name in ("memory", "disk", "load"):
+        for name in ("memory", "disk", "load", "process"):
             try:
                 out[name] = getattr(self, name)()
             except Exception as exc:

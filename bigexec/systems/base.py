@@ -121,6 +121,12 @@ class MachineHandle(ABC):
         """After an orderly shutdown request, wait until the machine is gone and its last log
         lines have reached the driver. False on timeout."""
 
+    def boot_phase(self) -> str | None:
+        """What the machine's boot is doing now, in a few words, for the status page (say,
+        ``"waiting for an EC2 instance"``); None when the system does not say or the boot is
+        over."""
+        return None
+
     def died(self, grace: float = 0.0) -> BaseException | None:
         """If the machine is known dead (waiting up to ``grace`` seconds for word of it),
         why; else None. Answers from ``mark_dead``: it never asks the machine or a cloud."""

@@ -102,6 +102,7 @@ class Ec2Machine(MachineHandle):
         self._worker_id: str | None = None
         self._ended = threading.Event()  # the worker is gone, or the instance is
         self._created = time.monotonic()
+        self._listening = False
 
     # --- placing the machine (the system's boot thread) ----------------------------------
 
@@ -146,9 +147,17 @@ class Ec2Machine(MachineHandle):
                             f"({instance.host}) stopped answering while worker {worker_id} "
                             f"booted: {exc}") from exc
         self.output.mark_listening(str(addr).split("://", 1)[-1])
+        self._listening = True
         log.info("ec2: machine %s on %s listening, %.1fs after its start", addr,
                  instance.record.instance_id, time.monotonic() - self._created)
         return str(addr)
+
+    def boot_phase(self) -> str | None:
+        if self._failure is not None or self._listening:
+            return None
+        if not self._placed.is_set():
+            return "waiting for an EC2 instance (launch, boot, install)"
+        return f"worker starting on {self.instance_id}"
 
     def kill(self) -> None:
         instance, worker_id = self._instance, self._worker_id
