@@ -99,12 +99,14 @@ def _use_tqdm(bar: str) -> bool:
         return True
     if bar != "auto":
         return False
+    isatty = getattr(sys.stderr, "isatty", None)
+    if not (isatty is not None and isatty()) and not _in_notebook():
+        return False  # asked first: importing tqdm takes a while, for nothing here
     try:
         import tqdm.auto  # noqa: F401
     except ImportError:
         return False
-    isatty = getattr(sys.stderr, "isatty", None)
-    return bool(isatty is not None and isatty()) or _in_notebook()
+    return True
 
 
 def _seconds(s: float) -> str:
