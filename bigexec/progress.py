@@ -5,33 +5,10 @@
     an iterator (as_completed, Executor.map, Pool.imap) ── the consumer's ──┘  (counts under
          thread, as each item is taken                                          one lock)
 
-Two kinds of input, told apart by what they are:
-
-* A collection of ``concurrent.futures.Future``s or of ``Machine``s (a list from ``submit``, what
-  ``B.start`` returns): a ``WatchedProgress``. The bar advances as each future finishes, or as
-  each machine reaches ``RUNNING`` (or stops without: a failure), whether or not anyone
-  iterates. The wrapper stands in for the collection: iterating it yields the same items in
-  their original order at once, without waiting, so ``concurrent.futures.wait(progress(fs))``,
-  ``as_completed(progress(fs))`` and ``[f.result() for f in progress(fs)]`` block exactly as
-  they would over ``fs``; ``progress(fs).wait(timeout)`` waits for all of them. (For
-  completion order, wrap ``as_completed(fs)`` instead, with ``total=len(fs)``.)
-* Anything else iterable (``as_completed(...)``, ``Executor.map(...)``, ``Pool.imap(...)``, a
-  list of values): an ``IteratedProgress``. Iterating it yields exactly what the input yields,
-  in the same order, raising what the input raises; the bar advances as each item is taken.
-  ``next(timeout)`` passes the timeout on to an input that takes one (``Pool.imap``'s
-  ``IMapIterator``).
-
-The bar closes when the work ends (every future done; the input exhausted), on ``close()``,
-on leaving a ``with`` block, or when the wrapper is let go (a ``break`` out of a ``for``). The
-total is ``total=`` if given, else ``len(x)``, else ``operator.length_hint(x)`` when positive,
-else unknown (the bar counts without a percentage).
-
-Where the bar goes (``bar=``): ``"tqdm"`` uses ``tqdm.auto`` (the ``progress`` extra installs
-it); ``"log"`` writes a line on the ``bigexec.progress`` logger at the start, at most every
-``LOG_INTERVAL`` seconds as items arrive, and at the end ("desc: 40/100 (40%), 12.3/s, ~5 s
-left"); ``"none"`` only counts. ``"auto"`` (the default) is ``"tqdm"`` when tqdm is installed and
-stderr is a terminal or the code runs in a notebook, else ``"log"``: a bar redrawn with
-carriage returns is noise in a file or a CI log.
+A collection of futures or machines is watched (``WatchedProgress``: callbacks count each
+as it finishes, whoever iterates); any other iterable is counted as it is consumed
+(``IteratedProgress``). ``progress``'s docstring says what each yields and how the bar is
+drawn; a ``break``, an exception, ``close()`` or the garbage collector closes it.
 """
 
 from __future__ import annotations
@@ -60,9 +37,47 @@ BARS = ("auto", "tqdm", "log", "none")
 
 def progress(x: Iterable[Any], total: int | None = None, desc: str | None = None, *,
              bar: str = "auto") -> Progress:
-    """A progress bar over ``x``: futures or machines (watched as they finish or boot), or any
-    iterator (counted as it is consumed). See the module's docstring for what each returns,
-    the total, and ``bar=`` ("auto", "tqdm", "log" or "none")."""
+    """A progress bar over ``x``, which it stands in for.
+
+        fs = [ex.submit(f, i) for i in range(1000)]
+        concurrent.futures.wait(bigexec.progress(fs, desc="f"))    # advances as each is done
+        for f in bigexec.progress(as_completed(fs), total=len(fs)): ...
+        results = list(bigexec.progress(ex.map(f, items)))         # or pool.imap(f, items)
+        bigexec.progress(b.start(64), desc="booting").wait()       # machines up (or failed)
+
+    Two kinds of input, told apart by what they are:
+
+    * A collection of ``concurrent.futures.Future``s or of ``Machine``s (a list from ``submit``,
+      what ``B.start`` returns): a ``WatchedProgress``. The bar advances as each future
+      finishes, or as each machine reaches ``RUNNING`` (or stops without: a failure), whether or
+      not anyone iterates. The wrapper stands in for the collection: iterating it yields the
+      same items in their original order at once, without waiting, so
+      ``concurrent.futures.wait(progress(fs))``, ``as_completed(progress(fs))`` and
+      ``[f.result() for f in progress(fs)]`` block exactly as they would over ``fs``;
+      ``progress(fs).wait(timeout)`` waits for all of them. (For completion order, wrap
+      ``as_completed(fs)`` instead, with ``total=len(fs)``.)
+    * Anything else iterable (``as_completed(...)``, ``Executor.map(...)``, ``Pool.imap(...)``,
+      a list of values): an ``IteratedProgress``. Iterating it yields exactly what the input
+      yields, in the same order, raising what the input raises; the bar advances as each item is
+      taken. ``next(timeout)`` passes the timeout on to an input that takes one (``Pool.imap``'s
+      ``IMapIterator``).
+
+    The bar closes when the work ends (every future done; the input exhausted), on ``close()``,
+    on leaving a ``with`` block, or when the wrapper is let go (a ``break`` out of a ``for``).
+    The total is ``total=`` if given, else ``len(x)``, else ``operator.length_hint(x)`` when
+    positive, else unknown (the bar counts without a percentage). Failures count among the
+    done and are shown apart ("3 failed"): a future that raised or was cancelled, a machine
+    that stopped with an ``err``, an exception the input raised (it passes through; the bar
+    stays open while the input goes on, as ``Pool.imap`` does after a failed item). Nothing
+    here waits beyond what the input waits: the callbacks only count.
+
+    Where the bar goes (``bar=``): ``"tqdm"`` uses ``tqdm.auto`` (the ``progress`` extra
+    installs it); ``"log"`` writes a line on the ``bigexec.progress`` logger at the start, at
+    most every ``LOG_INTERVAL`` seconds as items arrive, and at the end ("desc: 40/100 (40%),
+    12.3/s, ~5 s left"); ``"none"`` only counts. ``"auto"`` (the default) is ``"tqdm"`` when
+    tqdm is installed and stderr is a terminal or the code runs in a notebook, else ``"log"``: a
+    bar redrawn with carriage returns is noise in a file or a CI log.
+    """
     if bar not in BARS:
         raise ValueError(f"bar must be one of {', '.join(map(repr, BARS))}, not {bar!r}")
     if total is not None and (not isinstance(total, int) or isinstance(total, bool)

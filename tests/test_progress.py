@@ -285,24 +285,30 @@ def test_pool_imap_error_passes_through_and_the_rest_follow(pool):
     assert (p.n, p.failed, p.closed) == (6, 1, True)
 
 
-def test_pool_imap_next_timeout_passes_through(pool):
-    it = pool.imap(_sleep_then, [1.0, 0.0])
-    p = bigexec.progress(it, bar="none")
+def test_pool_imap_next_timeout_passes_through(pool, tmp_path):
+    gate = tmp_path / "go"  # threads machines share this process's files
+    p = bigexec.progress(pool.imap(_when_file_exists, [str(gate)] * 2), bar="none")
     with pytest.raises(multiprocessing.TimeoutError):
         p.next(timeout=0)
     assert p.n == 0 and not p.closed  # no item yet: nothing counted
-    assert p.next(timeout=30) == 1.0
-    assert p.next(timeout=30) == 0.0
+    gate.touch()
+    assert p.next(timeout=30) is True
+    assert p.next(timeout=30) is True
     with pytest.raises(StopIteration):
         p.next(timeout=30)
     assert p.closed
 
 
-def _sleep_then(s: float) -> float:
+def _when_file_exists(path: str) -> bool:
+    import os
     import time
 
-    time.sleep(s)
-    return s
+    deadline = time.monotonic() + 30
+    while not os.path.exists(path):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
 
 
 def test_a_timeout_for_an_input_that_takes_none():
