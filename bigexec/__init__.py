@@ -29,6 +29,7 @@ from .errors import (
     WorkerLostError,
 )
 from .machine import RUNNING, STARTING, STOPPED, UNSTARTED, Machine, State
+from .progress import progress
 from .rpc.wire import Stream
 from .session import B, start
 from .systems import KeepaliveConfig, MachineHandle, System, register_system
@@ -81,6 +82,7 @@ __all__ = [
     "UnknownMethodError",
     "WorkerLostError",
     "__version__",
+    "progress",
     "register_system",
     "start",
 ]

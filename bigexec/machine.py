@@ -130,6 +130,7 @@ class Machine:
         self._stop_event = threading.Event()
         self._replies: deque[float] = deque(maxlen=10)
         self._stop_callbacks: list[Any] = []
+        self._state_callbacks: list[tuple[State, Callable[[Machine], Any]]] = []
         self._stopping = False
         #: Wall-clock time (``time.time()``) until which the machine's lease runs, if owned.
         self.next_keepalive: float | None = None
@@ -196,7 +197,32 @@ class Machine:
                 return False
             self._state = state
             self._cond.notify_all()
-            return True
+        self._run_state_callbacks()
+        return True
+
+    def _run_state_callbacks(self) -> None:
+        with self._cond:
+            due = [cb for s, cb in self._state_callbacks if s <= self._state]
+            self._state_callbacks = [(s, cb) for s, cb in self._state_callbacks
+                                     if s > self._state]
+        for cb in due:
+            try:
+                cb(self)
+            except Exception:
+                log.exception("a machine state callback failed")
+
+    def on_state(self, state: State, callback: Callable[[Machine], Any]) -> None:
+        """Have ``callback(machine)`` called once, when the machine reaches ``state`` or a
+        later one (now, if it has), in the thread that moved it there.
+
+        As with ``wait``, ``on_state(RUNNING, cb)`` also fires for a machine that stopped
+        without running: ``err`` says why.
+        """
+        with self._cond:
+            if self._state < state:
+                self._state_callbacks.append((state, callback))
+                return
+        callback(self)
 
     def _stop(self, err: BaseException | None, *, kill: bool = True) -> None:
         if self._stopping:  # an orderly shutdown: whatever failed on the way is no error
@@ -216,6 +242,7 @@ class Machine:
                 log.warning("machine %s stopped: %s", self.addr or "(booting)", err)
             if kill and self.owned and self._handle is not None:
                 self._handle.kill()  # a machine we gave up on must not live on
+        self._run_state_callbacks()
         with self._cond:  # called once: let go of them (and of what they hold)
             callbacks, self._stop_callbacks = self._stop_callbacks, []
         for cb in callbacks:

@@ -110,7 +110,8 @@ class B(Dialer):
               env: Mapping[str, str] | None = None) -> list[Machine]:
         """Start ``n`` machines running ``services`` (name -> object), with extra ``env``.
 
-        Returns at once; the machines boot in the background (``m.wait(RUNNING)``). Every
+        Returns at once; the machines boot in the background (``m.wait(RUNNING)``, or for a
+        progress bar over all of them ``bigexec.progress(machines).wait()``). Every
         service is pickled first, so an unpicklable one raises ``TypeError`` here and no
         machine is started.
         """

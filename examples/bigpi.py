@@ -19,6 +19,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import as_completed
 
 import bigexec
 from bigexec.debug import parse_addr
@@ -126,6 +127,9 @@ def main(argv: list[str] | None = None) -> int:
         service = GlobalRandPI() if args.global_rand else CirclePI()
         machines = b.start(args.nmach, services={"PI": service})
         log.info("waiting for machines to come online")
+        # a bar (tqdm on a terminal, else log lines) while they boot; within boot_timeout
+        # every machine is up or stopped, so this wait ends
+        bigexec.progress(machines, desc="machines up").wait()
         for m in machines:
             m.wait(bigexec.RUNNING)
             log.info("machine %s %s", m.addr, m.state.name)
@@ -137,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
         shares = split(args.n, len(slots))
         log.info("distributing work among %d cores", len(slots))
         futures = [m.submit("PI.sample", k) for m, k in zip(slots, shares, strict=False)]
-        total = sum(f.result() for f in futures)
+        done = bigexec.progress(as_completed(futures), total=len(futures), desc="samples")
+        total = sum(f.result() for f in done)
     pi = 4 * total / args.n
     # The estimate's standard error is about 4*sqrt(p(1-p)/n) with p = π/4: print the digits
     # it supports, plus one.

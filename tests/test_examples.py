@@ -46,6 +46,9 @@ def test_bigpi_end_to_end(system):
     assert abs(float(m.group(1)) - math.pi) < 0.02  # 400k samples: standard error ≈ 0.0026
     assert proc.stdout.count(" RUNNING") == 2
     assert "all machines are ready" in proc.stdout
+    # bigexec.progress, logging (stderr is no terminal): the boot, then every sample call
+    assert re.search(r" machines up: 2/2 \(100%\), in ", proc.stdout), proc.stdout
+    assert re.search(r" samples: (\d+)/\1 \(100%\), in ", proc.stdout), proc.stdout
     if system == "local":
         # the workers' progress lines reach the driver's stderr, prefixed with their address
         prefixed = re.findall(r"^127\.0\.0\.1:(\d+): \d+/200000$", proc.stderr, re.M)
