@@ -92,6 +92,8 @@ class TrackedIterator(Iterator[Any]):
     def __init__(self, source: Iterator[Any], progress: MapProgress) -> None:
         self._source = source
         self._progress = progress
+        #: The source is over: it ran out, or it was a generator and raised.
+        self.finished = False
         weakref.finalize(self, progress.finish)
 
     def __iter__(self) -> TrackedIterator:
@@ -101,10 +103,14 @@ class TrackedIterator(Iterator[Any]):
         try:
             item = next(self._source)
         except StopIteration:
+            self.finished = True
             self._progress.finish()
             raise
         except BaseException:
             self._progress.advance()  # the item's error is its result
+            if getattr(self._source, "gi_frame", True) is None:  # a generator that raised
+                self.finished = True
+                self._progress.finish()
             raise
         self._progress.advance()
         return item

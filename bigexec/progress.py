@@ -23,6 +23,7 @@ from collections.abc import Collection, Iterable, Iterator
 from concurrent.futures import Future
 from typing import Any
 
+from .human import duration
 from .machine import RUNNING, STOPPED, Machine
 
 __all__ = ["LOG_INTERVAL", "IteratedProgress", "Progress", "WatchedProgress", "progress"]
@@ -124,14 +125,6 @@ def _use_tqdm(bar: str) -> bool:
     return True
 
 
-def _seconds(s: float) -> str:
-    if s < 60:
-        return f"{s:.0f} s" if s >= 10 else f"{s:.1f} s"
-    if s < 3600:
-        return f"{s / 60:.0f} min"
-    return f"{s / 3600:.1f} h"
-
-
 class Progress:
     """What both kinds of bar share: the counts, the display, and closing.
 
@@ -178,12 +171,12 @@ class Progress:
         if self.failed:
             parts.append(f"{self.failed} failed")
         if final:
-            parts.append(f"in {_seconds(elapsed)}")
+            parts.append(f"in {duration(elapsed)}")
         rate = self.n / elapsed if elapsed > 0 else 0.0
         if self.n and rate > 0:
             parts.append(f"{rate:,.0f}/s" if rate >= 100 else f"{rate:.3g}/s")
             if not final and self.total is not None and self.n < self.total:
-                parts.append(f"~{_seconds((self.total - self.n) / rate)} left")
+                parts.append(f"~{duration((self.total - self.n) / rate)} left")
         return ", ".join(parts)
 
     def _advance(self, failed: bool) -> bool:
@@ -331,8 +324,11 @@ class IteratedProgress(Progress):
             if mp is not None and isinstance(exc, mp.TimeoutError):
                 raise  # no item yet: nothing to count
             self._advance(True)
-            if isinstance(it, types.GeneratorType) and it.gi_frame is None:
-                self._it = None  # a generator that raised is over
+            # a generator that raised is over, as is an iterator that says so
+            # (``Executor.map``'s: ``finished``)
+            if ((isinstance(it, types.GeneratorType) and it.gi_frame is None)
+                    or getattr(it, "finished", False) is True):
+                self._it = None
                 self.close()
             raise
         except BaseException:

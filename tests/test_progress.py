@@ -212,8 +212,8 @@ def test_executor_map_in_order(executor, bars):
     assert list(p) == [6, 5, 4, 3, 2, 1]
     (bar,) = bars
     assert bar.updates == 6 and bar.closes == 1 and p.closed
-    # the total is what length_hint says: 6 once the map's iterator tells it, else unknown
-    assert p.total in (6, None)
+    # the total is what the map's iterator says its length hint is
+    assert p.total == 6
 
 
 def test_executor_map_exception_passes_through_and_closes(executor, lines):
